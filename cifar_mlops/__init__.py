@@ -1,0 +1,1 @@
+"""cifar-mlops: an experiment registry for CIFAR-10 ablation studies."""

@@ -1,0 +1,389 @@
+"""Experiment files -> one validated, frozen config object.
+
+Precedence, lowest first: field defaults < base (`extends:`) < enhancements
+(in the order listed) < the experiment file's own sections < `--set` overrides.
+Every value remembers where it came from, so a bad one is reported as
+`experiments/2.4.yaml: train.epochs: ...` or `--set train.epochs: ...`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cifar_mlops import models
+
+EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+META_KEYS = ("description", "study", "extends", "parent", "enhancements", "kind")
+STUDY_A_ENHANCEMENTS_FILE = "enhancements.yaml"
+
+
+class ConfigError(ValueError):
+    """A user-facing, one-line configuration error."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    source: Literal["cifar10", "synthetic"] = "cifar10"
+    data_dir: str | None = None  # an existing cifar-10-batches-py folder; None: $CIFAR10_DIR, else download
+    cache_dir: str | None = None  # where the downloaded archive is kept; None: ~/.cache/cifar-mlops
+    split: Literal["random", "stratified"] = "stratified"  # how validation images are drawn from the training set
+    train_size: int | None = Field(None, ge=1)  # images; None: every training image not used for validation
+    val_size: int = Field(5000, ge=1)  # images held out of the training set
+    test_size: int | None = Field(None, ge=1)  # images of the test set; None: all of it
+    seed: int = 0  # split seed
+    synthetic_train_pool: int = Field(2000, ge=20)  # synthetic source only: generated training images
+    synthetic_test_pool: int = Field(500, ge=10)  # synthetic source only: generated test images
+
+
+class AugmentConfig(Strict):
+    """Random training-time changes, applied per batch in tf.data (never to val/test)."""
+
+    flip: bool = False  # random horizontal flip
+    rotation: float = Field(0.0, ge=0, le=180)  # degrees, maximum absolute random rotation
+    translation: float = Field(0.0, ge=0, lt=1)  # fraction of the image side, maximum random shift
+    blur_sigma: float = Field(0.0, ge=0, le=5)  # px, maximum std of a random gaussian blur; 0: off
+
+
+class ModelConfig(Strict):
+    name: str  # a registered model: see `cifar-mlops experiments --models`
+    image_size: int = Field(32, ge=32, le=512)  # px, side the model resizes its raw 32x32 input to
+    interpolation: Literal["bilinear", "bicubic", "nearest", "area"] = "bilinear"  # for that resize
+    weights: str | None = None  # None: random init; "imagenet"; or a path to a no-top .h5 weights file
+    width: float = Field(1.0, gt=0, le=2)  # channel multiplier (MobileNetV2 alpha, CNN filters)
+    blocks: tuple[int, ...] | None = None  # DenseNet layers per dense block; None: DenseNet-121's (6, 12, 24, 16)
+    dropout: float = Field(0.0, ge=0, lt=1)  # fraction, before the classifier
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        try:
+            models.get_model_entry(name)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+        return name
+
+    @property
+    def family(self) -> str:
+        return models.get_model_entry(self.name).family
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)  # full passes over the training split (warm-up included)
+    batch_size: int = Field(128, ge=1)  # images per step
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0, le=10)  # initial step size
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 over the run
+    weight_decay: float = Field(0.0, ge=0, lt=1)  # decoupled decay (adamw, sgd); per step, times the LR
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weight: Literal["none", "balanced"] = "none"  # balanced: weight classes by inverse frequency
+    warmup_epochs: int = Field(0, ge=0)  # transfer learning: epochs with the backbone frozen, then fine-tune
+    finetune_lr_factor: float = Field(0.1, gt=0, le=1)  # fine-tuning LR = learning_rate * this
+    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without val_accuracy gain; None: off
+    seed: int = 0  # weights init and shuffling
+    steps_per_execution: int = Field(1, ge=1)  # batches per compiled call; higher cuts Python overhead
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_run(self) -> "TrainConfig":
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        return self
+
+
+class ExperimentConfig(Strict):
+    """A trainable experiment: everything `train(config)` needs."""
+
+    kind: Literal["train"] = "train"
+    exp_id: str
+    description: str = ""
+    study: str = ""  # "A", "B" or "smoke"
+    parent: str | None = None  # the iteration this one is compared against in reports
+    enhancements: tuple[str, ...] = ()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _transfer_learning_is_consistent(self) -> "ExperimentConfig":
+        if self.train.warmup_epochs and self.model.weights is None:
+            raise ValueError("train.warmup_epochs needs pretrained model.weights (imagenet or a file)")
+        return self
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every resolved setting as `section.key` -> value (what MLflow logs as params)."""
+        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements"}))
+
+
+class EnsembleMember(Strict):
+    registered_model: str  # e.g. cifar10-mobilenetv2
+    exp_id: str | None = None  # newest version tagged with this exp_id ...
+    alias: str | None = None  # ... or the version holding this alias ...
+    version: int | None = Field(None, ge=1)  # ... or this exact version
+    weight: float = Field(1.0, ge=0)  # soft-voting weight
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "EnsembleMember":
+        chosen = [k for k in ("exp_id", "alias", "version") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of exp_id, alias or version")
+        return self
+
+
+class EnsembleConfig(Strict):
+    """An ensemble experiment: soft voting over registered model versions."""
+
+    kind: Literal["ensemble"] = "ensemble"
+    exp_id: str
+    description: str = ""
+    study: str = ""
+    parent: str | None = None
+    enhancements: tuple[str, ...] = ()
+    members: tuple[EnsembleMember, ...] = Field(min_length=2)
+    voting: Literal["soft"] = "soft"  # mean of the members' class probabilities
+    fit_weights: bool = False  # fit member weights on the validation split
+    data: DataConfig = DataConfig()
+    batch_size: int = Field(128, ge=1)  # images per prediction batch
+
+    def flat_params(self) -> dict[str, Any]:
+        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements"}))
+
+
+Config = Union[ExperimentConfig, EnsembleConfig]
+
+
+# ---------------------------------------------------------------------------
+# Locating and reading files
+
+
+def experiments_dir() -> Path:
+    """The catalogue folder: $CIFAR_MLOPS_EXPERIMENTS, else `experiments/` beside the package."""
+    env = os.environ.get("CIFAR_MLOPS_EXPERIMENTS")
+    folder = Path(env) if env else Path(__file__).resolve().parent.parent / "experiments"
+    if not folder.is_dir():
+        raise ConfigError(
+            f"experiment catalogue not found at {folder}; install the project with `pip install -e .` "
+            "from its clone, or set CIFAR_MLOPS_EXPERIMENTS to its experiments/ folder"
+        )
+    return folder
+
+
+def list_experiments() -> list[str]:
+    """Experiment ids in catalogue order: study A by number, then study B, then the rest."""
+    ids = [p.stem for p in experiments_dir().glob("*.yaml") if p.name != STUDY_A_ENHANCEMENTS_FILE]
+    return sorted(ids, key=_catalogue_order)
+
+
+def _catalogue_order(exp_id: str) -> tuple:
+    group = 0 if exp_id[0].isdigit() else 1 if re.match(r"b\d", exp_id) else 2
+    return group, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", exp_id)]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{_show(path)}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_show(path)}: expected a mapping of keys at the top level")
+    return data
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(experiments_dir().parent))
+    except ValueError:
+        return str(path)
+
+
+def load_enhancements() -> dict[str, dict[str, Any]]:
+    """The enhancement catalogue: name -> {label, studies, description, set: {dotted.key: value}}."""
+    path = experiments_dir() / STUDY_A_ENHANCEMENTS_FILE
+    catalogue = _read_yaml(path)
+    for name, entry in catalogue.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("set"), dict) or "label" not in entry:
+            raise ConfigError(f"{_show(path)}: {name}: each enhancement needs `label` and a `set:` mapping")
+    return catalogue
+
+
+def _experiment_path(exp_id: str) -> Path:
+    if not isinstance(exp_id, str) or not EXPERIMENT_ID.match(exp_id) or ".." in exp_id:
+        raise ConfigError(f"{exp_id!r} is not an experiment id (ids are names like 2.4 or b5, never paths)")
+    path = experiments_dir() / f"{exp_id}.yaml"
+    if exp_id == Path(STUDY_A_ENHANCEMENTS_FILE).stem or not path.is_file():
+        raise ConfigError(f"unknown experiment {exp_id!r}; known experiments: {', '.join(list_experiments())}")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Resolution
+
+
+class _Layered:
+    """A nested dict being built up layer by layer, remembering each key's origin."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.origin: dict[str, str] = {}
+
+    def set(self, dotted: str, value: Any, origin: str) -> None:
+        *parents, leaf = dotted.split(".")
+        node = self.values
+        for i, key in enumerate(parents):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{origin}: {'.'.join(parents[: i + 1])} is a value, not a section")
+            node = child
+        node[leaf] = copy.deepcopy(value)
+        self.origin[dotted] = origin
+
+    def merge(self, sections: dict[str, Any], origin: str, prefix: str = "") -> None:
+        for key, value in sections.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                self.merge(value, origin, prefix=f"{dotted}.")
+            else:
+                self.set(dotted, value, origin)
+
+    def origin_of(self, dotted: str) -> str:
+        while dotted:
+            if dotted in self.origin:
+                return self.origin[dotted]
+            dotted = dotted.rpartition(".")[0]
+        return "defaults"
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["train.epochs=5", "model.weights=imagenet"]` -> {dotted key: YAML-typed value}."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise ConfigError(f"--set {pair!r}: expected section.key=value, e.g. --set train.epochs=5")
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            overrides[key] = raw
+    return overrides
+
+
+def split_overrides(text: str | None) -> list[str]:
+    """The MLproject `overrides` parameter: `key=value` pairs separated by spaces or commas."""
+    return [item for item in re.split(r"[\s,]+", text or "") if item]
+
+
+def resolve(exp_id: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve experiment `exp_id` with optional `--set` overrides into a validated config."""
+    layered, meta, kind = _layer_experiment(exp_id, seen=())
+    for dotted, value in (overrides or {}).items():
+        if dotted.split(".")[0] in META_KEYS + ("exp_id",):
+            raise ConfigError(f"--set {dotted}: experiment metadata cannot be overridden")
+        layered.set(dotted, value, "--set")
+    schema = EnsembleConfig if kind == "ensemble" else ExperimentConfig
+    fields = {**layered.values, **meta, "exp_id": exp_id}
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, layered, schema, exp_id)) from None
+
+
+def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dict[str, Any], str]:
+    if exp_id in seen:
+        raise ConfigError(f"experiments {' -> '.join(seen + (exp_id,))}: `extends` forms a cycle")
+    path = _experiment_path(exp_id)
+    where = _show(path)
+    raw = _read_yaml(path)
+    kind = raw.get("kind", "train")
+    if kind not in ("train", "ensemble"):
+        raise ConfigError(f"{where}: kind: must be train or ensemble, not {kind!r}")
+
+    extends = raw.get("extends")
+    if extends is None:
+        layered = _Layered()
+    elif not isinstance(extends, str):
+        raise ConfigError(f"{where}: extends: must be the name of a base or of another experiment")
+    elif (experiments_dir() / "bases" / f"{extends}.yaml").is_file():
+        layered = _Layered()
+        base_path = experiments_dir() / "bases" / f"{extends}.yaml"
+        layered.merge(_read_yaml(base_path), _show(base_path))
+    else:
+        layered, _, _ = _layer_experiment(extends, seen + (exp_id,))
+
+    enhancements = raw.get("enhancements") or []
+    if not isinstance(enhancements, list) or not all(isinstance(e, str) for e in enhancements):
+        raise ConfigError(f"{where}: enhancements: must be a list of enhancement names")
+    if enhancements:
+        catalogue = load_enhancements()
+        for name in enhancements:
+            if name not in catalogue:
+                raise ConfigError(
+                    f"{where}: enhancements: unknown enhancement {name!r}; known: {', '.join(catalogue)}"
+                )
+            for dotted, value in catalogue[name]["set"].items():
+                layered.set(dotted, value, f"enhancement {name} (experiments/{STUDY_A_ENHANCEMENTS_FILE})")
+
+    sections = {k: v for k, v in raw.items() if k not in META_KEYS}
+    layered.merge(sections, where)
+    meta = {k: raw[k] for k in META_KEYS if k in raw and k != "extends"}
+    meta["enhancements"] = tuple(enhancements)
+    meta["kind"] = kind
+    if meta.get("parent") is not None:
+        meta["parent"] = str(meta["parent"])
+    return layered, meta, kind
+
+
+def _describe(err: ValidationError, layered: _Layered, schema: type[BaseModel], exp_id: str) -> str:
+    first = err.errors()[0]
+    dotted = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "(top level)"
+    origin = layered.origin_of(dotted) if dotted.split(".")[0] not in META_KEYS else f"experiments/{exp_id}.yaml"
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(schema, first["loc"][:-1])
+        message = f"unknown key; known keys here: {', '.join(known)}"
+    elif first["type"] == "missing":
+        message = "missing: set it in the experiment file, its base, or with --set"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if "input" in first and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{origin}: {dotted}: {message}{more}"
+
+
+def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    model = schema
+    for part in (p for p in loc if not isinstance(p, int)):
+        annotation = model.model_fields[part].annotation
+        model = next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
+    return list(model.model_fields)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML: what is logged with every run and can be read back."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
