@@ -44,6 +44,12 @@ class DataConfig(Strict):
     synthetic_train_pool: int = Field(2000, ge=20)  # synthetic source only: generated training images
     synthetic_test_pool: int = Field(500, ge=10)  # synthetic source only: generated test images
 
+    @model_validator(mode="after")
+    def _data_dir_needs_real_source(self) -> "DataConfig":
+        if self.source == "synthetic" and self.data_dir:
+            raise ValueError("data_dir is set but data.source is synthetic; add --set data.source=cifar10")
+        return self
+
 
 class AugmentConfig(Strict):
     """Random training-time changes, applied per batch in tf.data (never to val/test)."""
@@ -261,12 +267,12 @@ class _Layered:
             else:
                 self.set(dotted, value, origin)
 
-    def origin_of(self, dotted: str) -> str:
+    def origin_of(self, dotted: str, fallback: str) -> str:
         while dotted:
             if dotted in self.origin:
                 return self.origin[dotted]
             dotted = dotted.rpartition(".")[0]
-        return "defaults"
+        return fallback
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -275,7 +281,7 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
-        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key):
             raise ConfigError(f"--set {pair!r}: expected section.key=value, e.g. --set train.epochs=5")
         try:
             overrides[key] = yaml.safe_load(raw) if raw.strip() else None
@@ -301,7 +307,7 @@ def resolve(exp_id: str, overrides: dict[str, Any] | None = None) -> Config:
     try:
         return schema.model_validate(fields)
     except ValidationError as err:
-        raise ConfigError(_describe(err, layered, schema, exp_id)) from None
+        raise ConfigError(_describe(err, layered, schema, _show(_experiment_path(exp_id)))) from None
 
 
 def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dict[str, Any], str]:
@@ -315,6 +321,7 @@ def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dic
         raise ConfigError(f"{where}: kind: must be train or ensemble, not {kind!r}")
 
     extends = raw.get("extends")
+    inherited: tuple[str, ...] = ()  # enhancements of the experiment this one extends
     if extends is None:
         layered = _Layered()
     elif not isinstance(extends, str):
@@ -324,7 +331,10 @@ def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dic
         base_path = experiments_dir() / "bases" / f"{extends}.yaml"
         layered.merge(_read_yaml(base_path), _show(base_path))
     else:
-        layered, _, _ = _layer_experiment(extends, seen + (exp_id,))
+        layered, extended_meta, extended_kind = _layer_experiment(extends, seen + (exp_id,))
+        if extended_kind != kind:
+            raise ConfigError(f"{where}: extends: {extends} is a {extended_kind} experiment, this one a {kind}")
+        inherited = extended_meta["enhancements"]
 
     enhancements = raw.get("enhancements") or []
     if not isinstance(enhancements, list) or not all(isinstance(e, str) for e in enhancements):
@@ -342,17 +352,17 @@ def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dic
     sections = {k: v for k, v in raw.items() if k not in META_KEYS}
     layered.merge(sections, where)
     meta = {k: raw[k] for k in META_KEYS if k in raw and k != "extends"}
-    meta["enhancements"] = tuple(enhancements)
+    meta["enhancements"] = inherited + tuple(e for e in enhancements if e not in inherited)
     meta["kind"] = kind
     if meta.get("parent") is not None:
         meta["parent"] = str(meta["parent"])
     return layered, meta, kind
 
 
-def _describe(err: ValidationError, layered: _Layered, schema: type[BaseModel], exp_id: str) -> str:
+def _describe(err: ValidationError, layered: _Layered, schema: type[BaseModel], experiment_file: str) -> str:
     first = err.errors()[0]
     dotted = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "(top level)"
-    origin = layered.origin_of(dotted) if dotted.split(".")[0] not in META_KEYS else f"experiments/{exp_id}.yaml"
+    origin = experiment_file if dotted.split(".")[0] in META_KEYS else layered.origin_of(dotted, experiment_file)
     if first["type"] == "extra_forbidden":
         known = _known_keys(schema, first["loc"][:-1])
         message = f"unknown key; known keys here: {', '.join(known)}"
@@ -360,7 +370,7 @@ def _describe(err: ValidationError, layered: _Layered, schema: type[BaseModel], 
         message = "missing: set it in the experiment file, its base, or with --set"
     else:
         message = first["msg"].removeprefix("Value error, ")
-        if "input" in first and not isinstance(first["input"], dict):
+        if "input" in first and not isinstance(first["input"], dict) and repr(first["input"]) not in message:
             message += f" (got {first['input']!r})"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{origin}: {dotted}: {message}{more}"

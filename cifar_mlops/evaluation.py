@@ -1,0 +1,66 @@
+"""Scores and plots from class probabilities: shared by training and ensembles."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no screen needed
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def split_metrics(split: str, y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """`{split}_accuracy`, `{split}_f1_macro` and `{split}_loss` (cross-entropy) of one split."""
+    y_pred = probabilities.argmax(axis=1)
+    labels = list(range(probabilities.shape[1]))
+    return {
+        f"{split}_accuracy": float(accuracy_score(y_true, y_pred)),
+        f"{split}_f1_macro": float(f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0)),
+        f"{split}_loss": float(log_loss(y_true, np.clip(probabilities, 1e-7, 1.0), labels=labels)),
+    }
+
+
+def per_class_report(y_true: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...]) -> str:
+    return classification_report(
+        y_true, probabilities.argmax(axis=1), labels=list(range(len(class_names))),
+        target_names=list(class_names), digits=4, zero_division=0,
+    )
+
+
+def confusion_matrix_figure(y_true: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...],
+                            title: str) -> Figure:
+    matrix = confusion_matrix(y_true, probabilities.argmax(axis=1), labels=list(range(len(class_names))))
+    figure, axes = plt.subplots(figsize=(7, 6))
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    axes.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xlabel="predicted", ylabel="true",
+             title=title)
+    axes.set_xticklabels(class_names, rotation=45, ha="right")
+    axes.set_yticklabels(class_names)
+    for (row, col), count in np.ndenumerate(matrix):
+        axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                  color="white" if count > matrix.max() / 2 else "black")
+    figure.tight_layout()
+    return figure
+
+
+def learning_curves_figure(history: dict[str, list[float]], title: str) -> Figure:
+    """Training vs validation accuracy and loss per epoch (Keras history keys)."""
+    figure, (acc_axes, loss_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = range(1, len(history.get("loss", [])) + 1)
+    for axes, key in ((acc_axes, "accuracy"), (loss_axes, "loss")):
+        for prefix, label in (("", "train"), ("val_", "validation")):
+            if f"{prefix}{key}" in history:
+                axes.plot(epochs, history[f"{prefix}{key}"], marker="o", label=label)
+        axes.set(xlabel="epoch", ylabel=key, title=f"{title}: {key}")
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def close(figure: Figure) -> None:
+    plt.close(figure)
