@@ -108,6 +108,7 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
     except cfg.ConfigError as err:
         _fail_before_run(str(err))
 
+    quiet_tensorflow()
     from cifar_mlops import data, models, tracking
     from cifar_mlops.train import TrainingFailed, train as run_training
 
@@ -119,6 +120,13 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
     except KeyboardInterrupt:
         fail(f"{exp_id}: interrupted; the run is marked KILLED and nothing was registered", 130)
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_"))))
+
+
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's C++ start-up chatter (oneDNN, CPU features) off the terminal."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _fail_before_run(message: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,8 +175,10 @@ class TrainingRun:
                            "data.num_test": len(splits.y_test)})
         for context, (x, y) in {"train": (splits.x_train, splits.y_train), "validation": (splits.x_val, splits.y_val),
                                 "test": (splits.x_test, splits.y_test)}.items():
-            dataset = mlflow.data.from_numpy(x, targets=y, source=splits.location,
-                                             name=f"{splits.source}-{context}")
+            with warnings.catch_warnings():  # a plain path is "ambiguous" to MLflow; it picks the right source
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_numpy(x, targets=y, source=splits.location,
+                                                 name=f"{splits.source}-{context}")
             mlflow.log_input(dataset, context=context)
 
     # -- training --------------------------------------------------------------
@@ -206,11 +209,21 @@ class TrainingRun:
 
     def log_model(self, model: "keras.Model", num_classes: int, example: np.ndarray) -> str:
         """Log the Keras model (flavour `mlflow.keras`, signature, input example); return its URI."""
-        info = Model.log(
-            artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor, model=model,
-            signature=image_signature(num_classes), input_example=example,
-            pip_requirements=list(serving_requirements()),
-        )
+        import keras
+
+        # MLflow checks the input example by predicting it: keep Keras's progress bar
+        # and its named-input warning out of the user's terminal meanwhile.
+        keras.utils.disable_interactive_logging()
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The structure of `inputs`")
+                info = Model.log(
+                    artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor, model=model,
+                    signature=image_signature(num_classes), input_example=example,
+                    pip_requirements=list(serving_requirements()),
+                )
+        finally:
+            keras.utils.enable_interactive_logging()
         return info.model_uri
 
     def register(self, model_uri: str, metrics: dict[str, float]) -> int:

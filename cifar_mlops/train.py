@@ -99,7 +99,8 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
             log(f"epochs {first + 1}-{end}: backbone {'frozen' if frozen else 'fine-tuned'}, learning rate {learning_rate:g}")
         compile_model(model, cfg, learning_rate, (end - first) * steps_per_epoch)
         phase = model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=first,
-                          class_weight=class_weight, callbacks=callbacks, verbose=verbose)
+                          class_weight=class_weight, callbacks=callbacks, verbose=verbose,
+                          shuffle=False)  # the dataset reshuffles itself each epoch
         for key, values in phase.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         if model.stop_training:  # early stopping ends the whole run, not just this phase

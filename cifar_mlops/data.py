@@ -1,0 +1,467 @@
+"""CIFAR-10 sources, train/val/test splits, tf.data pipelines and class weights.
+
+Images stay uint8 (N, 32, 32, 3) in memory; augmentation happens per batch in
+tf.data and models resize internally. Only numpy is imported at module level:
+tensorflow, keras and scikit-learn are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tensorflow as tf
+
+    from cifar_mlops.config import AugmentConfig, DataConfig
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CLASS_NAMES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+FOLDER_NAME = "cifar-10-batches-py"
+ARCHIVE_NAME = "cifar-10-python.tar.gz"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+META_FILE = "batches.meta"
+FULL_TRAIN, FULL_TEST = 50_000, 10_000
+SYNTHETIC_CLASS_NAMES: tuple[str, ...] = tuple(f"synthetic_{i}" for i in range(10))
+
+
+class DataError(Exception):
+    """A user-facing, one-line data error: what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    x_train: np.ndarray  # uint8 (N, 32, 32, 3)
+    y_train: np.ndarray  # int64 (N,)
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    source: str  # "cifar10", "cifar10-partial" or "synthetic"
+    location: str  # folder read, or "synthetic(seed=..)"
+    source_checksum: str  # sha256 of the source files (synthetic: of the generated arrays)
+    fingerprint: str  # sha256 of source_checksum + split kind/seed + chosen indices
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ---------------------------------------------------------------------------
+# Splits
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read (or generate) the source named by `cfg` and split it into train/val/test."""
+    if cfg.source == "synthetic":
+        x_pool, y_pool, x_test, y_test = synthetic_arrays(cfg.synthetic_train_pool, cfg.synthetic_test_pool, cfg.seed)
+        class_names = SYNTHETIC_CLASS_NAMES
+        source, location = "synthetic", f"synthetic(seed={cfg.seed})"
+        checksum = _sha256_arrays(x_pool, y_pool, x_test, y_test)
+    else:
+        folder = locate_cifar10(cfg)
+        x_pool, y_pool, x_test, y_test, class_names = read_batches_folder(folder)
+        full = len(x_pool) == FULL_TRAIN and len(x_test) == FULL_TEST
+        source, location = ("cifar10" if full else "cifar10-partial"), str(folder)
+        checksum = _sha256_files([folder / name for name in (META_FILE, *TRAIN_BATCHES, TEST_BATCH)])
+
+    train_idx, val_idx, test_idx = _split_indices(cfg, y_pool, y_test)
+    fingerprint = hashlib.sha256(f"{checksum}|{cfg.split}|{cfg.seed}".encode())
+    for idx in (train_idx, val_idx, test_idx):
+        fingerprint.update(b"|" + idx.astype("<i8").tobytes())
+    return Splits(
+        x_train=x_pool[train_idx], y_train=y_pool[train_idx],
+        x_val=x_pool[val_idx], y_val=y_pool[val_idx],
+        x_test=x_test[test_idx], y_test=y_test[test_idx],
+        class_names=tuple(class_names), source=source, location=location,
+        source_checksum=checksum, fingerprint=fingerprint.hexdigest(),
+    )
+
+
+def _split_indices(cfg: DataConfig, y_pool: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Sorted indices of train and val (into the training pool) and of test (into the test set)."""
+    available = len(y_pool)
+    wanted_train = cfg.train_size if cfg.train_size is not None else max(available - cfg.val_size, 0)
+    if cfg.val_size + wanted_train > available or wanted_train == 0:
+        raise DataError(
+            f"data.train_size ({cfg.train_size if cfg.train_size is not None else 'all the rest'}) + "
+            f"data.val_size ({cfg.val_size}) do not fit in the {available} training images available; "
+            f"lower them, e.g. --set data.train_size={max(available - cfg.val_size, available * 4 // 5)} "
+            f"--set data.val_size={min(cfg.val_size, available // 5)}"
+        )
+    if cfg.test_size is not None and cfg.test_size > len(y_test):
+        raise DataError(
+            f"data.test_size ({cfg.test_size}) is more than the {len(y_test)} test images available; "
+            f"lower it, e.g. --set data.test_size={len(y_test)}, or leave it unset to use them all"
+        )
+    pool = np.arange(available)
+    rest, val = _draw(pool, y_pool, cfg.val_size, cfg, "val")
+    train = rest if cfg.train_size is None else _draw(rest, y_pool[rest], cfg.train_size, cfg, "train")[1]
+    test = np.arange(len(y_test))
+    if cfg.test_size is not None:
+        test = _draw(test, y_test, cfg.test_size, cfg, "test")[1]
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _draw(idx: np.ndarray, labels: np.ndarray, n: int, cfg: DataConfig, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split `idx` into (the rest, `n` drawn) by cfg.split with seed cfg.seed."""
+    if n >= len(idx):
+        return idx[:0], idx
+    seed = cfg.seed % 2**32
+    if cfg.split == "random":
+        order = np.random.default_rng(seed).permutation(len(idx))
+        return idx[order[n:]], idx[order[:n]]
+    from sklearn.model_selection import train_test_split
+
+    try:
+        rest, drawn = train_test_split(idx, test_size=n, stratify=labels, random_state=seed)
+    except ValueError as err:
+        raise DataError(
+            f"cannot draw a stratified {what} split of {n} images ({err}); "
+            "use bigger sizes or --set data.split=random"
+        ) from None
+    return rest, drawn
+
+
+# ---------------------------------------------------------------------------
+# Locating, downloading and reading CIFAR-10
+
+
+def locate_cifar10(cfg: DataConfig) -> Path:
+    """A cifar-10-batches-py folder: cfg.data_dir, $CIFAR10_DIR, the cache, or a fresh download."""
+    for given, origin in ((cfg.data_dir, "data.data_dir (--data-dir)"), (os.environ.get("CIFAR10_DIR"), "CIFAR10_DIR")):
+        if given:
+            return _batches_folder(Path(given).expanduser(), origin)
+    cache = Path(cfg.cache_dir or os.environ.get("CIFAR_MLOPS_CACHE") or Path.home() / ".cache" / "cifar-mlops")
+    cache = cache.expanduser()
+    if (cache / FOLDER_NAME / TEST_BATCH).is_file():
+        return cache / FOLDER_NAME
+    archive = cache / ARCHIVE_NAME
+    if not archive.is_file():
+        download(CIFAR10_URL, archive, CIFAR10_MD5)
+    return extract_archive(archive, cache, md5=CIFAR10_MD5)
+
+
+def _batches_folder(folder: Path, origin: str) -> Path:
+    if (folder / FOLDER_NAME).is_dir():  # the folder that holds cifar-10-batches-py
+        folder = folder / FOLDER_NAME
+    if not folder.is_dir():
+        raise DataError(
+            f"{origin}: CIFAR-10 folder {folder} does not exist; pass --data-dir <cifar-10-batches-py folder>, "
+            "set CIFAR10_DIR to it, or set neither to download CIFAR-10 automatically"
+        )
+    return folder
+
+
+def read_batches_folder(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Read a canonical cifar-10-batches-py folder -> (x_train, y_train, x_test, y_test, class_names)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"CIFAR-10 folder {folder} does not exist; pass --data-dir <cifar-10-batches-py folder>")
+    meta = _load_pickle(folder / META_FILE)
+    try:
+        class_names = tuple(_text(name) for name in meta[b"label_names"])
+    except (KeyError, TypeError, UnicodeDecodeError):
+        raise DataError(f"{folder / META_FILE} has no valid label_names; restore the file from the original archive") from None
+    train = [_read_batch(folder / name, len(class_names)) for name in TRAIN_BATCHES]
+    x_test, y_test = _read_batch(folder / TEST_BATCH, len(class_names))
+    x_train = np.concatenate([x for x, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    return x_train, y_train, x_test, y_test, class_names
+
+
+def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_pickle(path)
+    try:
+        data, labels = batch[b"data"], batch[b"labels"]
+        data = np.asarray(data)
+        labels = np.asarray(labels, dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path} is not a CIFAR-10 batch (no data/labels); restore it from the original archive") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
+        raise DataError(
+            f"{path}: expected uint8 data of shape (N, 3072) and N labels, got {data.dtype} {data.shape} "
+            f"and {labels.shape[0] if labels.ndim else 0} labels; restore it from the original archive"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels outside 0..{num_classes - 1}; restore it from the original archive")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW -> HWC
+    return np.ascontiguousarray(images), labels
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches only: plain containers and numpy arrays, nothing executable."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),  # bytes in pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(*self.ALLOWED[(module, name)])
+
+
+def _load_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(
+            f"{path.name} is missing from {path.parent}; it is not a complete cifar-10-batches-py folder "
+            "(re-extract cifar-10-python.tar.gz or pass another --data-dir)"
+        )
+    try:
+        with open(path, "rb") as f:
+            content = _BatchUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            UnicodeDecodeError, OverflowError, MemoryError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"{path} is truncated or corrupt ({detail}); delete the folder and extract or download CIFAR-10 again"
+        ) from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path} is not a CIFAR-10 pickle (no dict inside); restore it from the original archive")
+    return content
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def extract_archive(archive: Path, dest_dir: Path, md5: str = CIFAR10_MD5) -> Path:
+    """Check `archive`'s md5, extract it safely into `dest_dir` and return dest_dir/cifar-10-batches-py."""
+    archive, dest_dir = Path(archive), Path(dest_dir)
+    if not archive.is_file():
+        raise DataError(f"archive {archive} does not exist; rerun without --data-dir to download it")
+    actual = _md5(archive)
+    if actual != md5:
+        raise DataError(
+            f"{archive} is damaged or incomplete: md5 {actual}, expected {md5}; delete it and rerun to download again"
+        )
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    # Extract beside the destination, then move the folder into place in one rename.
+    with tempfile.TemporaryDirectory(prefix=".extract-", dir=dest_dir) as tmp:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            raise DataError(f"{archive} could not be extracted ({err}); delete it and rerun to download again") from None
+        extracted = Path(tmp) / FOLDER_NAME
+        if not extracted.is_dir():
+            raise DataError(f"{archive} has no {FOLDER_NAME}/ folder inside; delete it and rerun to download again")
+        target = dest_dir / FOLDER_NAME
+        if target.exists():
+            shutil.rmtree(target)
+        extracted.rename(target)
+    return target
+
+
+def download(url: str, dest: Path, md5: str) -> Path:
+    """Stream `url` to `dest` (via dest.part) with progress on stderr; check its md5; return dest."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                of_total = f" of {total / 1e6:.1f}" if total else ""
+                print(f"\rdownloading {url}: {done / 1e6:.1f}{of_total} MB", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        part.unlink(missing_ok=True)
+        reason = getattr(err, "reason", None) or err
+        raise DataError(
+            f"could not download {url} ({reason}); download it by hand and put it at {dest}, "
+            "or pass --data-dir <an extracted cifar-10-batches-py folder>"
+        ) from None
+    if digest.hexdigest() != md5:
+        part.unlink(missing_ok=True)
+        raise DataError(
+            f"download of {url} is damaged: md5 {digest.hexdigest()}, expected {md5}; rerun to try again, "
+            f"or download it by hand and put it at {dest}"
+        )
+    part.replace(dest)
+    return dest
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_arrays(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Synthetic data
+
+
+def synthetic_arrays(n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CIFAR-shaped uint8 images of 10 classes, deterministic per seed.
+
+    Each class is a colour plus a striped pattern of its own orientation and
+    frequency; every image gets a random phase, brightness and pixel noise.
+    Classes are balanced (n // 10 each, the remainder spread over the first ones).
+    """
+    rng = np.random.default_rng(seed % 2**32)
+    templates = np.random.default_rng(12345)  # the classes are the same for every seed
+    colours = templates.uniform(40, 215, size=(10, 3))
+    angles = np.arange(10) * np.pi / 10
+    freqs = 2 * np.pi * np.array([2, 3, 4, 2, 3, 4, 2, 3, 4, 3]) / 32
+
+    def generate(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.permutation(np.arange(n) % 10).astype(np.int64)
+        rows, cols = np.mgrid[0:32, 0:32].astype(np.float32)
+        projection = np.cos(angles[y])[:, None, None] * cols + np.sin(angles[y])[:, None, None] * rows
+        phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
+        stripes = np.sin(freqs[y][:, None, None] * projection + phase)[..., None]  # (n, 32, 32, 1)
+        brightness = rng.uniform(0.8, 1.2, size=(n, 1, 1, 1))
+        images = colours[y][:, None, None, :] * brightness + 45 * stripes + rng.normal(0, 20, size=(n, 32, 32, 3))
+        return np.clip(np.round(images), 0, 255).astype(np.uint8), y
+
+    x_train, y_train = generate(n_train)
+    x_test, y_test = generate(n_test)
+    return x_train, y_train, x_test, y_test
+
+
+# ---------------------------------------------------------------------------
+# tf.data pipelines
+
+
+def make_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    num_classes: int,
+    training: bool,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, num_classes)).
+
+    training=True: reshuffled every epoch (seeded) and augmented per batch;
+    training=False: fixed order, unchanged images.
+    """
+    import tensorflow as tf
+
+    images = tf.constant(np.asarray(x, dtype=np.uint8))
+    labels = tf.one_hot(tf.constant(np.asarray(y, dtype=np.int64)), num_classes, dtype=tf.float32)
+    indices = tf.data.Dataset.range(len(x))
+    if training:  # shuffle indices, not images: a small buffer even for 50,000 images
+        indices = indices.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = indices.batch(batch_size).map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)))
+    augmenter = _augmenter(augment, seed) if training and augment is not None else None
+    if augmenter is not None:
+        ds = ds.map(lambda img, lab: (augmenter(img), lab))  # sequential: seeded draws stay in order
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _augmenter(augment: AugmentConfig, seed: int):
+    """uint8 batch -> augmented uint8 batch, or None when `augment` changes nothing."""
+    import keras
+    import tensorflow as tf
+
+    layers = []
+    if augment.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if augment.rotation:
+        layers.append(keras.layers.RandomRotation(augment.rotation / 360, seed=seed + 1))
+    if augment.translation:
+        layers.append(keras.layers.RandomTranslation(augment.translation, augment.translation, seed=seed + 2))
+    blur = augment.blur_sigma
+    # keras.layers.RandomGaussianBlur (keras 3.15) caps sigma at 1 and draws one sigma per batch: own blur instead.
+    sigma_seed = keras.random.SeedGenerator(seed + 3) if blur else None
+    if not layers and not blur:
+        return None
+
+    def apply(images):
+        z = tf.cast(images, tf.float32)
+        for layer in layers:
+            z = layer(z, training=True)
+        if blur:
+            sigmas = keras.random.uniform((tf.shape(z)[0],), 0.0, blur, seed=sigma_seed)
+            z = _gaussian_blur(z, sigmas, radius=math.ceil(3 * blur))
+        return tf.cast(tf.clip_by_value(tf.round(z), 0, 255), tf.uint8)
+
+    return apply
+
+
+def _gaussian_blur(images: tf.Tensor, sigmas: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable gaussian blur of float (B, H, W, C) images, one sigma (px) per image, reflect padding."""
+    import tensorflow as tf
+
+    radius = min(radius, 15)  # reflect padding must stay within the 32 px side
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    sigmas = tf.maximum(sigmas, 1e-3)[:, None]
+    weights = tf.exp(-tf.square(offsets)[None, :] / (2 * tf.square(sigmas)))
+    weights = weights / tf.reduce_sum(weights, axis=1, keepdims=True)  # (B, 2r+1)
+    for axis in (1, 2):
+        pad = [[0, 0], [0, 0], [0, 0], [0, 0]]
+        pad[axis] = [radius, radius]
+        padded = tf.pad(images, pad, mode="REFLECT")
+        size = tf.shape(images)[axis]
+        total = tf.zeros_like(images)
+        for k in range(2 * radius + 1):
+            window = padded[:, k : k + size] if axis == 1 else padded[:, :, k : k + size]
+            total += weights[:, k, None, None, None] * window
+        images = total
+    return images
+
+
+# ---------------------------------------------------------------------------
+# Class weights
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
+    """"balanced" weights n / (k * count) per class (sklearn); classes absent from `y` get 1.0."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(y)
+    weights = compute_class_weight("balanced", classes=present, y=y)
+    result = {c: 1.0 for c in range(num_classes)}
+    result.update({int(c): float(w) for c, w in zip(present, weights)})
+    return result
