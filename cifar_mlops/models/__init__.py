@@ -65,3 +65,4 @@ def create_model(config: "ModelConfig", num_classes: int = 10) -> "keras.Model":
 
 # Importing the factory modules fills the registry.
 from cifar_mlops.models import applications, cnn  # noqa: E402,F401
+from cifar_mlops.models.applications import WeightsUnavailable  # noqa: E402,F401  (re-exported for callers)

@@ -1,0 +1,149 @@
+"""The commands as a user runs them: `cifar-mlops ...` and `mlflow run . -e train ...`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from cifar_mlops import cli, tracking
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def run_command(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update(env)
+    environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
+    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def assert_nothing_half_written() -> None:
+    client = MlflowClient()
+    running = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="attributes.status = 'RUNNING'")
+    assert running == []
+    assert client.search_model_versions() == []
+
+
+def test_help_and_experiments_do_not_import_tensorflow_or_mlflow() -> None:
+    code = ("import sys; from click.testing import CliRunner; from cifar_mlops.cli import main; "
+            "r = CliRunner().invoke(main, ['experiments']); assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('tensorflow', 'keras', 'mlflow', 'optuna') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_experiments_prints_the_study_table_and_settings() -> None:
+    result = CliRunner().invoke(cli.main, ["experiments"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(line for line in lines if line.startswith("Enhancement") and "1.0" in line)
+    assert [c.strip() for c in header.split("|")[1:]] == ["1.0", "1.1", "2.0", "2.1", "2.2", "2.3", "2.4", "3.0", "3.1"]
+    adamw = next(line for line in lines if line.startswith("AdamW"))
+    assert [c.strip() for c in adamw.split("|")[1:]] == ["", "", "", "", "✔", "", "✔", "", ""]
+    rotation = next(line for line in lines if line.startswith("Random rotation"))
+    assert "✔" not in rotation
+    assert any(line.startswith("Stratified split") for line in lines)
+    for exp_id in ("1.0", "3.1", "3.2", "b0", "b5", "smoke"):
+        assert any(line.split()[:1] == [exp_id] for line in lines), exp_id
+    settings = next(line for line in lines if line.startswith("3.1 "))
+    assert "densenet121+imagenet" in settings and " 96 " in settings
+
+
+def test_experiments_lists_models() -> None:
+    result = CliRunner().invoke(cli.main, ["experiments", "--models"])
+    assert result.exit_code == 0
+    assert {line.split()[0] for line in result.output.splitlines()} >= {"mobilenetv2", "densenet121", "cnn_b5"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--exp", "nope"], "error: unknown experiment 'nope'; known experiments: 1.0"),
+        (["--exp", "../../etc/passwd"], "is not an experiment id"),
+        (["--exp", "smoke", "--set", "train.epochs=0"], "--set: train.epochs: Input should be greater than or equal to 1"),
+        (["--exp", "smoke", "--set", "train.epochz=3"], "--set: train.epochz: unknown key"),
+        (["--exp", "smoke", "--set", "epochs"], "expected section.key=value"),
+        (["--exp", "smoke", "--overrides", "train.batch_size=many"], "train.batch_size: Input should be a valid integer"),
+        (["--exp", "3.2"], "3.2 is an ensemble experiment; run `cifar-mlops ensemble --exp 3.2`"),
+        (["--exp", "b0", "--data-dir", "/no/such/folder", "--set", "train.epochs=1"], "/no/such/folder"),
+        (["--exp", "3.1", "--set", "model.blocks=[1,1,1,1]", "--set", "model.weights=/no/weights.h5",
+          "--set", "train.epochs=4", "--set", "data.source=synthetic", "--set", "data.val_size=40"], "/no/weights.h5"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_leaves_nothing_half_written(store, args, message) -> None:
+    result = CliRunner().invoke(cli.main, ["train", *args])
+    assert result.exit_code != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_half_written()
+
+
+@pytest.mark.slow
+def test_quickstart_command_trains_tracks_and_registers_smoke(tmp_path) -> None:
+    result = run_command(["cifar-mlops", "train", "--exp", "smoke"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "registered cifar10-cnn version 1" in result.stderr
+    assert "Epoch 3/3" in result.stdout + result.stderr  # progress while training
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store: the working directory
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke"
+    [version] = client.search_model_versions("name='cifar10-cnn'")
+    assert version.tags["exp_id"] == "smoke"
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point_adopts_its_run(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_command(
+        ["mlflow", "run", str(REPO), "-e", "train", "-P", "exp=smoke", "-P", "overrides=train.epochs=2",
+         "--env-manager", "local", "--experiment-name", tracking.ABLATION_EXPERIMENT],
+        cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "smoke" and run.data.tags["exp_id"] == "smoke"
+    assert run.data.params["train.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch_val_accuracy")] == [1, 2]
+    assert {"test_accuracy", "val_f1_macro", "train_accuracy"} <= set(run.data.metrics)
+    [version] = client.search_model_versions("name='cifar10-cnn'")
+    assert version.run_id == run.info.run_id
+
+    # The registered model predicts raw uint8 images in a fresh process.
+    code = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/cifar10-cnn/1'); "
+            "p = np.asarray(m.predict(np.zeros((3, 32, 32, 3), np.uint8))); print(p.shape, round(float(p.sum()), 3))")
+    loaded = run_command([sys.executable, "-c", code], cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert "(3, 10) 3.0" in loaded.stdout
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_bad_input_fails_its_run_with_the_reason(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_command(
+        ["mlflow", "run", str(REPO), "-e", "train", "-P", "exp=smoke", "-P", "overrides=train.epochs=-1",
+         "--env-manager", "local", "--experiment-name", tracking.ABLATION_EXPERIMENT],
+        cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert result.returncode != 0
+    assert "error: --set: train.epochs: Input should be greater than or equal to 1" in result.stderr
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED"
+    assert "train.epochs" in run.data.tags[tracking.FAILURE_TAG]
+    assert client.search_model_versions() == []

@@ -1,0 +1,155 @@
+"""train(config): every catalogue experiment trains (tiny), tracks and registers; failures leave nothing half-done."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from cifar_mlops import config as cfg
+from cifar_mlops import tracking
+from cifar_mlops.train import TrainingFailed, train
+from tests.conftest import SAMPLE_DIR, TRAINABLE, needs_sample, tiny
+
+FINAL_METRICS = [f"{split}_{name}" for split in ("train", "val", "test") for name in ("accuracy", "f1_macro", "loss")]
+
+
+def ablation_runs() -> list:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT)
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def all_versions() -> list:
+    return MlflowClient().search_model_versions()
+
+
+@pytest.mark.parametrize("exp_id", TRAINABLE)
+def test_every_experiment_trains_tracks_and_registers(store, exp_id: str) -> None:
+    config = tiny(exp_id)
+    metrics = train(config)
+
+    assert set(FINAL_METRICS) <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in FINAL_METRICS if not k.endswith("_loss"))
+    [run] = ablation_runs()
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == exp_id
+    tags = run.data.tags
+    assert tags["exp_id"] == exp_id and tags["family"] == config.family
+    assert tags["enhancements"] == (",".join(config.enhancements) or "none")
+    assert tags["data_source"] == "synthetic" and len(tags["data_fingerprint"]) == 64
+    assert run.data.params["train.epochs"] == "1"
+    assert run.data.params["model.image_size"] == str(config.model.image_size)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+    [version] = all_versions()
+    assert version.name == f"cifar10-{config.family}"
+    assert version.tags["exp_id"] == exp_id and version.tags["run_id"] == run.info.run_id
+    assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+
+
+def test_run_holds_curves_reports_config_and_a_loadable_model(store) -> None:
+    config = tiny("smoke", train__epochs=3)
+    metrics = train(config)
+    client = MlflowClient()
+    [run] = ablation_runs()
+
+    curve = client.get_metric_history(run.info.run_id, "epoch_val_accuracy")
+    assert [m.step for m in curve] == [1, 2, 3]
+    assert len(client.get_metric_history(run.info.run_id, "epoch_train_loss")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "classification_report.txt", "confusion_matrix.png", "learning_curves.png"} <= artifacts
+    logged = cfg.ExperimentConfig.model_validate(
+        __import__("yaml").safe_load(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")))
+    assert logged == config
+    report = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/classification_report.txt")
+    assert "macro avg" in report and "synthetic_0" in report
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"synthetic-train", "synthetic-validation", "synthetic-test"}
+
+    model = mlflow.pyfunc.load_model("models:/cifar10-cnn/1")
+    signature = model.metadata.signature
+    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 32, 32, 3)}, "name": "image"}]
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (5, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert model.metadata.saved_input_example_info["type"] == "ndarray"
+    assert metrics["test_accuracy"] > 0.2, "three epochs on learnable synthetic data should beat chance"
+
+
+def test_transfer_learning_warms_up_with_a_frozen_backbone_then_fine_tunes(store, tmp_path) -> None:
+    # A pre-placed weights file stands in for the ImageNet download (offline here).
+    from cifar_mlops.models import create_model
+
+    base = tiny("3.1", model__image_size=32)
+    weights_file = tmp_path / "densenet_notop.weights.h5"
+    create_model(base.model).get_layer("backbone").save_weights(weights_file)
+    seen_trainable = []
+
+    class RecordBackbone(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen_trainable.append(self.model.get_layer("backbone").trainable)
+
+    config = tiny("3.1", model__image_size=32, model__weights=str(weights_file), train__epochs=2, train__warmup_epochs=1)
+    train(config, callbacks=[RecordBackbone()])
+    assert seen_trainable == [False, True]
+    [run] = ablation_runs()
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "epoch_val_loss")] == [1, 2]
+
+
+class PoisonWeights(keras.callbacks.Callback):
+    """Makes the loss NaN as a diverging optimizer would."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 1:
+            layer = self.model.get_layer("probabilities")
+            layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
+
+
+class PressCtrlC(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("callback", "error", "status", "reason"),
+    [
+        (PoisonWeights(), TrainingFailed, "FAILED", "the training loss became nan"),
+        (PressCtrlC(), KeyboardInterrupt, "KILLED", "interrupted (Ctrl-C)"),
+    ],
+)
+def test_failures_end_the_run_with_the_reason_and_register_nothing(store, callback, error, status, reason) -> None:
+    with pytest.raises(error):
+        train(tiny("smoke"), callbacks=[callback])
+    [run] = ablation_runs()
+    assert run.info.status == status
+    assert reason in run.data.tags[tracking.FAILURE_TAG]
+    assert all_versions() == []
+    assert mlflow.active_run() is None
+
+
+def test_bad_data_fails_the_run_and_registers_nothing(store, tmp_path) -> None:
+    from cifar_mlops.data import DataError
+
+    config = cfg.resolve("b0", {"data.data_dir": str(tmp_path / "missing"), "train.epochs": 1})
+    with pytest.raises(DataError):
+        train(config)
+    [run] = ablation_runs()
+    assert run.info.status == "FAILED" and "DataError" in run.data.tags[tracking.FAILURE_TAG]
+    assert all_versions() == []
+
+
+@needs_sample
+def test_final_study_b_cnn_learns_real_cifar10_images(store) -> None:
+    # 3,336 training / 834 validation images of the real sample; its test batch is unseen.
+    config = cfg.resolve("b5", {"data.data_dir": str(SAMPLE_DIR), "data.train_size": 3336, "data.val_size": 834,
+                                "train.epochs": 6})
+    metrics = train(config, register=False)
+    [run] = ablation_runs()
+    assert run.data.tags["data_source"] == "cifar10-partial"
+    assert metrics["val_accuracy"] > 0.35 and metrics["test_accuracy"] > 0.35, metrics  # chance is 0.10
+    assert not math.isnan(metrics["train_loss"])
