@@ -12,10 +12,7 @@ import click
 
 from cifar_mlops import config as cfg
 
-STUDY_TITLES = {
-    "A": "Study A: MobileNetV2 (1.x, 2.x) and DenseNet-121 (3.x); 3.2 soft-votes 2.4 and 3.1",
-    "B": "Study B: a small CNN from scratch (no known architecture, 5,000/5,000 random split)",
-}
+STUDY_TITLES = cfg.STUDY_TITLES
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -57,13 +54,12 @@ def experiments(show_models: bool) -> None:
 
 
 def enhancement_table(iterations: list[cfg.Config], rows: list[str], catalogue: dict) -> str:
-    width = max([len(catalogue[r]["label"]) for r in rows] + [len("Enhancement")])
-    ids = [c.exp_id for c in iterations if c.kind == "train"]
+    ids, matrix = cfg.enhancement_matrix(iterations, rows, catalogue)
+    width = max([len(label) for label, _ in matrix] + [len("Enhancement")])
     lines = [f"{'Enhancement':<{width}} | " + " | ".join(f"{i:^4}" for i in ids)]
     lines.append("-" * width + "-|-" + "-|-".join("----" for _ in ids))
-    for row in rows:
-        marks = ["✔" if row in c.enhancements else " " for c in iterations if c.kind == "train"]
-        lines.append(f"{catalogue[row]['label']:<{width}} | " + " | ".join(f"{m:^4}" for m in marks))
+    for label, used in matrix:
+        lines.append(f"{label:<{width}} | " + " | ".join(f"{'✔' if u else ' ':^4}" for u in used))
     return "\n".join(lines)
 
 
@@ -120,6 +116,266 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
     except KeyboardInterrupt:
         fail(f"{exp_id}: interrupted; the run is marked KILLED and nothing was registered", 130)
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_"))))
+
+
+@main.command()
+@click.option("--exp", "exp_id", required=True, help="An ensemble experiment id, e.g. 3.2 or smoke-ensemble.")
+@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting, e.g. --set fit_weights=true (repeatable; wins over the experiment file).")
+@click.option("--overrides", default="", metavar="'K=V K=V'",
+              help="The same overrides as one space- or comma-separated string (the MLproject parameter).")
+@click.option("--data-dir", default="", type=click.Path(file_okay=False),
+              help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache).")
+@click.option("--register/--no-register", default=True, show_default=True,
+              help="Register the ensemble as a new version of cifar10-ensemble.")
+def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
+    """Soft-vote registered model versions; evaluate, track and register the ensemble."""
+    try:
+        values = _ensemble_overrides([*cfg.split_overrides(overrides), *set_pairs])
+        if data_dir:
+            values.setdefault("data.data_dir", data_dir)
+        config = cfg.resolve(exp_id, values)
+        if config.kind != "ensemble":
+            raise cfg.ConfigError(f"{exp_id} is a training experiment; run `cifar-mlops train --exp {exp_id}`")
+    except cfg.ConfigError as err:
+        _fail_before_run(str(err))
+
+    quiet_tensorflow()
+    from cifar_mlops import data, tracking
+    from cifar_mlops import ensemble as voting
+
+    tracking.quiet_mlflow()
+    try:
+        members = voting.resolve_members(config)
+    except (tracking.RegistryError, voting.EnsembleFailed) as err:
+        _fail_before_run(f"{exp_id}: {err}")
+    try:
+        metrics = voting.build(config, register=register, members=members)
+    except (data.DataError, voting.EnsembleFailed, ValueError) as err:
+        fail(f"{exp_id}: {err} (the run is marked FAILED)")
+    except KeyboardInterrupt:
+        fail(f"{exp_id}: interrupted; the run is marked KILLED and nothing was registered", 130)
+    click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                        if k.startswith(("val_", "test_", "ensemble_gain_"))))
+
+
+ENSEMBLE_TOP_LEVEL = ("members", "voting", "fit_weights", "batch_size")
+
+
+def _ensemble_overrides(pairs: list[str]) -> dict:
+    """`--set` for an ensemble: `section.key=value`, plus its top-level keys (`fit_weights=true`)."""
+    top = [p for p in pairs if p.partition("=")[0].strip() in ENSEMBLE_TOP_LEVEL]
+    values = cfg.parse_overrides([p for p in pairs if p not in top])
+    for pair in top:  # parsed as if in a section, to share the YAML typing of values
+        [(dotted, value)] = cfg.parse_overrides([f"top.{pair.strip()}"]).items()
+        values[dotted.removeprefix("top.")] = value
+    return values
+
+
+def _optional_float(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+
+
+@main.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("--version", "version", required=True, type=click.IntRange(min=1), help="The candidate version.")
+@click.option("--alias", default="champion", show_default=True, help="The alias the candidate competes for.")
+@click.option("--metric", default="test_accuracy", show_default=True,
+              type=click.Choice(["test_accuracy", "test_f1_macro", "test_loss"]),
+              help="Compared on the same test images (test_loss: lower is better).")
+@click.option("--min-delta", default=0.0, show_default=True, type=float,
+              help="The least improvement of the metric that promotes (and it must be > 0).")
+@click.option("--alpha", default="", callback=_optional_float, metavar="A",
+              help="Also require McNemar's exact test on the paired predictions to give p < A (empty: no test).")
+@click.option("--dry-run", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[BOOL]",
+              help="Decide and print, change nothing (no alias, no tags).")
+@click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[BOOL]",
+              help="Promote even if the rule says no (the decision is tagged `forced`).")
+@click.option("--exp", "exp_id", default="",
+              help="Score on this experiment's test split (default: the candidate's own run's data).")
+@click.option("--data-dir", default="", type=click.Path(file_okay=False),
+              help="Where real CIFAR-10 is on this machine, if not where the candidate's run read it.")
+def promote(model_name: str, version: int, alias: str, metric: str, min_delta: float, alpha: float | None,
+            dry_run: bool, force: bool, exp_id: str, data_dir: str) -> None:
+    """Move ALIAS (@champion) of MODEL to VERSION only if it beats the current holder on the same test images."""
+    quiet_tensorflow()
+    from cifar_mlops import data, tracking
+    from cifar_mlops import promote as rule
+
+    tracking.quiet_mlflow()
+    try:
+        decision = rule.decide(model_name, version, alias=alias, metric=metric, min_delta=min_delta, alpha=alpha,
+                               dry_run=dry_run, force=force, exp_id=exp_id or None, data_dir=data_dir or None)
+    except (tracking.RegistryError, rule.PromotionError, data.DataError) as err:
+        _fail_before_run(str(err))
+    # `mlflow run -e promote`: the decision on the run it created, too
+    tracking.annotate_adopted_run({**decision.tags(), "promotion_dry_run": str(dry_run).lower()}, {})
+    for line in decision.lines():
+        click.echo(line)
+
+
+@main.command(name="models")
+@click.argument("names", nargs=-1, metavar="[MODEL]...")
+def models_command(names: tuple[str, ...]) -> None:
+    """List registered models: versions, aliases, experiment ids, test accuracy."""
+    from cifar_mlops import tracking
+
+    tracking.quiet_mlflow()
+    registered = tracking.list_registered()
+    if names:
+        unknown = [n for n in names if n not in {name for name, _ in registered}]
+        if unknown:
+            fail(f"unknown registered model {unknown[0]!r} (registered: "
+                 f"{', '.join(name for name, _ in registered) or 'none yet'})")
+        registered = [(name, versions) for name, versions in registered if name in names]
+    if not registered:
+        click.echo(f"no registered models in {tracking.configure_store()}; "
+                   "train one with `cifar-mlops train --exp smoke`")
+        return
+    import time
+
+    header = ("model", "version", "aliases", "exp_id", "test_accuracy", "data", "created (UTC)", "members")
+    rows = [header]
+    for name, versions in registered:
+        for v in reversed(versions):
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.created_ms / 1000)) if v.created_ms else ""
+            rows.append((name, str(v.version), ",".join(f"@{a}" for a in v.aliases) or "-", v.exp_id,
+                         v.tags.get("test_accuracy", "?"), v.tags.get("data_source", "?"), created,
+                         v.tags.get("members", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        click.echo(("  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[-1]).rstrip())
+
+
+@main.command()
+@click.option("--exp", "exp_id", required=True, help="Experiment id from the catalogue, e.g. 2.4 or smoke.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Trials to add to the study in this invocation (shared out among the workers).")
+@click.option("--study", "study_name", default="", metavar="NAME",
+              help="Optuna study name (default: cifar10-<exp>, so rerunning resumes the study).")
+@click.option("--storage", default="", metavar="URL",
+              help="Optuna storage: postgresql://..., sqlite:///..., or a journal file path "
+                   "(default: ./optuna.journal, safe for several local processes).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine (one GPU each when GPUs are visible).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Stop starting new trials after this many seconds per worker (0: no limit).")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True,
+              help="Stops unpromising trials early on per-epoch val_accuracy.")
+@click.option("--seed", default="", metavar="INT", help="Sampler seed (default: random).")
+@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting for every trial, e.g. --set data.val_size=1000 (repeatable).")
+@click.option("--overrides", default="", metavar="'K=V K=V'",
+              help="The same overrides as one space- or comma-separated string (the MLproject parameter).")
+@click.option("--data-dir", default="", type=click.Path(file_okay=False),
+              help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache).")
+@click.option("--register-best", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              metavar="[true|false]", help="Retrain the best trial's configuration once and register it.")
+def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, timeout: float, sampler: str,
+         pruner: str, seed: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str,
+         register_best: bool) -> None:
+    """Tune an experiment with Optuna: one nested MLflow run per trial under one parent run per study."""
+    quiet_tensorflow()
+    from cifar_mlops import tune as tuning
+
+    try:
+        pairs = [*cfg.split_overrides(overrides), *set_pairs]
+        values = cfg.parse_overrides(pairs)
+        if data_dir:
+            values.setdefault("data.data_dir", data_dir)
+        if seed.strip() and not seed.strip().lstrip("-").isdigit():
+            raise tuning.TuneError(f"--seed must be an integer (got {seed!r})")
+        result = tuning.tune(exp_id, trials, study_name=study_name or None, storage=storage or None,
+                             workers=workers, timeout=timeout or None, sampler=sampler, pruner=pruner,
+                             seed=int(seed) if seed.strip() else None, overrides=values,
+                             register_best=register_best)
+    except (cfg.ConfigError, tuning.TuneError) as err:
+        _fail_before_run(str(err))
+    except KeyboardInterrupt:
+        fail(f"{exp_id}: interrupted; the interrupted trial is FAIL, its run KILLED; rerun to resume the study", 130)
+    except Exception as err:  # noqa: BLE001 - data, weights, training: the parent run is already FAILED
+        from cifar_mlops import data, models
+        from cifar_mlops.train import TrainingFailed
+
+        if not isinstance(err, (data.DataError, models.WeightsUnavailable, TrainingFailed, ValueError)):
+            raise
+        fail(f"{exp_id}: {err} (the study's parent run is marked FAILED)")
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n or state != "RUNNING")
+    click.echo(f"study {result.study_name} ({result.storage}): {sum(result.counts.values())} trials: {counts}")
+    click.echo(result.table)
+    if result.best:
+        params = " ".join(f"train.{k}={v}" for k, v in result.best["params"].items())
+        click.echo(f"best: trial {result.best['number']} val_accuracy={result.best['value']:.4f}  {params}")
+    if result.registered:
+        click.echo(f"registered the best configuration as a new version of {result.registered}")
+    click.echo(f"parent run {result.parent_run_id} in MLflow experiment {result.experiment!r}; see it with "
+               f"`mlflow ui --backend-store-uri {result.tracking_uri} --workers 1`")
+    if result.worker_failures:
+        lost = f"; trials {', '.join(map(str, result.failed_dead))} marked FAIL" if result.failed_dead else ""
+        fail(f"{'; '.join(result.worker_failures)}{lost}; rerun the same command to continue the study")
+
+
+@main.command()
+@click.option("--experiment", default="cifar10-ablation", show_default=True,
+              help="The MLflow experiment whose FINISHED runs are reported.")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "html", "csv"]), default="markdown",
+              show_default=True, help="markdown pastes into a README; html is one self-contained file.")
+@click.option("--out", default="", metavar="PATH",
+              help="Write here (markdown also writes its plots beside it as <stem>_*.png); default: stdout.")
+@click.option("--latest/--best", "latest", default=True, show_default=True,
+              help="Per iteration and seed: the latest run, or the best by val_accuracy.")
+@click.option("--log", "log_run", type=click.BOOL, is_flag=False, flag_value=True, default=True,
+              metavar="[BOOL]", show_default=True,
+              help="Also log the report (md, html, csv) as artifacts of a `report` run in cifar10-reports.")
+def report(experiment: str, fmt: str, out: str, latest: bool, log_run: bool) -> None:
+    """The studies' ablation tables and plots, regenerated from tracked runs."""
+    from pathlib import Path
+
+    from cifar_mlops import report as reporting
+    from cifar_mlops import tracking
+
+    tracking.quiet_mlflow()
+    try:
+        document = reporting.build(experiment, "latest" if latest else "best")
+    except (cfg.ConfigError, reporting.ReportError, tracking.ReportSourceError) as err:
+        _fail_before_run(str(err))
+    if out:
+        try:
+            written = reporting.write(document, fmt, Path(out))
+        except OSError as err:
+            _fail_before_run(f"cannot write {out}: {err.strerror or err}")
+        click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+    else:
+        click.echo(reporting.render(document, fmt))
+        if fmt == "markdown" and document.figures:
+            click.echo(f"({len(document.figures)} plot(s) not written: pass --out report.md to write them beside it)",
+                       err=True)
+    if log_run:
+        run_id, logged_in = reporting.log(document)
+        click.echo(f"logged as artifacts of report run {run_id} in MLflow experiment {logged_in!r}", err=True)
+
+
+@main.command("tune-worker", hidden=True)
+@click.option("--spec", required=True, help="JSON from the coordinating `tune` process.")
+def tune_worker(spec: str) -> None:
+    """One worker process of `tune --workers K` (internal)."""
+    quiet_tensorflow()
+    from cifar_mlops import data, models, tune as tuning
+    from cifar_mlops.train import TrainingFailed
+
+    worker = tuning.WorkerSpec.from_json(spec)
+    try:
+        tuning.run_worker(worker)
+    except (cfg.ConfigError, tuning.TuneError, data.DataError, models.WeightsUnavailable, TrainingFailed) as err:
+        fail(f"worker {worker.index}: {err}")
+    except KeyboardInterrupt:
+        fail(f"worker {worker.index}: interrupted", 130)
 
 
 def quiet_tensorflow() -> None:

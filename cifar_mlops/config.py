@@ -106,6 +106,53 @@ class TrainConfig(Strict):
         return self
 
 
+class FloatRange(Strict):
+    low: float  # smallest value tried
+    high: float  # largest value tried (may equal low: the value is then fixed)
+    log: bool = False  # sample on a log scale (learning rates, weight decay)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) must not exceed high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0 (got {self.low:g})")
+        return self
+
+
+class IntRange(Strict):
+    low: int  # smallest value tried
+    high: int  # largest value tried
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class SearchSpace(Strict):
+    """What `cifar-mlops tune` searches; each set dimension overrides `train.<name>` per trial.
+
+    A dimension left out (null) keeps the experiment's own value. Pruning stops a
+    trial whose per-epoch val_accuracy falls below the pruner's threshold.
+    """
+
+    learning_rate: FloatRange | None = None  # e.g. {low: 1.0e-4, high: 1.0e-2, log: true}
+    batch_size: tuple[int, ...] | None = Field(None, min_length=1)  # choices, e.g. [32, 64, 128]
+    epochs: IntRange | None = None  # e.g. {low: 5, high: 30}
+    weight_decay: FloatRange | None = None  # only matters for adamw and sgd
+    optimizer: tuple[Literal["adam", "adamw", "sgd"], ...] | None = Field(None, min_length=1)  # choices
+    pruning_startup_trials: int = Field(5, ge=0)  # median pruner: finished trials before it prunes anything
+    pruning_warmup_epochs: int = Field(1, ge=0)  # epochs every trial runs before it can be pruned
+
+    def dimensions(self) -> dict[str, Any]:
+        """The searched dimensions: name -> FloatRange, IntRange or a tuple of choices."""
+        names = ("learning_rate", "batch_size", "epochs", "weight_decay", "optimizer")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
 class ExperimentConfig(Strict):
     """A trainable experiment: everything `train(config)` needs."""
 
@@ -119,6 +166,7 @@ class ExperimentConfig(Strict):
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+    search: SearchSpace = SearchSpace()  # what `cifar-mlops tune` searches (not a training setting)
 
     @model_validator(mode="after")
     def _transfer_learning_is_consistent(self) -> "ExperimentConfig":
@@ -132,7 +180,7 @@ class ExperimentConfig(Strict):
 
     def flat_params(self) -> dict[str, Any]:
         """Every resolved setting as `section.key` -> value (what MLflow logs as params)."""
-        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements"}))
+        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "search"}))
 
 
 class EnsembleMember(Strict):
@@ -164,6 +212,10 @@ class EnsembleConfig(Strict):
     fit_weights: bool = False  # fit member weights on the validation split
     data: DataConfig = DataConfig()
     batch_size: int = Field(128, ge=1)  # images per prediction batch
+
+    @property
+    def family(self) -> str:
+        return "ensemble"  # registered as cifar10-ensemble
 
     def flat_params(self) -> dict[str, Any]:
         return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements"}))
@@ -397,3 +449,28 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML: what is logged with every run and can be read back."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------
+# The studies' check-mark tables (printed by `experiments`, rendered by `report`)
+
+STUDY_TITLES = {
+    "A": "Study A: MobileNetV2 (1.x, 2.x) and DenseNet-121 (3.x); 3.2 soft-votes 2.4 and 3.1",
+    "B": "Study B: a small CNN from scratch (no known architecture, 5,000/5,000 random split)",
+}
+
+
+def enhancement_matrix(iterations: list[Config], rows: list[str],
+                       catalogue: dict[str, dict[str, Any]]) -> tuple[list[str], list[tuple[str, list[bool]]]]:
+    """A study's check-mark table: (trainable iteration ids, [(enhancement label, [used by each?])])."""
+    trainable = [c for c in iterations if c.kind == "train"]
+    return ([c.exp_id for c in trainable],
+            [(catalogue[row]["label"], [row in c.enhancements for c in trainable]) for row in rows])
+
+
+def study_enhancement_matrix(study: str, resolved: list[Config] | None = None) -> tuple[list[str], list[tuple[str, list[bool]]]]:
+    """`enhancement_matrix` for one study, from the whole catalogue."""
+    resolved = resolved if resolved is not None else [resolve(e) for e in list_experiments()]
+    catalogue = load_enhancements()
+    rows = [name for name, entry in catalogue.items() if study in entry.get("studies", [])]
+    return enhancement_matrix([c for c in resolved if c.study == study], rows, catalogue)

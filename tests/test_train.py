@@ -53,7 +53,7 @@ def test_every_experiment_trains_tracks_and_registers(store, exp_id: str) -> Non
 
 
 def test_run_holds_curves_reports_config_and_a_loadable_model(store) -> None:
-    config = tiny("smoke", train__epochs=3)
+    config = tiny("smoke", train__epochs=3, model__width=1.0)
     metrics = train(config)
     client = MlflowClient()
     [run] = ablation_runs()

@@ -51,7 +51,7 @@ def mobilenetv2(config: "ModelConfig", num_classes: int) -> "keras.Model":
     _reject(config, blocks=config.blocks is not None)
     weights = None
     if config.weights is not None:
-        if config.width not in MOBILENET_ALPHAS:
+        if config.weights == "imagenet" and config.width not in MOBILENET_ALPHAS:
             raise ValueError(
                 f"model.weights={config.weights!r} needs a published MobileNetV2 width "
                 f"{MOBILENET_ALPHAS}; got model.width={config.width} (use weights: null to train it from scratch)"
@@ -76,7 +76,7 @@ def densenet121(config: "ModelConfig", num_classes: int) -> "keras.Model":
     blocks = tuple(config.blocks or DENSENET121_BLOCKS)
     weights = None
     if config.weights is not None:
-        if blocks != DENSENET121_BLOCKS:
+        if config.weights == "imagenet" and blocks != DENSENET121_BLOCKS:
             raise ValueError(
                 f"model.weights={config.weights!r} needs DenseNet-121's blocks {DENSENET121_BLOCKS}; "
                 f"got model.blocks={blocks} (use weights: null to train it from scratch)"

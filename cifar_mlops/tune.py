@@ -1,0 +1,648 @@
+"""Optuna study around `train()`: the only module importing optuna.
+
+`tune(exp_id, trials)` searches the experiment's `search:` block. Each trial
+resolves the experiment with the trial's values as overrides (the same
+validation as `train`), calls the same `train(config)` (no registration), and
+lands as a nested MLflow run under one parent run per study in
+`cifar10-tuning`. Several processes (on one or many machines) cooperate on one
+study through its storage:
+
+- default: a journal file `optuna.journal` beside the SQLite MLflow store (the
+  working directory by default), safe for several local processes (Optuna's
+  JournalFileBackend with its symlink lock);
+- `--storage postgresql://...` (or any SQLAlchemy URL) for many machines.
+
+A worker that dies leaves its trial RUNNING; it is marked FAIL (and its
+nested run FAILED) by the next process that looks at the study: at once when
+the dead worker ran on this machine (its pid is gone), and for RDB storages
+after its heartbeat goes stale (`HEARTBEAT_SECONDS`, `GRACE_SECONDS`).
+
+Nested run states: COMPLETE -> FINISHED, PRUNED -> KILLED (tag
+`pruned_at_epoch`, no failure), FAIL -> FAILED; every trial run carries the tag
+`state` with the Optuna state and `trial_number`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from cifar_mlops import config as cfg
+
+DEFAULT_JOURNAL = "optuna.journal"
+OBJECTIVE = "val_accuracy"  # maximized; also the per-epoch metric the pruner watches
+HEARTBEAT_SECONDS = 20  # RDB storages: a running trial's process writes a heartbeat this often
+GRACE_SECONDS = 60  # ... and a trial without one for this long is failed by the next process
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+SEARCHED_SECTION = "train"  # every search dimension overrides train.<name>
+TRIAL_METRICS = ("val_accuracy", "val_f1_macro", "train_accuracy", "test_accuracy", "epochs_run")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress line replaces Optuna's
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class TuneError(ValueError):
+    """A user-facing, one-line tuning error (bad storage, empty search space, ...)."""
+
+
+def log(message: str) -> None:
+    print(f"[cifar-mlops tune] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The experiment and its search space
+
+
+def study_name_for(exp_id: str) -> str:
+    return f"cifar10-{exp_id}"
+
+
+def base_config(exp_id: str, overrides: dict[str, Any]) -> cfg.ExperimentConfig:
+    """The experiment with the user's overrides, checked to be tunable at every end of its search space."""
+    config = cfg.resolve(exp_id, overrides)
+    if config.kind != "train":
+        raise TuneError(f"{exp_id} is an ensemble experiment; only trainable experiments can be tuned")
+    dimensions = config.search.dimensions()
+    if not dimensions:
+        raise TuneError(f"experiment {exp_id} has an empty search space; add a `search:` block "
+                        "(e.g. learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}) to its file or base")
+    for name, dimension in dimensions.items():  # each extreme must resolve, e.g. epochs vs warmup_epochs
+        values = dimension if isinstance(dimension, tuple) else (dimension.low, dimension.high)
+        for value in values:
+            try:
+                cfg.resolve(exp_id, {**overrides, f"{SEARCHED_SECTION}.{name}": value})
+            except cfg.ConfigError as err:
+                raise cfg.ConfigError(f"search.{name} = {value!r} does not resolve: {err}") from None
+    return config
+
+
+def suggest(trial: optuna.Trial, space: cfg.SearchSpace) -> dict[str, Any]:
+    """The trial's values as config overrides (`train.<name>` -> value)."""
+    values: dict[str, Any] = {}
+    for name, dimension in space.dimensions().items():
+        if isinstance(dimension, tuple):
+            value = trial.suggest_categorical(name, list(dimension))
+        elif isinstance(dimension, cfg.IntRange):
+            value = trial.suggest_int(name, dimension.low, dimension.high, step=dimension.step)
+        else:
+            value = trial.suggest_float(name, dimension.low, dimension.high, log=dimension.log)
+        values[f"{SEARCHED_SECTION}.{name}"] = value
+    return values
+
+
+def as_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    return {f"{SEARCHED_SECTION}.{name}": value for name, value in params.items()}
+
+
+# ---------------------------------------------------------------------------
+# Storage, sampler, pruner
+
+
+def redact(url: str | None) -> str:
+    """A storage URL fit to print and tag: any password replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
+
+
+def journal_path(storage: str | None) -> Path | None:
+    """The journal file `storage` names (None, a path, or `journal:PATH`), or None for a database URL.
+
+    None: `optuna.journal` beside a SQLite MLflow store, else in the working directory
+    (`mlflow run` starts entry points in the project folder, not where the store is)."""
+    if not storage:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") else Path.cwd()
+        return folder / DEFAULT_JOURNAL
+    if storage.startswith("journal:"):
+        return Path(storage[len("journal:"):]).expanduser().resolve()
+    if "://" in storage:
+        return None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", storage):
+        raise TuneError(f"malformed storage URL {redact(storage)!r}: expected dialect://..., e.g. "
+                        "postgresql://user@host:5432/db or sqlite:///optuna.db, or a journal file path")
+    return Path(storage).expanduser().resolve()
+
+
+def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
+    """Open (creating if needed) the study storage; every failure is one TuneError line."""
+    path = journal_path(storage)
+    if path is not None:
+        if not path.parent.is_dir():
+            raise TuneError(f"journal storage {path}: folder {path.parent} does not exist")
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+        try:
+            # The symlink lock is atomic on local disks and NFS; a lock left by a killed
+            # process is broken after its grace period.
+            return optuna.storages.JournalStorage(
+                JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path), grace_period=30)))
+        except Exception as err:  # noqa: BLE001 - a corrupt or unreadable file
+            raise TuneError(f"cannot open journal storage {path}: {_first_line(err)}") from None
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(storage)
+    except Exception as err:  # noqa: BLE001
+        raise TuneError(f"malformed storage URL {redact(storage)!r}: {_first_line(err)}") from None
+    shown = redact(storage)
+    engine_kwargs: dict[str, Any] = {}
+    if url.get_backend_name() in ("postgresql", "mysql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=_stale_trial_failed)
+    except Exception as err:  # noqa: BLE001 - unknown dialect, unreachable server, bad credentials
+        raise TuneError(f"cannot open Optuna storage {shown}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "orig", None) or err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: parallel workers do not all pick the same promising point
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def make_pruner(name: str, config: cfg.ExperimentConfig) -> optuna.pruners.BasePruner:
+    space = config.search
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=space.pruning_startup_trials,
+                                           n_warmup_steps=space.pruning_warmup_epochs)
+    if name == "hyperband":
+        max_epochs = space.epochs.high if space.epochs else config.train.epochs
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, space.pruning_warmup_epochs),
+                                              max_resource=max(max_epochs, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+# ---------------------------------------------------------------------------
+# Dead workers
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time (clock ticks since boot), '' if unknown or gone; 'Z' for a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()
+    return "Z" if fields[0] in ("Z", "X") else fields[19]
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _process_start(pid)
+    if now == "Z":
+        return False
+    return not (started and now and now != started)  # a different process reusing the pid
+
+
+def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Heartbeat callback (RDB storages): the trial's worker went silent; end its nested run too."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        from cifar_mlops import tracking
+
+        tracking.end_trial_run(run_id, "FAIL", "its worker stopped (no heartbeat); trial marked FAIL")
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker is gone; return their numbers.
+
+    Local workers are checked by pid (immediate); workers elsewhere by Optuna's
+    heartbeat (RDB storages only, after GRACE_SECONDS)."""
+    host = socket.gethostname()
+    failed: list[int] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("worker_host") != host or "worker_pid" not in attrs:
+            continue
+        if _alive(int(attrs["worker_pid"]), str(attrs.get("worker_start", ""))):
+            continue
+        try:
+            study._storage.set_trial_system_attr(trial._trial_id, "fail_reason",
+                                                 f"worker pid {attrs['worker_pid']} died during the trial")
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process got there first
+        _stale_trial_failed(study, trial)
+        failed.append(trial.number)
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # no-op unless the storage has heartbeats
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return sorted(set(failed) | (after - before))
+
+
+# ---------------------------------------------------------------------------
+# One worker: load data once, run trials
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs (passed as JSON to `cifar-mlops tune-worker`)."""
+
+    exp_id: str
+    overrides: dict[str, Any]
+    study_name: str
+    storage: str | None
+    sampler: str
+    pruner: str
+    parent_run_id: str
+    experiment: str  # MLflow experiment holding the parent and its nested runs
+    seed: int | None = None
+    index: int = 0
+    trials: int = 1
+    timeout: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerSpec":
+        return cls(**json.loads(text))
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """Run up to `spec.trials` trials of the study in this process; return how many finished."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from optuna_integration import KerasPruningCallback
+
+    from cifar_mlops import data, tracking
+    from cifar_mlops.train import TrainingFailed, train
+
+    tracking.quiet_mlflow()
+    config = base_config(spec.exp_id, spec.overrides)
+    storage = open_storage(spec.storage)
+    study = optuna.load_study(study_name=spec.study_name, storage=storage,
+                              sampler=make_sampler(spec.sampler, spec.seed), pruner=make_pruner(spec.pruner, config))
+    log(f"worker {spec.index}: loading data once for all its trials")
+    splits = data.load_splits(config.data)
+    host, pid = socket.gethostname(), os.getpid()
+    started = _process_start(pid)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker_host", host)
+        trial.set_user_attr("worker_pid", pid)
+        trial.set_user_attr("worker_start", started)
+        values = suggest(trial, config.search)
+        trial_config = cfg.resolve(spec.exp_id, {**spec.overrides, **values})
+        run_ids: list[str] = []
+
+        def tag_run(run_id: str) -> None:
+            run_ids.append(run_id)
+            trial.set_user_attr("mlflow_run_id", run_id)
+            tracking.tag_run(run_id, {"trial_number": trial.number, "optuna_study": spec.study_name,
+                                      "state": "RUNNING", "worker": f"{host}:{pid}"},
+                             run_name=f"{spec.exp_id} trial {trial.number}")
+
+        try:
+            with tracking.on_training_run_start(tag_run):
+                metrics = train(trial_config, splits=splits, register=False, experiment=spec.experiment,
+                                parent_run_id=spec.parent_run_id,
+                                callbacks=[KerasPruningCallback(trial, OBJECTIVE)])
+        except optuna.TrialPruned:
+            raise
+        except BaseException as err:
+            if run_ids:
+                tracking.end_trial_run(run_ids[-1], "FAIL", f"{type(err).__name__}: {err}")
+            raise
+        for key in TRIAL_METRICS:
+            if key in metrics:
+                trial.set_user_attr(key, float(metrics[key]))
+        return float(metrics[OBJECTIVE])
+
+    def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracking.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
+        log(f"worker {spec.index}: {progress_line(study, trial)}")
+
+    study.optimize(objective, n_trials=spec.trials, timeout=spec.timeout, callbacks=[finished],
+                   catch=(TrainingFailed, cfg.ConfigError, *_resource_errors()), gc_after_trial=True)
+    return spec.trials
+
+
+def _resource_errors() -> tuple[type[BaseException], ...]:
+    """A batch size too large for the device fails that trial, not the worker."""
+    try:
+        import tensorflow as tf
+
+        return (tf.errors.ResourceExhaustedError,)
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+    if trial.state == TrialState.COMPLETE:
+        outcome = f"{OBJECTIVE}={trial.value:.4f}"
+    elif trial.state == TrialState.PRUNED:
+        last = max(trial.intermediate_values) + 1 if trial.intermediate_values else 0
+        outcome = f"pruned after epoch {last}"
+    else:
+        outcome = f"failed ({trial.system_attrs.get('fail_reason', 'see its run')})"[:200]
+    best = _best_trial(study)
+    best_text = f"best: trial {best.number} {OBJECTIVE}={best.value:.4f}" if best else "best: none yet"
+    return f"trial {trial.number} {trial.state.name}: {outcome} | {params} | {best_text}"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+# ---------------------------------------------------------------------------
+# The coordinator: study, parent run, workers, summary
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    counts: dict[str, int] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # {"number", "value", "params", "run_id"}
+    table: str = ""
+    registered: str | None = None
+    worker_failures: list[str] = field(default_factory=list)
+    failed_dead: list[int] = field(default_factory=list)
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs workers are spread over: $CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig) -> tuple[optuna.Study, list[int]]:
+    storage = open_storage(spec.storage)
+    try:
+        study = optuna.create_study(study_name=spec.study_name, storage=storage, load_if_exists=True,
+                                    direction="maximize", sampler=make_sampler(spec.sampler, spec.seed),
+                                    pruner=make_pruner(spec.pruner, config))
+    except Exception as err:  # noqa: BLE001 - e.g. the database went away
+        raise TuneError(f"cannot create study {spec.study_name!r} in {redact(spec.storage) or DEFAULT_JOURNAL}: "
+                        f"{_first_line(err)}") from None
+    owner = study.user_attrs.get("exp_id")
+    if owner is None:
+        study.set_user_attr("exp_id", spec.exp_id)
+        study.set_user_attr("objective", OBJECTIVE)
+    elif owner != spec.exp_id:
+        raise TuneError(f"study {spec.study_name!r} tunes experiment {owner}, not {spec.exp_id}; "
+                        "pass another --study name")
+    return study, fail_dead_trials(study)
+
+
+def _parent_run(study: optuna.Study, spec: WorkerSpec, tags: dict[str, Any]) -> tuple[str, str]:
+    """Create (or reopen) the study's one parent run, remembered in the study, before any worker starts."""
+    from cifar_mlops import tracking
+
+    uri = tracking.tracking_uri()
+    attrs = study.user_attrs
+    reuse = attrs.get("mlflow_parent_run_id") if attrs.get("mlflow_tracking_uri") == uri else None
+    adopted = tracking.adopted_run_id()  # `mlflow run` made the parent run for us
+    run_id, experiment = tracking.study_run(spec.study_name, tags, reuse_run_id=reuse)
+    if run_id != reuse:
+        study.set_user_attr("mlflow_parent_run_id", run_id)
+        study.set_user_attr("mlflow_tracking_uri", uri)
+        time.sleep(0.2)
+        winner = optuna.load_study(study_name=spec.study_name, storage=study._storage).user_attrs.get(
+            "mlflow_parent_run_id")
+        if winner and winner != run_id and not adopted:  # another process started at once
+            tracking.delete_run(run_id)
+            run_id, experiment = tracking.study_run(spec.study_name, tags, reuse_run_id=winner)
+    return run_id, experiment
+
+
+def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: str | None = None,
+         workers: int = 1, timeout: float | None = None, sampler: str = "tpe", pruner: str = "median",
+         seed: int | None = None, overrides: dict[str, Any] | None = None,
+         register_best: bool = False) -> TuneResult:
+    """Run `trials` more trials of experiment `exp_id`'s study on `workers` processes; return the summary."""
+    from cifar_mlops import tracking
+
+    overrides = dict(overrides or {})
+    if trials < 1:
+        raise TuneError(f"--trials must be at least 1 (got {trials})")
+    if workers < 1:
+        raise TuneError(f"--workers must be at least 1 (got {workers})")
+    if sampler not in SAMPLERS or pruner not in PRUNERS:
+        raise TuneError(f"--sampler is one of {', '.join(SAMPLERS)}; --pruner one of {', '.join(PRUNERS)}")
+    config = base_config(exp_id, overrides)
+    study_name = study_name or study_name_for(exp_id)
+    if journal_path(storage) is not None:
+        storage = f"journal:{journal_path(storage)}"  # absolute: workers may start elsewhere
+    spec = WorkerSpec(exp_id=exp_id, overrides=overrides, study_name=study_name, storage=storage,
+                      sampler=sampler, pruner=pruner, parent_run_id="", experiment="", seed=seed)
+    study, failed_dead = _prepare_study(spec, config)
+    if failed_dead:
+        log(f"trials {', '.join(map(str, failed_dead))} had lost their worker: marked FAIL")
+
+    tracking.quiet_mlflow()
+    tags = {"optuna_study": study_name, "optuna_storage": redact(storage), "exp_id": exp_id, "family": config.family,
+            "objective": f"maximize {OBJECTIVE}", "sampler": sampler, "pruner": pruner,
+            "search_space": json.dumps(config.search.model_dump(mode="json", exclude_none=True)),
+            "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "none"}
+    parent_run_id, experiment = _parent_run(study, spec, tags)
+    result = TuneResult(study_name=study_name, storage=redact(storage), parent_run_id=parent_run_id,
+                        tracking_uri=tracking.tracking_uri(), experiment=experiment, failed_dead=failed_dead)
+    log(f"study {study_name!r} ({len(study.trials)} earlier trials) in {redact(storage)}; "
+        f"parent run {parent_run_id} in MLflow experiment {experiment!r}")
+
+    workers = min(workers, trials)
+    offset = len(study.trials)
+    shares = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
+    specs = [WorkerSpec(**{**asdict(spec), "parent_run_id": parent_run_id, "experiment": experiment, "index": i,
+                           "trials": shares[i], "timeout": timeout,
+                           "seed": None if seed is None else (seed + 1009 * i + 7919 * offset) % 2**31})
+             for i in range(workers)]
+    status = "FINISHED"
+    try:
+        if workers == 1:
+            run_worker(specs[0])
+        else:
+            result.worker_failures = _run_worker_processes(specs, result.tracking_uri)
+            if result.worker_failures:
+                status = "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        _finish(study, result, status)
+
+    if register_best and result.best:
+        from cifar_mlops.train import train
+
+        best_config = cfg.resolve(exp_id, {**overrides, **as_overrides(result.best["params"])})
+        log(f"retraining the best configuration (trial {result.best['number']}) once, to register it")
+        with tracking.on_training_run_start(lambda run_id: tracking.tag_run(
+                run_id, {"optuna_study": study_name, "tuned_from_trial": result.best["number"],
+                         "tuning_parent_run": parent_run_id})):
+            train(best_config, register=True)
+        result.registered = f"{tracking.registered_model_name(best_config.family)} (see `mlflow ui`)"
+        tracking.tag_run(parent_run_id, {"best_registered": "yes"})
+    return result
+
+
+def _run_worker_processes(specs: list[WorkerSpec], tracking_uri: str) -> list[str]:
+    """Start one `cifar-mlops tune-worker` process per spec (own GPU each, if any); wait for all."""
+    gpus = gpu_ids()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    processes = []
+    for spec in specs:
+        worker_env = dict(env)
+        if gpus:
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[spec.index % len(gpus)]
+        command = [sys.executable, "-m", "cifar_mlops.cli", "tune-worker", "--spec", spec.to_json()]
+        processes.append(subprocess.Popen(command, env=worker_env))
+        where = f" on GPU {worker_env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
+        log(f"worker {spec.index}: pid {processes[-1].pid}, {spec.trials} trials{where}")
+    failures = []
+    try:
+        for spec, process in zip(specs, processes):
+            code = process.wait()
+            if code != 0:
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                failures.append(f"worker {spec.index} (pid {process.pid}) {how}")
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them end their runs
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        raise
+    return failures
+
+
+def _finish(study: optuna.Study, result: TuneResult, status: str) -> None:
+    """Fail trials of dead workers, close their runs, and record the study on the parent run."""
+    from cifar_mlops import tracking
+
+    result.failed_dead += fail_dead_trials(study)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for run_id, tags in tracking.running_child_runs(result.parent_run_id):
+        number = tags.get("trial_number")
+        trial = trials.get(int(number)) if number and number.isdigit() else None
+        if trial is not None and trial.state != TrialState.RUNNING:
+            tracking.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
+
+    all_trials = list(trials.values())
+    result.counts = {state.name: sum(t.state == state for t in all_trials)
+                     for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    best = _best_trial(study)
+    tags: dict[str, Any] = {"trials_total": len(all_trials), **{f"trials_{k.lower()}": v for k, v in result.counts.items()}}
+    metrics: dict[str, float] = {f"trials_{k.lower()}": float(v) for k, v in result.counts.items()}
+    texts = {}
+    if best is not None:
+        result.best = {"number": best.number, "value": best.value, "params": dict(best.params),
+                       "run_id": best.user_attrs.get("mlflow_run_id", "")}
+        tags.update({"best_trial": best.number, "best_value": f"{best.value:.6f}",
+                     "best_run_id": result.best["run_id"]})
+        tags.update({f"best.{SEARCHED_SECTION}.{k}": v for k, v in best.params.items()})
+        metrics[f"best_{OBJECTIVE}"] = float(best.value)
+        texts["best_params.json"] = json.dumps({"trial": best.number, OBJECTIVE: best.value,
+                                                "params": as_overrides(best.params)}, indent=2)
+    result.table = best_table(study)
+    texts["best_trials.txt"] = result.table + "\n"
+    if result.worker_failures:
+        tags["failure_reason"] = "; ".join(result.worker_failures)
+    figures = study_figures(study)
+    try:
+        tracking.finish_study_run(result.parent_run_id, status, tags=tags, metrics=metrics, figures=figures,
+                                  texts=texts)
+    finally:
+        from matplotlib import pyplot as plt
+
+        for figure in figures.values():
+            plt.close(figure)
+
+
+def study_figures(study: optuna.Study) -> dict[str, Any]:
+    """Optimization history, parameter importances, parallel coordinates, intermediate values (matplotlib).
+
+    A plot the study cannot have yet (importances need 2 finished trials with varied
+    params) is left out; the others are still logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    wanted = {"optimization_history": plots.plot_optimization_history,
+              "parallel_coordinate": plots.plot_parallel_coordinate,
+              "intermediate_values": plots.plot_intermediate_values}
+    if len(complete) >= 2:
+        wanted["param_importances"] = plots.plot_param_importances
+    figures = {}
+    if not complete:
+        return figures
+    for name, plot in wanted.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot(study)
+        except Exception as err:  # noqa: BLE001 - e.g. importances of a parameter that never varied
+            log(f"plot {name} skipped: {_first_line(err)}")
+            continue
+        axes = axes.flat[0] if hasattr(axes, "flat") else axes
+        figures[name] = axes.figure
+    return figures
+
+
+def best_table(study: optuna.Study, top: int = 5) -> str:
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:top]
+    if not complete:
+        return "no completed trials yet"
+    names = sorted({k for t in complete for k in t.params})
+    header = ["trial", OBJECTIVE, "test_accuracy", *names, "run_id"]
+    rows = [[str(t.number), f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
+             *(_fmt(t.params.get(n, "")) for n in names), t.user_attrs.get("mlflow_run_id", "")] for t in complete]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])

@@ -1,0 +1,263 @@
+"""`cifar-mlops tune`: Optuna studies on `smoke` at tiny sizes, nested MLflow runs, pruning, workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from cifar_mlops import cli, tracking, tune
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+PG_URL = os.environ.get("CIFAR_MLOPS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# smoke shrunk: a trial takes ~1-3 s once TensorFlow is loaded
+TINY = {"data.synthetic_train_pool": 160, "data.val_size": 40, "data.synthetic_test_pool": 40,
+        "search.epochs.high": 1, "search.batch_size": [32]}
+TINY_SET = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+
+
+def journal_study(name: str, path: Path | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=tune.open_storage(str(path) if path else None))
+
+
+def tuning_runs() -> list:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.TUNING_EXPERIMENT)
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def split_runs(runs: list) -> tuple[list, list]:
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def assert_no_running_runs() -> None:
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") == []
+
+
+def test_four_trial_study_with_default_storage(store: str, tmp_path: Path) -> None:
+    result = tune.tune("smoke", 4, overrides={**TINY, "search.epochs.high": 2}, seed=0, pruner="none")
+
+    study = journal_study("cifar10-smoke")
+    assert (tmp_path / tune.DEFAULT_JOURNAL).is_file()
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    parents, children = split_runs(tuning_runs())
+    [parent] = parents
+    assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
+    assert len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == [0, 1, 2, 3]
+    assert {r.data.tags["state"] for r in children} == {"COMPLETE"}
+    assert {r.info.status for r in children} == {"FINISHED"}
+    for run in children:  # the trial's values are the run's training settings; curves per epoch
+        trial = study.trials[int(run.data.tags["trial_number"])]
+        assert float(run.data.params["train.learning_rate"]) == pytest.approx(trial.params["learning_rate"])
+        assert int(run.data.params["train.epochs"]) == trial.params["epochs"]
+        assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "epoch_val_accuracy")) == trial.params["epochs"]
+
+    best = study.best_trial
+    tags = parent.data.tags
+    assert tags["best_trial"] == str(best.number) and tags["optuna_study"] == "cifar10-smoke"
+    assert float(tags["best.train.learning_rate"]) == pytest.approx(best.params["learning_rate"])
+    assert tags["best.train.epochs"] == str(best.params["epochs"])
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.value)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "param_importances.png", "parallel_coordinate.png",
+            "best_params.json"} <= artifacts
+    assert MlflowClient().search_model_versions() == []  # trials do not register
+    assert_no_running_runs()
+
+
+def test_rerun_adds_trials_to_the_same_study(store: str) -> None:
+    first = tune.tune("smoke", 1, overrides=TINY, study_name="resume-me", pruner="none")
+    second = tune.tune("smoke", 1, overrides=TINY, study_name="resume-me", pruner="none")
+
+    assert len(journal_study("resume-me").trials) == 2
+    assert second.parent_run_id == first.parent_run_id  # one parent run per study
+    parents, children = split_runs(tuning_runs())
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == [0, 1]
+    assert parents[0].data.metrics["trials_complete"] == 2
+
+
+def test_a_plateauing_trial_is_pruned_and_its_run_says_so(store: str) -> None:
+    prune = {"search.epochs.low": 3, "search.epochs.high": 3, "search.batch_size": [32],
+             "search.pruning_startup_trials": 1, "search.pruning_warmup_epochs": 1,
+             "data.synthetic_train_pool": 400, "data.val_size": 100, "data.synthetic_test_pool": 40}
+    learns = {"search.learning_rate.low": 0.01, "search.learning_rate.high": 0.01}
+    plateaus = {"search.learning_rate.low": 1e-7, "search.learning_rate.high": 1e-7}  # stays at chance
+    tune.tune("smoke", 1, overrides={**prune, **learns}, study_name="prune-me")
+    result = tune.tune("smoke", 1, overrides={**prune, **plateaus}, study_name="prune-me")
+
+    states = [t.state for t in journal_study("prune-me").trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert result.counts["PRUNED"] == 1
+    _, children = split_runs(tuning_runs())
+    pruned = next(r for r in children if r.data.tags["trial_number"] == "1")
+    assert pruned.data.tags["state"] == "PRUNED" and pruned.info.status == "KILLED"
+    assert tracking.FAILURE_TAG not in pruned.data.tags
+    epochs_ran = len(MlflowClient().get_metric_history(pruned.info.run_id, "epoch_val_accuracy"))
+    assert epochs_ran == int(pruned.data.tags["pruned_at_epoch"]) < 3  # it cost only the epochs it ran
+    assert_no_running_runs()
+
+
+def _postgres(sql: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 5}, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(sql))
+    finally:
+        engine.dispose()
+
+
+def _postgres_schema_url() -> tuple[str, str]:
+    """A throw-away schema in the test database (keeps Optuna's tables away from anything else there)."""
+    import sqlalchemy
+
+    schema = f"tune_test_{uuid.uuid4().hex[:10]}"
+    try:
+        _postgres(f"CREATE SCHEMA {schema}")
+    except sqlalchemy.exc.OperationalError as err:
+        pytest.skip(f"no PostgreSQL server answers at {tune.redact(PG_URL)}: {str(err.orig).strip().splitlines()[0]}")
+    return f"{PG_URL}?options=-csearch_path%3D{schema}", schema
+
+
+def _drop_schema(schema: str) -> None:
+    _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_postgresql_study(store: str, capfd: pytest.CaptureFixture) -> None:
+    url, schema = _postgres_schema_url()
+    study_name = f"pg-{uuid.uuid4().hex[:8]}"
+    try:
+        result = tune.tune("smoke", 4, overrides=TINY, study_name=study_name, storage=url, workers=2,
+                           pruner="none", seed=3)
+        storage = tune.open_storage(url)
+        trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        workers = {t.user_attrs["worker_pid"] for t in trials}
+        optuna.delete_study(study_name=study_name, storage=storage)
+        storage.remove_session()
+        storage.engine.dispose()
+    finally:
+        _drop_schema(schema)
+
+    errors = capfd.readouterr().err
+    assert result.worker_failures == []
+    assert "Traceback" not in errors and "OperationalError" not in errors and "error:" not in errors
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert len(workers) == 2  # both processes ran trials
+    parents, children = split_runs(tuning_runs())
+    assert len(parents) == 1 and parents[0].data.tags["optuna_storage"].startswith("postgresql://")
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {result.parent_run_id}
+    assert_no_running_runs()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(store: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=store, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    slower = [*TINY_SET, "--set", "search.epochs.low=3", "--set", "search.epochs.high=3",
+              "--set", "data.synthetic_train_pool=400"]
+    command = [str(BIN / "cifar-mlops"), "tune", "--exp", "smoke", "--trials", "2", "--workers", "2",
+               "--study", "killed", "--pruner", "none", *slower]
+    coordinator = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline and coordinator.poll() is None:
+        time.sleep(0.3)
+        if not (tmp_path / tune.DEFAULT_JOURNAL).is_file():
+            continue
+        try:
+            running = journal_study("killed").get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the study is not created yet
+            continue
+        victim = next((t for t in running if "mlflow_run_id" in t.user_attrs), None)  # training has started
+    assert victim is not None, "no trial started training in time"
+    os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+    out, err = coordinator.communicate(timeout=180)
+
+    assert coordinator.returncode == 1
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "killed by signal 9" in error_lines[0], err[-2000:]
+    assert f"trials {victim.number} marked FAIL" in error_lines[0]
+    trials = journal_study("killed").trials
+    assert trials[victim.number].state == TrialState.FAIL
+    assert [t.state for t in trials if t.number != victim.number] == [TrialState.COMPLETE] * (len(trials) - 1)
+    assert len(trials) == 2  # one trial per worker
+    killed_run = MlflowClient().get_run(victim.user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags["state"] == "FAIL"
+    assert_no_running_runs()
+
+    # the same command again resumes the study
+    tune.tune("smoke", 1, overrides=TINY, study_name="killed", pruner="none")
+    assert [t.state for t in journal_study("killed").trials][2:] == [TrialState.COMPLETE]
+    assert_no_running_runs()
+
+
+BAD_INPUT = [
+    (["--exp", "nope"], "error: unknown experiment 'nope'"),
+    (["--exp", "3.2"], "3.2 is an ensemble experiment"),
+    (["--exp", "smoke", "--set", "search.learning_rate=null", "--set", "search.batch_size=null",
+      "--set", "search.epochs=null"], "experiment smoke has an empty search space"),
+    (["--exp", "smoke", "--set", "search.epochs.low=0"], "search.epochs = 0 does not resolve"),
+    (["--exp", "smoke", "--set", "search.learning_rate.low=0.5", "--set", "search.learning_rate.high=0.1"],
+     "search.learning_rate: low (0.5) must not exceed high (0.1)"),
+    (["--exp", "smoke", "--storage", "postgresql:/no-slashes"], "malformed storage URL 'postgresql:/no-slashes'"),
+    (["--exp", "smoke", "--storage", "nodialect://host/db"], "cannot open Optuna storage nodialect://host/db"),
+    (["--exp", "smoke", "--storage", "postgresql://someone:secret@127.0.0.1:1/test"],
+     "cannot open Optuna storage postgresql://someone:***@127.0.0.1:1/test"),
+    (["--exp", "smoke", "--storage", "/no/such/folder/optuna.journal"], "folder /no/such/folder does not exist"),
+    (["--exp", "smoke", "--seed", "abc"], "--seed must be an integer"),
+]
+
+
+def test_bad_input_is_one_line_and_leaves_no_runs(store: str) -> None:
+    # one store for all cases: a fresh MLflow database costs seconds to create
+    for args, message in BAD_INPUT:
+        result = CliRunner().invoke(cli.main, ["tune", "--trials", "1", *args])
+        assert result.exit_code != 0, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
+        assert "secret" not in result.stderr
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        assert_no_running_runs()
+        assert tuning_runs() == [], args
+
+
+def test_a_study_belongs_to_one_experiment(store: str) -> None:
+    optuna.create_study(study_name="mine", storage=tune.open_storage(None)).set_user_attr("exp_id", "smoke")
+    with pytest.raises(tune.TuneError, match="study 'mine' tunes experiment smoke, not b0"):
+        tune.tune("b0", 1, study_name="mine")
+
+
+def test_mlproject_has_a_tune_entry_point_mirroring_the_command() -> None:
+    import yaml
+
+    entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["tune"]
+    options = {p.opts[0].lstrip("-").replace("-", "_") for p in cli.tune.params if p.opts[0].startswith("--")}
+    assert set(entry["parameters"]) == options - {"set", "help"}  # --set: the `overrides` string instead
+    assert entry["command"].startswith("cifar-mlops tune ")
+    for name in entry["parameters"]:
+        assert f"--{name.replace('_', '-')}" in entry["command"] and f"{{{name}}}" in entry["command"]
