@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from cifar_mlops import config as cfg
 from cifar_mlops import tracking
 from cifar_mlops.train import TrainingFailed, train
-from tests.conftest import SAMPLE_DIR, TRAINABLE, needs_sample, tiny
+from tests.conftest import SAMPLE_DIR, TRAINABLE, covering_experiments, needs_sample, tiny
 
 FINAL_METRICS = [f"{split}_{name}" for split in ("train", "val", "test") for name in ("accuracy", "f1_macro", "loss")]
 
@@ -29,7 +29,24 @@ def all_versions() -> list:
 
 
 @pytest.mark.parametrize("exp_id", TRAINABLE)
-def test_every_experiment_trains_tracks_and_registers(store, exp_id: str) -> None:
+def test_every_experiment_builds_its_model_for_raw_images(exp_id: str) -> None:
+    from cifar_mlops.models import create_model
+
+    config = tiny(exp_id)
+    model = create_model(config.model)
+    assert model.input.dtype == "uint8" and tuple(model.input.shape) == (None, 32, 32, 3)
+    assert model.output.shape[-1] == 10
+
+
+def test_covering_experiments_use_every_enhancement_on_every_model() -> None:
+    covered = {(cfg.resolve(e).model.name, x) for e in covering_experiments() for x in cfg.resolve(e).enhancements}
+    used = {(cfg.resolve(e).model.name, x) for e in TRAINABLE for x in cfg.resolve(e).enhancements}
+    assert covered == used
+    assert {cfg.resolve(e).model.name for e in covering_experiments()} == {cfg.resolve(e).model.name for e in TRAINABLE}
+
+
+@pytest.mark.parametrize("exp_id", covering_experiments())
+def test_experiment_trains_tracks_and_registers(store, exp_id: str) -> None:
     config = tiny(exp_id)
     metrics = train(config)
 
