@@ -10,7 +10,6 @@ version of `cifar10-ensemble`: an MLflow pyfunc carrying copies of its members.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,16 +18,13 @@ import numpy as np
 
 from cifar_mlops import data, evaluation, tracking
 from cifar_mlops.config import EnsembleConfig
+from cifar_mlops.progress import log
 
 SPLITS = ("train", "val", "test")
 
 
 class EnsembleFailed(RuntimeError):
     """The ensemble cannot be built from these members or this data; the message says why."""
-
-
-def log(message: str) -> None:
-    print(f"[cifar-mlops] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ either way (except with `dry_run`, which changes nothing).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ import yaml
 from cifar_mlops import data, evaluation, tracking
 from cifar_mlops.config import ConfigError, DataConfig, resolve
 from cifar_mlops.ensemble import predict
+from cifar_mlops.progress import log
 
 METRICS = ("test_accuracy", "test_f1_macro", "test_loss")  # test_loss: lower is better
 PREVIOUS_ALIAS = "previous"  # the old @champion; the old holder of another alias X becomes @X-previous
@@ -33,10 +33,6 @@ def previous_alias(alias: str) -> str:
 
 class PromotionError(ValueError):
     """A user-facing, one-line promotion error."""
-
-
-def log(message: str) -> None:
-    print(f"[cifar-mlops] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -18,14 +18,11 @@ import numpy as np
 from cifar_mlops import data, evaluation, tracking
 from cifar_mlops.config import ExperimentConfig, TrainConfig
 from cifar_mlops.models import create_model
+from cifar_mlops.progress import log
 
 
 class TrainingFailed(RuntimeError):
     """Training could not go on (e.g. the loss diverged); the message says what to change."""
-
-
-def log(message: str) -> None:
-    print(f"[cifar-mlops] {message}", file=sys.stderr, flush=True)
 
 
 def build_optimizer(cfg: TrainConfig, learning_rate: float, total_steps: int):

@@ -41,6 +41,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cifar_mlops import config as cfg
+from cifar_mlops import progress
 
 DEFAULT_JOURNAL = "optuna.journal"
 OBJECTIVE = "val_accuracy"  # maximized; also the per-epoch metric the pruner watches
@@ -60,7 +61,7 @@ class TuneError(ValueError):
 
 
 def log(message: str) -> None:
-    print(f"[cifar-mlops tune] {message}", file=sys.stderr, flush=True)
+    progress.log(message, prefix="cifar-mlops tune")
 
 
 # ---------------------------------------------------------------------------
