@@ -510,19 +510,10 @@ def on_training_run_start(hook):
         _run_start_hooks.remove(hook)
 
 
-def tracking_uri() -> str:
-    return configure_store()
-
-
-def _tuning_client() -> MlflowClient:
-    configure_store()
-    return MlflowClient()
-
-
 def study_run(study_name: str, tags: dict[str, str], reuse_run_id: str | None = None) -> tuple[str, str]:
     """The study's parent run, RUNNING: `mlflow run`'s own run, else `reuse_run_id` if it still exists,
     else a new run in `cifar10-tuning`. Returns (run id, experiment name)."""
-    client = _tuning_client()
+    client = _client()
     run_id = adopted_run_id()
     if run_id:
         os.environ.pop("MLFLOW_RUN_ID", None)  # trials must start their own nested runs, not reopen this one
@@ -553,11 +544,11 @@ def _create_experiment(client: MlflowClient, name: str) -> str:
 
 
 def delete_run(run_id: str) -> None:
-    _tuning_client().delete_run(run_id)
+    _client().delete_run(run_id)
 
 
 def tag_run(run_id: str, tags: dict[str, Any], run_name: str | None = None) -> None:
-    client = _tuning_client()
+    client = _client()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value)[:5000])
     if run_name:
@@ -566,7 +557,7 @@ def tag_run(run_id: str, tags: dict[str, Any], run_name: str | None = None) -> N
 
 def run_status(run_id: str) -> str | None:
     try:
-        return _tuning_client().get_run(run_id).info.status
+        return _client().get_run(run_id).info.status
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -576,7 +567,7 @@ def end_trial_run(run_id: str, state: str, reason: str | None = None) -> None:
 
     COMPLETE -> FINISHED; PRUNED -> KILLED (stopped early on purpose: no failure_reason,
     tag `pruned_at_epoch`); FAIL -> FAILED (with `failure_reason`)."""
-    client = _tuning_client()
+    client = _client()
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -596,7 +587,7 @@ def end_trial_run(run_id: str, state: str, reason: str | None = None) -> None:
 
 def running_child_runs(parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
     """(run id, tags) of the parent's nested runs that are still RUNNING."""
-    client = _tuning_client()
+    client = _client()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs([experiment_id], filter_string=(
         f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"))
@@ -606,7 +597,7 @@ def running_child_runs(parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
 def finish_study_run(run_id: str, status: str, *, tags: dict[str, Any], metrics: dict[str, float],
                      figures: dict[str, "Figure"], texts: dict[str, str]) -> None:
     """Record the study's outcome on its parent run and end it with `status`."""
-    client = _tuning_client()
+    client = _client()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value)[:5000])
     for key, value in metrics.items():

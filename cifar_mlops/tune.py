@@ -439,7 +439,7 @@ def _parent_run(study: optuna.Study, spec: WorkerSpec, tags: dict[str, Any]) -> 
     """Create (or reopen) the study's one parent run, remembered in the study, before any worker starts."""
     from cifar_mlops import tracking
 
-    uri = tracking.tracking_uri()
+    uri = tracking.configure_store()
     attrs = study.user_attrs
     reuse = attrs.get("mlflow_parent_run_id") if attrs.get("mlflow_tracking_uri") == uri else None
     adopted = tracking.adopted_run_id()  # `mlflow run` made the parent run for us
@@ -487,7 +487,7 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
             "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "none"}
     parent_run_id, experiment = _parent_run(study, spec, tags)
     result = TuneResult(study_name=study_name, storage=redact(storage), parent_run_id=parent_run_id,
-                        tracking_uri=tracking.tracking_uri(), experiment=experiment, failed_dead=failed_dead)
+                        tracking_uri=tracking.configure_store(), experiment=experiment, failed_dead=failed_dead)
     log(f"study {study_name!r} ({len(study.trials)} earlier trials) in {redact(storage)}; "
         f"parent run {parent_run_id} in MLflow experiment {experiment!r}")
 
