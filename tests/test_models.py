@@ -88,6 +88,7 @@ def test_listing_the_registry_does_not_import_tensorflow():
         (dict(name="mobilenetv2", width=0.25, blocks=(1, 1, 1, 1)), "model.blocks"),
         (dict(name="densenet121", blocks=(1, 1, 1, 1), width=0.5), "model.width"),
         (dict(name="cnn_b0", blocks=(1, 1, 1, 1)), "model.blocks"),
+        (dict(name="cnn_b5", weights="imagenet"), "model.weights"),
         (dict(name="mobilenetv2", width=0.25, weights="imagenet"), "model.width"),
         (dict(name="densenet121", blocks=(1, 1, 1, 1), weights="imagenet"), "model.blocks"),
     ],

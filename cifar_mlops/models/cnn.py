@@ -47,6 +47,8 @@ def _plain_cnn(
 
     if config.blocks is not None:
         raise ValueError(f"model.blocks is a DenseNet setting; {config.name} does not use it")
+    if config.weights is not None:
+        raise ValueError(f"model.weights: {config.name} trains from scratch (no pretrained weights); remove it")
     kernels = (kernel,) * len(stages) if isinstance(kernel, int) else kernel
     scale = lambda n: max(4, round(n * config.width))  # noqa: E731
 
