@@ -19,8 +19,6 @@ APPLICATIONS = ("mobilenetv2", "densenet121")
 TINY = {"mobilenetv2": {"width": 0.25}, "densenet121": {"blocks": (1, 1, 1, 1)}}  # CNNs: width 0.25
 MOBILENET_NOTOP_224 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 
-# Keras 3.15's get_weights/save paths trip a NumPy 2 copy-keyword deprecation, hundreds of times.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def tiny(name: str, **overrides) -> ModelConfig:
