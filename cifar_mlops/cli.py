@@ -11,6 +11,7 @@ import sys
 import click
 
 from cifar_mlops import config as cfg
+from cifar_mlops.errors import StoreUnavailable
 
 STUDY_TITLES = cfg.STUDY_TITLES
 
@@ -21,7 +22,15 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StoreUnavailable as err:
+            fail(str(err))
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Reproduce, track and compare CIFAR-10 ablation experiments (MLflow + Keras + Optuna)."""
 

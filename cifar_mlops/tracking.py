@@ -25,6 +25,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from cifar_mlops.config import ExperimentConfig, to_yaml
+from cifar_mlops.errors import StoreUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -47,8 +48,25 @@ def registered_model_name(family: str) -> str:
 def configure_store() -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+@functools.cache
+def _check_server(uri: str) -> None:
+    """Fail fast on a server that does not answer: MLflow itself retries for minutes before giving up."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10)
+    except requests.RequestException as err:
+        reason = type(err).__name__
+        raise StoreUnavailable(
+            f"the MLflow tracking server {uri} does not answer ({reason}); start it, fix MLFLOW_TRACKING_URI, "
+            "or unset it to use ./mlflow.db"
+        ) from None
 
 
 def adopted_run_id() -> str | None:

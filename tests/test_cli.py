@@ -89,6 +89,15 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing_half_written(store, ar
     assert_nothing_half_written()
 
 
+@pytest.mark.parametrize("command", [["train", "--exp", "smoke"], ["models"], ["report", "--log", "false"]])
+def test_an_unreachable_tracking_server_is_one_line_not_minutes_of_retries(store, monkeypatch, command) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on port 9
+    result = CliRunner().invoke(cli.main, command)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith("error: the MLflow tracking server http://127.0.0.1:9 does not answer")
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_quickstart_command_trains_tracks_and_registers_smoke(tmp_path) -> None:
     result = run_command(["cifar-mlops", "train", "--exp", "smoke"], cwd=tmp_path)
