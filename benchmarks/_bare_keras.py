@@ -1,0 +1,60 @@
+"""Child of bench_tracking.py: the bare-Keras equivalent of `cifar-mlops train --exp EXP --set ...`.
+
+Same arrays (data.load_splits), same model (create_model), same seed, optimizer, loss, batch size,
+epochs and tf.data pipeline (data.make_dataset); then the same predictions on train, val and test and
+their accuracy. No MLflow, no figures, no model saving. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+STARTED = time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--exp", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+
+    times = {}
+    t = time.perf_counter()
+    import keras
+    import numpy as np
+    import tensorflow as tf  # noqa: F401
+    times["import tensorflow"] = time.perf_counter() - t
+
+    from cifar_mlops import data
+    from cifar_mlops.config import parse_overrides, resolve
+    from cifar_mlops.models import create_model
+
+    config = resolve(args.exp, parse_overrides(args.set))
+    splits = data.load_splits(config.data)
+    cfg = config.train
+    keras.utils.set_random_seed(cfg.seed)
+    model = create_model(config.model, splits.num_classes)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    train_ds = data.make_dataset(splits.x_train, splits.y_train, batch_size=cfg.batch_size,
+                                 num_classes=splits.num_classes, training=True, seed=cfg.seed)
+    val_ds = data.make_dataset(splits.x_val, splits.y_val, batch_size=cfg.batch_size,
+                               num_classes=splits.num_classes, training=False)
+    t = time.perf_counter()
+    model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=2, shuffle=False)
+    times["fit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    acc = {}
+    for split, (x, y) in {"train": (splits.x_train, splits.y_train), "val": (splits.x_val, splits.y_val),
+                          "test": (splits.x_test, splits.y_test)}.items():
+        p = model.predict(x, batch_size=cfg.batch_size, verbose=0)
+        acc[f"{split}_accuracy"] = float(np.mean(np.argmax(p, axis=1) == y))
+    times["predict train/val/test"] = time.perf_counter() - t
+    times["total in process"] = time.perf_counter() - STARTED
+    print(json.dumps({**{k: round(v, 3) for k, v in times.items()}, **acc}))
+
+
+if __name__ == "__main__":
+    main()

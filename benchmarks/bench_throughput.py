@@ -1,0 +1,180 @@
+"""Item 2, training throughput: images/s of the project's fit per model factory, versus bare model.fit.
+
+    .venv/bin/python benchmarks/bench_throughput.py [--images 2048] [--cases b5,1.0,1.1,3.0] [--knobs]
+
+For each case (an experiment id; its catalogue model, resolution and batch size) on synthetic uint8
+images of the real shape:
+  project  cifar_mlops.train.fit(model, config, splits)  (what `train` runs: make_dataset, compile_model,
+           callbacks, validation on a 64-image split)
+  bare     model.compile(Adam, categorical cross-entropy) + model.fit on the same tf.data dataset, no
+           callbacks, no validation
+Images/s is measured on the second epoch (the first includes tracing). FLOPs are counted by hand from
+the built model's layers: Conv2D 2*Ho*Wo*k*k*Cin*Cout/groups, DepthwiseConv2D 2*Ho*Wo*k*k*C, Dense
+2*in*out (batchnorm, activations, pooling, resize ignored: a few % at most); a training step is taken as
+3x the forward FLOPs (forward + two backward matmuls). Share of peak = achieved FLOP/s / the FP32 peak
+computed from lscpu (see common.peak_fp32_gflops, assumptions stated there).
+--knobs adds bare-fit variants: steps_per_execution=8, jit_compile=True, batch size x2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import common
+
+
+def count_forward_flops(model) -> int:
+    from keras import layers
+
+    total = 0
+
+    def walk(layer):
+        nonlocal total
+        if hasattr(layer, "layers") and layer.layers and not isinstance(layer, (layers.Conv2D, layers.Dense)):
+            for sub in layer.layers:
+                walk(sub)
+            return
+        try:
+            out = layer.output.shape
+        except Exception:  # noqa: BLE001 - layers without a single symbolic output carry no FLOPs we count
+            return
+        if isinstance(layer, layers.DepthwiseConv2D):
+            k = layer.kernel.shape
+            total += 2 * out[1] * out[2] * k[0] * k[1] * k[2] * k[3]
+        elif isinstance(layer, layers.Conv2D):
+            k = layer.kernel.shape
+            total += 2 * out[1] * out[2] * k[0] * k[1] * k[2] * k[3]
+        elif isinstance(layer, layers.Dense):
+            k = layer.kernel.shape
+            total += 2 * k[0] * k[1]
+
+    walk(model)
+    return int(total)
+
+
+def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, jit: bool) -> None:
+    import keras
+    import numpy as np
+
+    from cifar_mlops import data, train
+    from cifar_mlops.config import resolve
+    from cifar_mlops.models import create_model
+
+    overrides = {"train.epochs": 2, "data.source": "synthetic", "augment.blur_sigma": 0.0, "augment.rotation": 0.0}
+    if batch_size:
+        overrides["train.batch_size"] = batch_size
+    if spe > 1:
+        overrides["train.steps_per_execution"] = spe
+    config = resolve(case, overrides)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(images + 64, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(images + 64) % 10
+    keras.utils.set_random_seed(0)
+    model = create_model(config.model, 10)
+    flops = count_forward_flops(model)
+    epoch_times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_times.append(time.perf_counter() - self.t)
+
+    bs = config.train.batch_size
+    if mode == "project":
+        splits = _splits(data, x[:images], y[:images], x[images:], y[images:])
+        train.fit(model, config, splits, callbacks=[Timer()])
+    else:
+        ds = data.make_dataset(x[:images], y[:images], batch_size=bs, num_classes=10, training=True, seed=0)
+        model.compile(optimizer=keras.optimizers.Adam(config.train.learning_rate), loss="categorical_crossentropy",
+                      metrics=["accuracy"], steps_per_execution=spe, jit_compile=jit)
+        model.fit(ds, epochs=2, verbose=0, callbacks=[Timer()])
+    # the project's epoch also validates 64 images; negligible next to `images` training images
+    ips = images / epoch_times[-1]
+    print(json.dumps({"case": case, "mode": mode, "model": config.model.name, "image_size": config.model.image_size,
+                      "interpolation": config.model.interpolation, "batch_size": bs, "steps_per_execution": spe,
+                      "jit_compile": jit, "params": model.count_params(), "forward_flops_per_image": flops,
+                      "images_per_s": round(ips, 1), "epoch_s": [round(t, 2) for t in epoch_times]}))
+
+
+def _splits(data, x_train, y_train, x_val, y_val):
+    """A data.Splits holding the given arrays (fields filled generically, whatever the dataclass holds)."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(data.Splits):
+        values[f.name] = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
+                          "x_test": x_val, "y_test": y_val, "num_classes": 10,
+                          "class_names": tuple(str(i) for i in range(10))}.get(f.name, "synthetic")
+    return data.Splits(**values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--cases", default="b5,1.0,1.1,3.0", help="experiment ids: b5 cnn 32px, 1.0 MobileNetV2 32px, "
+                        "1.1 MobileNetV2 96px bicubic, 3.0 DenseNet-121 32px")
+    parser.add_argument("--knobs", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep results/throughput.json rows of cases not rerun (run cases in several goes)")
+    parser.add_argument("--child", nargs=5, metavar=("CASE", "MODE", "BATCH", "SPE", "JIT"))
+    args = parser.parse_args()
+    if args.child:
+        case, mode, batch, spe, jit = args.child
+        return child(case, mode, args.images, int(batch) or None, int(spe), jit == "1")
+
+    peak = common.peak_fp32_gflops()
+    before = common.load_snapshot()
+    results = []
+    with common.tempdir("throughput") as tmp:
+        env = common.temp_env(tmp)
+        for case in args.cases.split(","):
+            variants = [("project", 0, 1, 0), ("bare", 0, 1, 0)]
+            if args.knobs:
+                variants += [("bare", 0, 8, 0), ("bare", 0, 1, 1), ("bare", -2, 1, 0)]
+            base_batch = None
+            for mode, batch, spe, jit in variants:
+                if batch == -2:
+                    batch = 2 * base_batch
+                _, proc = common.timed_run([common.PYTHON, __file__, "--images", str(args.images), "--child", case, mode,
+                                            str(batch), str(spe), str(jit)], env=env, cwd=tmp, check=False)
+                if proc.returncode != 0:  # e.g. XLA cannot compile a layer: record it, go on
+                    errors = [l for l in proc.stderr.splitlines() if "Error" in l or "failed" in l]
+                    results.append({"case": case, "mode": mode, "batch_size": batch or base_batch,
+                                    "steps_per_execution": spe, "jit_compile": bool(jit),
+                                    "error": (errors[-1] if errors else proc.stderr.strip().splitlines()[-1])[:300]})
+                    print(json.dumps(results[-1]), file=sys.stderr)
+                    continue
+                r = common.last_json_line(proc.stdout)
+                base_batch = base_batch or r["batch_size"]
+                r["gflops_per_s"] = round(3 * r["forward_flops_per_image"] * r["images_per_s"] / 1e9, 1)
+                r["share_of_peak"] = r["gflops_per_s"] / peak["gflops"]
+                r["loadavg"] = common.loadavg()[0]
+                results.append(r)
+                print(json.dumps(r), file=sys.stderr)
+    after = common.load_snapshot()
+    previous = common.RESULTS / "throughput.json"
+    if args.merge and previous.exists():
+        rerun = set(args.cases.split(","))
+        results = [r for r in json.loads(previous.read_text())["results"] if r["case"] not in rerun] + results
+    results = [r for r in results if "error" not in r] + [r for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    rows = [[r["case"], r["model"], f'{r["image_size"]} {r["interpolation"]}', r["mode"], r["batch_size"],
+             r["steps_per_execution"], "yes" if r["jit_compile"] else "no", f'{r["forward_flops_per_image"] / 1e6:.1f}',
+             r["images_per_s"], r["gflops_per_s"], f'{100 * r["share_of_peak"]:.1f}%'] for r in ok]
+    common.print_table(["exp", "model", "input", "fit", "batch", "spe", "jit", "MFLOP/img fwd", "img/s",
+                        "GFLOP/s", "% of peak"], rows)
+    for r in results:
+        if "error" in r:
+            print(f"{r['case']} {r['mode']} jit={r['jit_compile']} spe={r['steps_per_execution']}: FAILED: {r['error']}")
+    print(f"FP32 peak assumed: {peak['gflops']} GFLOP/s = {peak['formula']}")
+    common.write_result("throughput", {"images": args.images, "results": results, "peak": peak,
+                                       "load_before": before, "load_after": after})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

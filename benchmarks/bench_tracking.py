@@ -1,0 +1,74 @@
+"""Item 1, tracking cost: `cifar-mlops train` versus a bare Keras script doing the same fit and evaluation.
+
+    .venv/bin/python benchmarks/bench_tracking.py [--pairs 3] [--epochs 6] [--exp b5]
+
+Both sides train the study B final CNN (b5) on the real CIFAR-10 sample (data.train_size 3336 /
+data.val_size 834 from its 4,170 data-batch images; its 1,000-image test batch as test split, which is
+NOT the official test set), same seed, epochs and batch size. Runs are interleaved A B A B ... in fresh
+subprocesses (so both pay the TensorFlow import) against a throwaway SQLite MLflow store; the figures are
+medians of whole-process wall times and their ratio. A (`_train_timed.py`) is the real CLI with timers
+around each tracking call, so the overhead is also broken down by where it goes.
+Target: <= 1.05x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import common
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--exp", default="b5")
+    parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
+    args = parser.parse_args()
+
+    sets = [f"{k}={v}" for k, v in common.SAMPLE_SPLIT.items()] + [f"train.epochs={args.epochs}"]
+    set_args = [a for s in sets for a in ("--set", s)]
+    bare_sets = [*set_args, "--set", f"data.data_dir={args.data_dir}"]
+    a_cmd = [common.PYTHON, str(common.BENCH / "_train_timed.py"), "train", "--exp", args.exp,
+             "--data-dir", args.data_dir, *set_args]
+    b_cmd = [common.PYTHON, str(common.BENCH / "_bare_keras.py"), "--exp", args.exp, *bare_sets]
+
+    before = common.load_snapshot()
+    runs = {"cifar-mlops train": [], "bare keras": []}
+    with common.tempdir("tracking") as tmp:
+        env = common.temp_env(tmp)
+        for i in range(args.pairs):
+            for name, cmd in (("cifar-mlops train", a_cmd), ("bare keras", b_cmd)):
+                wall, proc = common.timed_run(cmd, env=env, cwd=tmp)
+                result = {"wall_s": round(wall, 3), **common.last_json_line(proc.stdout), "loadavg": common.loadavg()[0]}
+                runs[name].append(result)
+                print(f"pair {i + 1} {name}: {wall:.1f} s wall, fit {result.get('fit', 0):.1f} s", file=sys.stderr)
+    after = common.load_snapshot()
+
+    med = {name: {key: common.median([r[key] for r in rs]) for key in rs[0] if isinstance(rs[0][key], (int, float))}
+           for name, rs in runs.items()}
+    a, b = med["cifar-mlops train"], med["bare keras"]
+    pair_ratios = [ra["wall_s"] / rb["wall_s"] for ra, rb in zip(runs["cifar-mlops train"], runs["bare keras"])]
+    ratio = a["wall_s"] / b["wall_s"]
+    fit_ratio = a["fit"] / b["fit"]
+    rows = [[name, f"{m['wall_s']:.1f}", f"{m['fit']:.1f}", f"{m['predict train/val/test']:.1f}",
+             f"{m['import tensorflow']:.1f}"] for name, m in med.items()]
+    common.print_table(["median of %d runs" % args.pairs, "wall s", "fit s", "predict s", "import tf s"], rows)
+    print(f"ratio of medians (wall): {ratio:.3f}x  (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)}); "
+          f"fit-only ratio {fit_ratio:.3f}x; absolute overhead {a['wall_s'] - b['wall_s']:+.1f} s")
+    breakdown = {k: v for k, v in a.items() if k not in ("wall_s", "loadavg", "total in process", "fit",
+                                                          "predict train/val/test", "import tensorflow")}
+    print("where cifar-mlops spends beyond the bare script (median s):")
+    common.print_table(["step", "s"], [[k, f"{v:.2f}"] for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])])
+    common.write_result("tracking", {
+        "exp": args.exp, "epochs": args.epochs, "pairs": args.pairs, "data": f"CIFAR-10 sample {args.data_dir}",
+        "split": common.SAMPLE_SPLIT, "runs": runs, "medians": med, "ratio_wall": ratio, "ratio_fit": fit_ratio,
+        "pair_ratios": pair_ratios, "pair_ratio_stdev": statistics.stdev(pair_ratios) if len(pair_ratios) > 1 else 0.0,
+        "overhead_s": a["wall_s"] - b["wall_s"], "breakdown_s": breakdown, "target_ratio": 1.05,
+        "load_before": before, "load_after": after})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Shared helpers for the benchmark scripts: paths, temp MLflow stores, load snapshots, results files.
+
+Every script writes `benchmarks/results/<name>.json`; `report_results.py` renders RESULTS.md from them.
+Benchmarks never write into the repository's working directory: MLflow points at a temporary SQLite
+store (MLFLOW_TRACKING_URI) and subprocesses run in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+VENV_BIN = Path(sys.executable).parent
+CLI = str(VENV_BIN / "cifar-mlops")
+PYTHON = sys.executable
+SAMPLE_DIR = Path(os.environ.get("CIFAR10_SAMPLE_DIR", ROOT.parent / "shared/data/cifar10-sample/cifar-10-batches-py"))
+# The sample's data batches (4,170 images) split 80/20 into train/val; its test batch (1,000) is the test split.
+SAMPLE_SPLIT = {"data.train_size": 3336, "data.val_size": 834}
+
+
+def loadavg() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def other_processes(top: int = 5) -> list[str]:
+    """The busiest processes right now that are not this benchmark (to describe the load honestly)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    mine = {os.getpid(), os.getppid()}
+    rows = []
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 4)
+        if len(parts) < 5 or int(parts[0]) in mine or float(parts[2]) < 5.0 or parts[4].startswith("ps ") \
+                or "<defunct>" in parts[4] or "benchmarks/" in parts[4] or "cifar-mlops-bench-" in parts[4]:
+            continue
+        rows.append(f"{parts[2]}% cpu: {parts[4][:90]}")
+        if len(rows) >= top:
+            break
+    return rows
+
+
+def load_snapshot() -> dict:
+    return {"loadavg_1_5_15": [round(v, 2) for v in loadavg()], "busy_processes": other_processes()}
+
+
+def temp_env(tmp: str | Path, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess: a throwaway SQLite MLflow store inside `tmp`, quiet TensorFlow."""
+    env = dict(os.environ)
+    env.update({
+        "MLFLOW_TRACKING_URI": f"sqlite:///{Path(tmp) / 'mlflow.db'}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def tempdir(prefix: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f"cifar-mlops-bench-{prefix}-")
+
+
+def timed_run(cmd: list[str], *, env: dict | None = None, cwd: str | Path | None = None,
+              check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return elapsed, proc
+
+
+def last_json_line(text: str) -> dict:
+    """The last line of `text` that parses as a JSON object (child scripts print their result that way)."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ValueError(f"no JSON result line in output:\n{text[-2000:]}")
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"name": name, "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "command": f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip(),
+               **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
+    return path
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def peak_fp32_gflops() -> dict:
+    """Theoretical FP32 peak from lscpu: cores x FMA units x SIMD fp32 lanes x 2 flops x GHz (assumptions stated)."""
+    flags, ghz, model = "", None, ""
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "Flags":
+            flags = value
+        elif key == "Model name":
+            model = value
+        elif key == "CPU max MHz" and value:
+            ghz = float(value) / 1000
+        elif key == "BogoMIPS" and ghz is None and value:
+            ghz_bogo = float(value) / 2000  # on x86, BogoMIPS = 2 x TSC MHz
+    if ghz is None:
+        ghz = ghz_bogo
+    lanes = 16 if "avx512f" in flags.split() else 8 if "avx2" in flags.split() else 4
+    fma_units = 2  # assumption: server Xeon cores with AVX-512 have 2 FMA ports (not visible in lscpu)
+    cores = os.cpu_count() or 1
+    return {"cpu": model, "cores": cores, "ghz": round(ghz, 2), "fp32_lanes": lanes, "fma_units": fma_units,
+            "gflops": round(cores * fma_units * lanes * 2 * ghz, 1),
+            "formula": f"{cores} cores x {fma_units} FMA units x {lanes} fp32 lanes x 2 flops x {ghz:.2f} GHz"}
