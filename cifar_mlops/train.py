@@ -52,12 +52,14 @@ def compile_model(model, cfg: TrainConfig, learning_rate: float, total_steps: in
 def stop_on_nan():
     import keras
 
+    # Checked per epoch, not per batch: a batch hook makes Keras sync with the device after
+    # every step, and a NaN anywhere in an epoch makes that epoch's mean loss NaN too.
     class StopOnNaN(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(float(loss)):
                 raise TrainingFailed(
-                    f"the training loss became {float(loss)} (batch {batch + 1}); "
+                    f"the training loss became {float(loss)} (epoch {epoch + 1}); "
                     "lower train.learning_rate or check the data"
                 )
 
