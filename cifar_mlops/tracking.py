@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
@@ -269,7 +268,6 @@ class TrainingRun:
 # ---------------------------------------------------------------------------
 # The registry: finding versions, checking their contract, ensembles, aliases
 
-ENSEMBLE_FAMILY = "ensemble"
 RAW_IMAGE_SHAPE = (-1, 32, 32, 3)
 
 
@@ -571,13 +569,6 @@ def tag_run(run_id: str, tags: dict[str, Any], run_name: str | None = None) -> N
         client.set_tag(run_id, key, str(value)[:5000])
     if run_name:
         client.set_tag(run_id, "mlflow.runName", run_name)
-
-
-def run_status(run_id: str) -> str | None:
-    try:
-        return _client().get_run(run_id).info.status
-    except mlflow.exceptions.MlflowException:
-        return None
 
 
 def end_trial_run(run_id: str, state: str, reason: str | None = None) -> None:
