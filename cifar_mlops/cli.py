@@ -13,8 +13,6 @@ import click
 from cifar_mlops import config as cfg
 from cifar_mlops.errors import StoreUnavailable
 
-STUDY_TITLES = cfg.STUDY_TITLES
-
 
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error and exit non-zero (no traceback)."""
@@ -51,7 +49,7 @@ def experiments(show_models: bool) -> None:
         catalogue = cfg.load_enhancements()
     except cfg.ConfigError as err:
         fail(str(err), 2)
-    for study, title in STUDY_TITLES.items():
+    for study, title in cfg.STUDY_TITLES.items():
         iterations = [c for c in resolved if c.study == study]
         rows = [name for name, entry in catalogue.items() if study in entry.get("studies", [])]
         click.echo(f"\n{title}\n")
