@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import subprocess
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -114,6 +115,23 @@ def image_signature(num_classes: int) -> ModelSignature:
     )
 
 
+def _log_input(dataset, context: str, attempts: int = 3) -> None:
+    """`mlflow.log_input`, retried when another process logs the same dataset at the same moment.
+
+    MLflow's store checks for the dataset row, then inserts it: two tuning workers starting
+    their first trials together both insert, and the second fails on the unique constraint.
+    On retry the row exists and MLflow links to it.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as err:
+            if attempt == attempts or not any(s in str(err) for s in ("IntegrityError", "UniqueViolation")):
+                raise
+            time.sleep(0.2 * attempt)
+
+
 class _KerasFlavor:
     """`mlflow.keras` with its model folder created before the input example is written.
 
@@ -206,7 +224,7 @@ class TrainingRun:
                 warnings.simplefilter("ignore", UserWarning)
                 dataset = mlflow.data.from_numpy(x, targets=y, source=splits.location,
                                                  name=f"{splits.source}-{context}")
-            mlflow.log_input(dataset, context=context)
+            _log_input(dataset, context)
 
     # -- training --------------------------------------------------------------
     def epoch_callback(self) -> "keras.callbacks.Callback":

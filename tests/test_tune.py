@@ -161,8 +161,8 @@ def test_two_worker_processes_share_one_postgresql_study(store: str, capfd: pyte
         _drop_schema(schema)
 
     errors = capfd.readouterr().err
-    assert result.worker_failures == []
-    assert "Traceback" not in errors and "OperationalError" not in errors and "error:" not in errors
+    assert result.worker_failures == [], errors[-4000:]
+    assert "Traceback" not in errors and "OperationalError" not in errors and "error:" not in errors, errors[-4000:]
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert {t.state for t in trials} == {TrialState.COMPLETE}
     assert len(workers) == 2  # both processes ran trials
