@@ -135,12 +135,7 @@ def build(config: EnsembleConfig, *, register: bool = True, splits: data.Splits 
     log(f"{config.exp_id}: members " + ", ".join(f"{m.version} (exp {m.version.exp_id})" for m in members))
     with tracking.TrainingRun(config) as run:
         log(f"{config.exp_id}: tracking {run.url_hint}")
-        if splits is None:
-            log("loading data")
-            splits = data.load_splits(config.data)
-        log(f"data: {splits.source} from {splits.location}: "
-            f"{len(splits.y_train)} train / {len(splits.y_val)} val / {len(splits.y_test)} test images")
-        run.log_data(splits)
+        splits = run.load_data(config.data, splits)
         if members[0].num_classes != splits.num_classes:
             raise EnsembleFailed(f"members output {members[0].num_classes} classes but the data has {splits.num_classes}")
         tracking.log_members([m.version for m in members], [m.weight for m in members])

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
     from matplotlib.figure import Figure
 
+    from cifar_mlops.config import DataConfig
     from cifar_mlops.data import Splits
 
 ABLATION_EXPERIMENT = "cifar10-ablation"
@@ -208,6 +209,19 @@ class TrainingRun:
         return f"run {self.run_id} in experiment {self.experiment!r} of {mlflow.get_tracking_uri()}"
 
     # -- data ----------------------------------------------------------------
+    def load_data(self, data_config: "DataConfig", splits: "Splits | None" = None) -> "Splits":
+        """Load the splits this run uses (unless a caller that runs many times passes them) and log them."""
+        from cifar_mlops import data
+        from cifar_mlops.progress import log
+
+        if splits is None:
+            log("loading data")
+            splits = data.load_splits(data_config)
+        log(f"data: {splits.source} from {splits.location}: "
+            f"{len(splits.y_train)} train / {len(splits.y_val)} val / {len(splits.y_test)} test images")
+        self.log_data(splits)
+        return splits
+
     def log_data(self, splits: "Splits") -> None:
         self.data_source = splits.source
         mlflow.set_tags({

@@ -124,12 +124,7 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         raise TrainingFailed(f"{config.exp_id} is an ensemble; build it with `cifar-mlops ensemble --exp {config.exp_id}`")
     with tracking.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id) as run:
         log(f"{config.exp_id}: tracking {run.url_hint}")
-        if splits is None:
-            log("loading data")
-            splits = data.load_splits(config.data)
-        log(f"data: {splits.source} from {splits.location}: "
-            f"{len(splits.y_train)} train / {len(splits.y_val)} val / {len(splits.y_test)} test images")
-        run.log_data(splits)
+        splits = run.load_data(config.data, splits)
 
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)

@@ -40,18 +40,25 @@ def covering_experiments() -> list[str]:
     return sorted(set(chosen), key=TRAINABLE.index)
 
 
+def use_store(folder: Path, patch: pytest.MonkeyPatch) -> str:
+    """Make `folder` the working directory and an empty SQLite file in it the MLflow store."""
+    import mlflow
+
+    patch.chdir(folder)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR10_DIR"):
+        patch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """An empty SQLite MLflow store in `tmp_path`, which is also the working directory."""
     import mlflow
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR10_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    mlflow.set_tracking_uri(uri)
-    yield uri
+    yield use_store(tmp_path, monkeypatch)
     while mlflow.active_run():
         mlflow.end_run()
 

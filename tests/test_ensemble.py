@@ -19,7 +19,7 @@ from cifar_mlops import cli, data, tracking
 from cifar_mlops import config as cfg
 from cifar_mlops import ensemble
 from cifar_mlops.train import train
-from tests.conftest import REPO, tiny
+from tests.conftest import REPO, tiny, use_store
 
 # Two members that differ enough for voting and weighting to matter (synthetic data, seconds each).
 MEMBERS = {"smoke": {"train__epochs": 6, "model__width": 1.0},
@@ -30,13 +30,8 @@ MEMBERS = {"smoke": {"train__epochs": 6, "model__width": 1.0},
 def registry(tmp_path_factory: pytest.TempPathFactory):
     """A store holding one registered cifar10-cnn version of `smoke` and one of `smoke-wide`."""
     folder = tmp_path_factory.mktemp("ensemble-registry")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR10_DIR"):
-            patch.delenv(name, raising=False)
-        mlflow.set_tracking_uri(uri)
+        uri = use_store(folder, patch)
         for exp_id, overrides in MEMBERS.items():
             train(tiny(exp_id, **overrides))
         yield uri

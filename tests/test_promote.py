@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 from cifar_mlops import cli, data, tracking
 from cifar_mlops import promote as rule
 from cifar_mlops.train import train
-from tests.conftest import tiny
+from tests.conftest import tiny, use_store
 
 MODEL = "cifar10-cnn"
 # Three versions of one experiment on the same data, clearly apart in test accuracy.
@@ -24,13 +24,8 @@ TRAININGS = {"weak": {"train__epochs": 1}, "mid": {"train__epochs": 6, "model__w
 def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     """A store with three registered cifar10-cnn versions of `smoke`: name -> version number."""
     folder = tmp_path_factory.mktemp("promotion-registry")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR10_DIR"):
-            patch.delenv(name, raising=False)
-        mlflow.set_tracking_uri(uri)
+        uri = use_store(folder, patch)
         numbers = {}
         for i, (name, overrides) in enumerate(TRAININGS.items(), start=1):
             train(tiny("smoke", **overrides))

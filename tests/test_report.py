@@ -19,7 +19,7 @@ from cifar_mlops import cli, tracking
 from cifar_mlops import config as cfg
 from cifar_mlops import report as reporting
 from cifar_mlops.train import train
-from tests.conftest import SAMPLE_DIR, tiny
+from tests.conftest import SAMPLE_DIR, tiny, use_store
 
 CHROMIUM = Path("/usr/bin/chromium")
 SYNTHETIC_B = "Results on synthetic data (NOT CIFAR-10 results)"
@@ -32,12 +32,7 @@ def filled(tmp_path_factory):
     when present; plus a FAILED b2, a RUNNING b3 and an earlier report run that must all be ignored."""
     folder = tmp_path_factory.mktemp("report-store")
     patch = pytest.MonkeyPatch()
-    patch.chdir(folder)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    patch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR10_DIR"):
-        patch.delenv(name, raising=False)
-    mlflow.set_tracking_uri(uri)
+    uri = use_store(folder, patch)
 
     train(tiny("b0", train__epochs=2))
     train(tiny("b0", train__epochs=2, train__seed=1), register=False)
