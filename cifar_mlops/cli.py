@@ -100,16 +100,7 @@ def settings_table(resolved: list[cfg.Config]) -> str:
               help="Register the trained model as a new version of cifar10-<family>.")
 def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
     """Train, evaluate, track and register one experiment."""
-    try:
-        pairs = [*cfg.split_overrides(overrides), *set_pairs]
-        values = cfg.parse_overrides(pairs)
-        if data_dir:
-            values.setdefault("data.data_dir", data_dir)
-        config = cfg.resolve(exp_id, values)
-        if config.kind != "train":
-            raise cfg.ConfigError(f"{exp_id} is an ensemble experiment; run `cifar-mlops ensemble --exp {exp_id}`")
-    except cfg.ConfigError as err:
-        _fail_before_run(str(err))
+    config = _resolve_command_config(exp_id, "train", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
 
     quiet_tensorflow()
     from cifar_mlops import data, models, tracking
@@ -137,15 +128,7 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
               help="Register the ensemble as a new version of cifar10-ensemble.")
 def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
     """Soft-vote registered model versions; evaluate, track and register the ensemble."""
-    try:
-        values = _ensemble_overrides([*cfg.split_overrides(overrides), *set_pairs])
-        if data_dir:
-            values.setdefault("data.data_dir", data_dir)
-        config = cfg.resolve(exp_id, values)
-        if config.kind != "ensemble":
-            raise cfg.ConfigError(f"{exp_id} is a training experiment; run `cifar-mlops train --exp {exp_id}`")
-    except cfg.ConfigError as err:
-        _fail_before_run(str(err))
+    config = _resolve_command_config(exp_id, "ensemble", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
 
     quiet_tensorflow()
     from cifar_mlops import data, tracking
@@ -164,6 +147,21 @@ def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: 
         fail(f"{exp_id}: interrupted; the run is marked KILLED and nothing was registered", 130)
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                         if k.startswith(("val_", "test_", "ensemble_gain_"))))
+
+
+def _resolve_command_config(exp_id: str, kind: str, pairs: list[str], data_dir: str) -> cfg.Config:
+    """The experiment a `train`/`ensemble` command runs, with its overrides; a one-line error otherwise."""
+    try:
+        values = _ensemble_overrides(pairs) if kind == "ensemble" else cfg.parse_overrides(pairs)
+        if data_dir:
+            values.setdefault("data.data_dir", data_dir)
+        config = cfg.resolve(exp_id, values)
+        if config.kind != kind:  # the command named by the experiment's kind runs it
+            described = {"ensemble": "an ensemble", "train": "a training"}[config.kind]
+            raise cfg.ConfigError(f"{exp_id} is {described} experiment; run `cifar-mlops {config.kind} --exp {exp_id}`")
+    except cfg.ConfigError as err:
+        _fail_before_run(str(err))
+    return config
 
 
 ENSEMBLE_TOP_LEVEL = ("members", "voting", "fit_weights", "batch_size")
