@@ -248,7 +248,7 @@ def section_study_b(r: dict | None) -> list[str]:
 def section_tuning(r: dict | None) -> list[str]:
     out = ["## Tuning efficiency (item 6)", ""]
     if not r:
-        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_tuning.py              # b5 on the sample, "
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_tuning.py              # b3 on the sample, "
                       "2 x 20 trials; `--exp smoke` for a minutes-long synthetic run", ""]
     out += [f"`cifar-mlops tune --exp {r['exp']} --trials {r['trials']} --seed {r['seed']}` with `--pruner none` "
             f"and `--pruner median`, overrides {r['overrides']}.", "",
