@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="catalogue MobileNetV2 base uses 64")
     parser.add_argument("--fit-steps", type=int, default=3)
     parser.add_argument("--modes", default="baseline,pipeline,fit")
-    parser.add_argument("--fit-batch-sizes", default="64,16", help="fit mode is run once per batch size")
+    parser.add_argument("--fit-batch-sizes", default="64,16,8", help="fit mode is run once per batch size")
     parser.add_argument("--child", default="")
     args = parser.parse_args()
     if args.child:
