@@ -238,10 +238,11 @@ def section_study_b(r: dict | None) -> list[str]:
             f"; {cpu:.1f} CPU-minutes per run" + (" (within 10)" if cpu <= 10 else " (over 10)"))
         out += ["", f"Target (the study's final iteration, b5, above 66.7% in <= 10 CPU-minutes, under its own "
                 f"constraints): **{verdict}**. Caveats: this is test accuracy on the sample's 1,000 images after "
-                f"training on 3,336 images, not validation accuracy after 5,000 as published, and b5 trains a fixed "
-                f"20 epochs with no early stopping, so the reported weights are the last epoch's; the spread across "
-                f"seeds (± above) is as large as the gap between iterations. Rows with fewer seeds were not repeated "
-                f"for lack of time."]
+                f"training on 3,336 images, not validation accuracy after 5,000 as published, and every iteration trains "
+                f"a fixed number of epochs with no early stopping, so the reported weights are the last epoch's (the "
+                f"validation split picks nothing); read a gap between iterations against the ± spread across "
+                f"seeds (split and initialisation both change with the seed). Rows with fewer seeds were not "
+                f"repeated for lack of time."]
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
