@@ -113,5 +113,5 @@ def cnn_b4(config: "ModelConfig", num_classes: int) -> "keras.Model":
 
 @register_model("cnn_b5", family=FAMILY)
 def cnn_b5(config: "ModelConfig", num_classes: int) -> "keras.Model":
-    """Final: a fourth stage, twice the filters (64-512), global average pooling instead of the dense layer, dropout 0.3."""
-    return _plain_cnn(config, num_classes, stages=(64, 128, 256, 512), batchnorm=True, head="avg", dropout=0.3)
+    """Final: a fourth stage, twice the filters (64-512), global average pooling instead of the dense layer, dropout 0.5."""
+    return _plain_cnn(config, num_classes, stages=(64, 128, 256, 512), batchnorm=True, head="avg", dropout=0.5)
