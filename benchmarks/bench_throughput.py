@@ -13,7 +13,9 @@ the built model's layers: Conv2D 2*Ho*Wo*k*k*Cin*Cout/groups, DepthwiseConv2D 2*
 2*in*out (batchnorm, activations, pooling, resize ignored: a few % at most); a training step is taken as
 3x the forward FLOPs (forward + two backward matmuls). Share of peak = achieved FLOP/s / the FP32 peak
 computed from lscpu (see common.peak_fp32_gflops, assumptions stated there).
---knobs adds bare-fit variants: steps_per_execution=8, jit_compile=True, batch size x2.
+--knobs adds bare-fit variants: steps_per_execution=8, jit_compile=True, batch size x2; and project-fit
+variants with train.precision mixed_bfloat16 and mixed_float16 (the CPU's bf16/fp16 paths; on a GPU,
+`train.precision: auto` picks mixed_float16).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def count_forward_flops(model) -> int:
     return int(total)
 
 
-def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, jit: bool) -> None:
+def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, jit: bool, precision: str) -> None:
     import keras
     import numpy as np
 
@@ -68,12 +70,15 @@ def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, j
         overrides["train.batch_size"] = batch_size
     if spe > 1:
         overrides["train.steps_per_execution"] = spe
+    overrides["train.precision"] = precision
     config = resolve(case, overrides)
+    policy = train.dtype_policy(config.train)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(images + 64, 32, 32, 3), dtype=np.uint8)
     y = np.arange(images + 64) % 10
     keras.utils.set_random_seed(0)
-    model = create_model(config.model, 10)
+    with train.building_with_policy(policy):
+        model = create_model(config.model, 10)
     flops = count_forward_flops(model)
     epoch_times: list[float] = []
 
@@ -97,7 +102,7 @@ def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, j
     ips = images / epoch_times[-1]
     print(json.dumps({"case": case, "mode": mode, "model": config.model.name, "image_size": config.model.image_size,
                       "interpolation": config.model.interpolation, "batch_size": bs, "steps_per_execution": spe,
-                      "jit_compile": jit, "params": model.count_params(), "forward_flops_per_image": flops,
+                      "jit_compile": jit, "precision": policy, "params": model.count_params(), "forward_flops_per_image": flops,
                       "images_per_s": round(ips, 1), "epoch_s": [round(t, 2) for t in epoch_times]}))
 
 
@@ -121,11 +126,11 @@ def main() -> None:
     parser.add_argument("--knobs", action="store_true")
     parser.add_argument("--merge", action="store_true",
                         help="keep results/throughput.json rows of cases not rerun (run cases in several goes)")
-    parser.add_argument("--child", nargs=5, metavar=("CASE", "MODE", "BATCH", "SPE", "JIT"))
+    parser.add_argument("--child", nargs=6, metavar=("CASE", "MODE", "BATCH", "SPE", "JIT", "PRECISION"))
     args = parser.parse_args()
     if args.child:
-        case, mode, batch, spe, jit = args.child
-        return child(case, mode, args.images, int(batch) or None, int(spe), jit == "1")
+        case, mode, batch, spe, jit, precision = args.child
+        return child(case, mode, args.images, int(batch) or None, int(spe), jit == "1", precision)
 
     peak = common.peak_fp32_gflops()
     before = common.load_snapshot()
@@ -133,19 +138,20 @@ def main() -> None:
     with common.tempdir("throughput") as tmp:
         env = common.temp_env(tmp)
         for case in args.cases.split(","):
-            variants = [("project", 0, 1, 0), ("bare", 0, 1, 0)]
+            variants = [("project", 0, 1, 0, "auto"), ("bare", 0, 1, 0, "auto")]
             if args.knobs:
-                variants += [("bare", 0, 8, 0), ("bare", 0, 1, 1), ("bare", -2, 1, 0)]
+                variants += [("bare", 0, 8, 0, "auto"), ("bare", 0, 1, 1, "auto"), ("bare", -2, 1, 0, "auto"),
+                             ("project", 0, 1, 0, "mixed_bfloat16"), ("project", 0, 1, 0, "mixed_float16")]
             base_batch = None
-            for mode, batch, spe, jit in variants:
+            for mode, batch, spe, jit, precision in variants:
                 if batch == -2:
                     batch = 2 * base_batch
                 _, proc = common.timed_run([common.PYTHON, __file__, "--images", str(args.images), "--child", case, mode,
-                                            str(batch), str(spe), str(jit)], env=env, cwd=tmp, check=False)
+                                            str(batch), str(spe), str(jit), precision], env=env, cwd=tmp, check=False)
                 if proc.returncode != 0:  # e.g. XLA cannot compile a layer: record it, go on
                     errors = [l for l in proc.stderr.splitlines() if "Error" in l or "failed" in l]
                     results.append({"case": case, "mode": mode, "batch_size": batch or base_batch,
-                                    "steps_per_execution": spe, "jit_compile": bool(jit),
+                                    "steps_per_execution": spe, "jit_compile": bool(jit), "precision": precision,
                                     "error": (errors[-1] if errors else proc.stderr.strip().splitlines()[-1])[:300]})
                     print(json.dumps(results[-1]), file=sys.stderr)
                     continue
@@ -164,9 +170,10 @@ def main() -> None:
     results = [r for r in results if "error" not in r] + [r for r in results if "error" in r]
     ok = [r for r in results if "error" not in r]
     rows = [[r["case"], r["model"], f'{r["image_size"]} {r["interpolation"]}', r["mode"], r["batch_size"],
-             r["steps_per_execution"], "yes" if r["jit_compile"] else "no", f'{r["forward_flops_per_image"] / 1e6:.1f}',
+             r["steps_per_execution"], "yes" if r["jit_compile"] else "no", r.get("precision", "float32"),
+             f'{r["forward_flops_per_image"] / 1e6:.1f}',
              r["images_per_s"], r["gflops_per_s"], f'{100 * r["share_of_peak"]:.1f}%'] for r in ok]
-    common.print_table(["exp", "model", "input", "fit", "batch", "spe", "jit", "MFLOP/img fwd", "img/s",
+    common.print_table(["exp", "model", "input", "fit", "batch", "spe", "jit", "precision", "MFLOP/img fwd", "img/s",
                         "GFLOP/s", "% of peak"], rows)
     for r in results:
         if "error" in r:

@@ -181,22 +181,24 @@ def section_throughput(r: dict | None) -> list[str]:
             "dataset. FLOPs counted by hand from the built layers (conv/depthwise/dense multiply-adds x 2; "
             "training step = 3x forward). "
             f"Peak {p['gflops']} GFLOP/s = {p['formula']}.", "",
-            "| exp | model | input | fit | batch | steps/exec | jit | MFLOP/img (fwd) | img/s | GFLOP/s | % of peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| exp | model | input | fit | batch | steps/exec | jit | precision | MFLOP/img (fwd) | img/s | GFLOP/s "
+            "| % of peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = [x for x in r["results"] if "error" not in x]
     for x in ok:
         out.append(f"| {x['case']} | {x['model']} | {x['image_size']} {x['interpolation']} | {x['mode']} | "
                    f"{x['batch_size']} | {x['steps_per_execution']} | {'yes' if x['jit_compile'] else 'no'} | "
-                   f"{x['forward_flops_per_image'] / 1e6:.1f} | {x['images_per_s']} | {x['gflops_per_s']} | "
+                   f"{x.get('precision', 'float32')} | {x['forward_flops_per_image'] / 1e6:.1f} | {x['images_per_s']} | {x['gflops_per_s']} | "
                    f"{100 * x['share_of_peak']:.1f}% |")
     out.append("")
     for x in r["results"]:
         if "error" in x:
-            out.append(f"- {x['case']} bare, jit_compile={x['jit_compile']}, steps_per_execution="
-                       f"{x['steps_per_execution']}: **failed**: `{x['error'].strip()[:160]}`")
+            out.append(f"- {x['case']} {x['mode']}, jit_compile={x['jit_compile']}, steps_per_execution="
+                       f"{x['steps_per_execution']}, precision {x.get('precision', 'auto')}: **failed**: `{x['error'].strip()[:160]}`")
     ratios = []
     for case in dict.fromkeys(x["case"] for x in ok):
-        proj = next((x for x in ok if x["case"] == case and x["mode"] == "project"), None)
+        proj = next((x for x in ok if x["case"] == case and x["mode"] == "project"
+                     and x.get("precision", "float32") == "float32"), None)
         bare = next((x for x in ok if x["case"] == case and x["mode"] == "bare" and x["steps_per_execution"] == 1
                      and not x["jit_compile"] and x["batch_size"] == proj["batch_size"]), None) if proj else None
         if proj and bare:

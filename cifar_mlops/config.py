@@ -98,6 +98,9 @@ class TrainConfig(Strict):
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without val_accuracy gain; None: off
     seed: int = 0  # weights init and shuffling
     steps_per_execution: int = Field(1, ge=1)  # batches per compiled call; higher cuts Python overhead
+    # Keras dtype policy; auto: mixed_float16 where a GPU is visible (tensor cores), float32 on CPU
+    # (float16 is emulated there and slower; see benchmarks/RESULTS.md)
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
 
     @model_validator(mode="after")
     def _warmup_shorter_than_run(self) -> "TrainConfig":

@@ -242,6 +242,10 @@ class TrainingRun:
             _log_input(dataset, context)
 
     # -- training --------------------------------------------------------------
+    def log_precision(self, policy: str) -> None:
+        """The dtype policy `train.precision` resolved to on this machine (auto depends on the device)."""
+        mlflow.log_param("train.dtype_policy", policy)
+
     def epoch_callback(self) -> "keras.callbacks.Callback":
         """Keras callback logging `epoch_{train,val}_{loss,accuracy}` with step = epoch (1-based)."""
         import keras

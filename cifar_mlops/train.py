@@ -8,6 +8,7 @@ everything above succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -47,6 +48,28 @@ def compile_model(model, cfg: TrainConfig, learning_rate: float, total_steps: in
         metrics=["accuracy"],
         steps_per_execution=cfg.steps_per_execution,
     )
+
+
+def dtype_policy(cfg: TrainConfig) -> str:
+    """The Keras dtype policy `train.precision` means on this machine (auto: per device)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    import tensorflow as tf
+
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+@contextlib.contextmanager
+def building_with_policy(policy: str):
+    """Layers built inside take `policy`; the global default is restored after (tuning trains many models)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def stop_on_nan():
@@ -128,9 +151,12 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
 
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)
-        model = create_model(config.model, splits.num_classes)
+        policy = dtype_policy(config.train)
+        run.log_precision(policy)
+        with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
+            model = create_model(config.model, splits.num_classes)
         log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
-            f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}")
+            f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}")
 
         started = time.perf_counter()
         history = fit(model, config, splits, callbacks=[run.epoch_callback(), *callbacks])

@@ -170,3 +170,22 @@ def test_final_study_b_cnn_learns_real_cifar10_images(store) -> None:
     assert run.data.tags["data_source"] == "cifar10-partial"
     assert metrics["val_accuracy"] > 0.35 and metrics["test_accuracy"] > 0.35, metrics  # chance is 0.10
     assert not math.isnan(metrics["train_loss"])
+
+
+def test_precision_auto_is_float32_on_this_cpu_and_mixed_float16_trains_and_reloads(store) -> None:
+    import tensorflow as tf
+
+    assert not tf.config.list_physical_devices("GPU")  # this suite runs on CPU machines
+    train(tiny("smoke"))
+    train(tiny("smoke", train__precision="mixed_float16", train__epochs=2))
+    auto_run, mixed_run = sorted(ablation_runs(), key=lambda r: r.info.start_time)
+    assert auto_run.data.params["train.precision"] == "auto" and auto_run.data.params["train.dtype_policy"] == "float32"
+    assert mixed_run.info.status == "FINISHED" and mixed_run.data.params["train.dtype_policy"] == "mixed_float16"
+    assert keras.config.dtype_policy().name == "float32"  # the global default is restored for the next model
+
+    model = mlflow.keras.load_model(f"runs:/{mixed_run.info.run_id}/model")
+    assert model.get_layer("conv1").compute_dtype == "float16" and model.output.dtype == "float32"
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    probabilities = mlflow.pyfunc.load_model(f"runs:/{mixed_run.info.run_id}/model").predict(images)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-3)
