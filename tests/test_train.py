@@ -168,7 +168,7 @@ def test_final_study_b_cnn_learns_real_cifar10_images(store) -> None:
     metrics = train(config, register=False)
     [run] = ablation_runs()
     assert run.data.tags["data_source"] == "cifar10-partial"
-    assert metrics["val_accuracy"] > 0.35 and metrics["test_accuracy"] > 0.35, metrics  # chance is 0.10
+    assert metrics["val_accuracy"] > 0.45 and metrics["test_accuracy"] > 0.45, metrics  # chance is 0.10; ~0.54 seen
     assert not math.isnan(metrics["train_loss"])
 
 
