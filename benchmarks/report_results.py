@@ -253,12 +253,17 @@ def section_study_b(r: dict | None) -> list[str]:
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
+def _params(params: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+
+
 def section_tuning(r: dict | None) -> list[str]:
     out = ["## Tuning efficiency (item 6)", ""]
     if not r:
         return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_tuning.py              # b3 on the sample, "
                       "2 x 20 trials; `--exp smoke` for a minutes-long synthetic run", ""]
-    pruners = " and ".join(f"`--pruner {x['pruner']}`" for x in r["results"])
+    names = [f"`--pruner {x['pruner']}`" for x in r["results"]]
+    pruners = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
     out += [f"`cifar-mlops tune --exp {r['exp']} --trials {r['trials']} --seed {r['seed']}` with {pruners}, "
             f"overrides {r['overrides']}.", "",
             "| pruner | trials | pruned | epochs run | of unpruned | best val acc % | below unpruned best (pp) "
@@ -276,11 +281,15 @@ def section_tuning(r: dict | None) -> list[str]:
                             f"epochs, best {gap:+.2f} pp below)")
     if verdicts:
         out += ["", "Target (pruned best within 1 pp of the unpruned best, at <= 40% of its epochs): "
-                + "; ".join(verdicts) + ". How to read it: each study is one TPE run with the same sampler seed, "
-                "but once pruned trials report shortened curves TPE proposes different points, so the two "
-                "studies do not try the same configurations; and a best-of-20 on an 834-image validation split "
-                "moves by about a point (8 images) between otherwise equal studies. One seed per pruner: the "
-                "comparison is indicative, not a measured mean."]
+                + "; ".join(verdicts) + ". Why: at 20 trials the median pruner lets its first 5 "
+                "(the search space's `pruning_startup_trials`) run in full, about a quarter of the unpruned budget, "
+                "hyperband lets one trial per bracket run in full, and every trial runs at least one epoch, so 40% "
+                "leaves little room; and each study is one TPE run with the "
+                "same sampler seed, but once pruned trials report shortened curves TPE proposes different points, "
+                "so the studies do not try the same configurations (their best trials: "
+                + "; ".join(f"{x['pruner']} {_params(x['best_params'])}" for x in r["results"]) + "). A best-of-20 on an 834-image validation split also moves by about "
+                "a point (8 images) between otherwise equal studies. One seed per pruner: indicative, not a "
+                "measured mean."]
     return out + ["", load_line(r), ""]
 
 
