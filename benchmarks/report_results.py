@@ -260,8 +260,9 @@ def section_study_b(r: dict | None) -> list[str]:
                 f"training on 3,336 images, not validation accuracy after 5,000 as published, and every iteration trains "
                 f"a fixed number of epochs with no early stopping, so the reported weights are the last epoch's (the "
                 f"validation split picks nothing); read a gap between iterations against the ± spread across "
-                f"seeds (split and initialisation both change with the seed). Rows with fewer seeds were not "
-                f"repeated for lack of time."]
+                f"seeds (split and initialisation both change with the seed)."
+                + (" Rows with fewer seeds were not repeated for lack of time."
+                   if len({x["seeds"] for x in r["summary"]}) > 1 else "")]
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
