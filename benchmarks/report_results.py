@@ -223,7 +223,13 @@ def section_throughput(r: dict | None) -> list[str]:
             "within that noise. What holds beyond the noise: `jit_compile=True` is slower on this CPU for every "
             "model it compiled and fails outright with a tf2xla conversion error inside the bicubic `Resizing` layer, so "
             "it must stay off by default; `steps_per_execution` and batch size show no gain that clears the noise "
-            "here. Mixed precision and GPU defaults were not measured (no GPU on this machine)." if loads else ""]
+            "here (two identical float32 runs of b5 measured 444 and 784 images/s back to back on a quiet "
+            "machine: single rows cannot rank knobs). Mixed precision on this CPU: `mixed_float16` is several "
+            "times slower (float16 is emulated); `mixed_bfloat16` (AMX-BF16 on this Xeon) ran b5 at 920-933 "
+            "images/s in repeated runs, 1.2-2x float32. `train.precision: auto` still keeps float32 on CPU: "
+            "every accuracy in this file was measured in float32 and bfloat16's effect on it was not, so it is "
+            "an opt-in (`--set train.precision=mixed_bfloat16`). On a GPU `auto` picks mixed_float16 (Keras adds "
+            "loss scaling); not measured here, there is no GPU." if loads else ""]
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
