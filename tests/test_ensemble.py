@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -183,7 +184,9 @@ def _register_foreign_models() -> None:
     for name, signature in contracts.items():
         if name in existing:
             continue
-        with mlflow.start_run(run_name=f"foreign {name}"):
+        with mlflow.start_run(run_name=f"foreign {name}"), warnings.catch_warnings():
+            # MLflow's colour-coded nudge to add an input example; these stand-ins need none
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
             info = mlflow.pyfunc.log_model(name="model", python_model=_Constant(), signature=signature,
                                            pip_requirements=["numpy"])
         mlflow.register_model(info.model_uri, name)
