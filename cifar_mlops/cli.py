@@ -88,16 +88,30 @@ def settings_table(resolved: list[cfg.Config]) -> str:
     return "\n".join(fmt.format(*r) for r in [header, *rows])
 
 
+def _experiment_options(exp_help: str, set_example: str, register_help: str):
+    """The options `train` and `ensemble` share (the MLproject entry points mirror them)."""
+    options = [
+        click.option("--exp", "exp_id", required=True, help=exp_help),
+        click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+                     help=f"Override a setting, e.g. --set {set_example} (repeatable; wins over the experiment file)."),
+        click.option("--overrides", default="", metavar="'K=V K=V'",
+                     help="The same overrides as one space- or comma-separated string (the MLproject parameter)."),
+        click.option("--data-dir", default="", type=click.Path(file_okay=False),
+                     help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache)."),
+        click.option("--register/--no-register", default=True, show_default=True, help=register_help),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @main.command()
-@click.option("--exp", "exp_id", required=True, help="Experiment id from the catalogue, e.g. 2.4 or smoke.")
-@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting, e.g. --set train.epochs=5 (repeatable; wins over the experiment file).")
-@click.option("--overrides", default="", metavar="'K=V K=V'",
-              help="The same overrides as one space- or comma-separated string (the MLproject parameter).")
-@click.option("--data-dir", default="", type=click.Path(file_okay=False),
-              help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache).")
-@click.option("--register/--no-register", default=True, show_default=True,
-              help="Register the trained model as a new version of cifar10-<family>.")
+@_experiment_options("Experiment id from the catalogue, e.g. 2.4 or smoke.", "train.epochs=5",
+                     "Register the trained model as a new version of cifar10-<family>.")
 def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
     """Train, evaluate, track and register one experiment."""
     config = _resolve_command_config(exp_id, "train", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
@@ -117,15 +131,8 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
 
 
 @main.command()
-@click.option("--exp", "exp_id", required=True, help="An ensemble experiment id, e.g. 3.2 or smoke-ensemble.")
-@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting, e.g. --set fit_weights=true (repeatable; wins over the experiment file).")
-@click.option("--overrides", default="", metavar="'K=V K=V'",
-              help="The same overrides as one space- or comma-separated string (the MLproject parameter).")
-@click.option("--data-dir", default="", type=click.Path(file_okay=False),
-              help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache).")
-@click.option("--register/--no-register", default=True, show_default=True,
-              help="Register the ensemble as a new version of cifar10-ensemble.")
+@_experiment_options("An ensemble experiment id, e.g. 3.2 or smoke-ensemble.", "fit_weights=true",
+                     "Register the ensemble as a new version of cifar10-ensemble.")
 def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
     """Soft-vote registered model versions; evaluate, track and register the ensemble."""
     config = _resolve_command_config(exp_id, "ensemble", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
