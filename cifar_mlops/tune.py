@@ -48,7 +48,7 @@ OBJECTIVE = "val_accuracy"  # maximized; also the per-epoch metric the pruner wa
 HEARTBEAT_SECONDS = 20  # RDB storages: a running trial's process writes a heartbeat this often
 GRACE_SECONDS = 60  # ... and a trial without one for this long is failed by the next process
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "successive-halving", "hyperband", "none")
 SEARCHED_SECTION = "train"  # every search dimension overrides train.<name>
 TRIAL_METRICS = ("val_accuracy", "val_f1_macro", "train_accuracy", "test_accuracy", "epochs_run")
 
@@ -189,6 +189,11 @@ def make_pruner(name: str, config: cfg.ExperimentConfig) -> optuna.pruners.BaseP
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=space.pruning_startup_trials,
                                            n_warmup_steps=space.pruning_warmup_epochs)
+    if name == "successive-halving":
+        # rungs after warm-up x 3**k more epochs (epochs 2, 4, 10 with the default warm-up of 1): only the
+        # best third of the trials that reached a rung go on, so most trials cost two epochs
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, space.pruning_warmup_epochs),
+                                                      reduction_factor=3)
     if name == "hyperband":
         max_epochs = space.epochs.high if space.epochs else config.train.epochs
         return optuna.pruners.HyperbandPruner(min_resource=max(1, space.pruning_warmup_epochs),

@@ -96,14 +96,15 @@ def test_rerun_adds_trials_to_the_same_study(store: str) -> None:
     assert parents[0].data.metrics["trials_complete"] == 2
 
 
-def test_a_plateauing_trial_is_pruned_and_its_run_says_so(store: str) -> None:
+@pytest.mark.parametrize("pruner", ["median", "successive-halving"])
+def test_a_plateauing_trial_is_pruned_and_its_run_says_so(store: str, pruner: str) -> None:
     prune = {"search.epochs.low": 3, "search.epochs.high": 3, "search.batch_size": [32],
              "search.pruning_startup_trials": 1, "search.pruning_warmup_epochs": 1,
              "data.synthetic_train_pool": 400, "data.val_size": 100, "data.synthetic_test_pool": 40}
     learns = {"search.learning_rate.low": 0.01, "search.learning_rate.high": 0.01}
     plateaus = {"search.learning_rate.low": 1e-7, "search.learning_rate.high": 1e-7}  # stays at chance
-    tune.tune("smoke", 1, overrides={**prune, **learns}, study_name="prune-me")
-    result = tune.tune("smoke", 1, overrides={**prune, **plateaus}, study_name="prune-me")
+    tune.tune("smoke", 1, overrides={**prune, **learns}, study_name="prune-me", pruner=pruner)
+    result = tune.tune("smoke", 1, overrides={**prune, **plateaus}, study_name="prune-me", pruner=pruner)
 
     states = [t.state for t in journal_study("prune-me").trials]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED]
