@@ -129,7 +129,7 @@ def peak_fp32_gflops() -> dict:
     if ghz is None:
         ghz = ghz_bogo
     lanes = 16 if "avx512f" in flags.split() else 8 if "avx2" in flags.split() else 4
-    fma_units = 2  # assumption: server Xeon cores with AVX-512 have 2 FMA ports (not visible in lscpu)
+    fma_units = 2  # assumption: server cores with AVX-512 have 2 FMA ports (not visible in lscpu)
     cores = os.cpu_count() or 1
     return {"cpu": model, "cores": cores, "ghz": round(ghz, 2), "fp32_lanes": lanes, "fma_units": fma_units,
             "gflops": round(cores * fma_units * lanes * 2 * ghz, 1),

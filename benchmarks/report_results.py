@@ -115,7 +115,7 @@ def section_memory(r: dict | None) -> list[str]:
         first = (f"The data pipeline meets the target: a full epoch of 224x224 bicubic batches adds "
                  f"{(pipe - base) / GB:.2f} GB to the {base / GB:.2f} GB baseline (TensorFlow runtime, the images "
                  "and their tf.constant copy, the model). " if base and pipe else "")
-        out += [first + "Training MobileNetV2 at 224x224 misses it, and not because of the data: batch {', '.join(str(x['batch_size']) for x in over)} peaked at "
+        out += [first + f"Training MobileNetV2 at 224x224 misses it, and not because of the data: batch {', '.join(str(x['batch_size']) for x in over)} peaked at "
                 f"{peaks} GB"
                 + (f"; batch {', '.join(str(x['batch_size']) for x in ok)} stayed under 2 GB" if ok else "")
                 + ". " + _fixed_part(fits) + "A 224 px run on a small machine needs a lower `model.image_size` "
@@ -225,7 +225,7 @@ def section_throughput(r: dict | None) -> list[str]:
             "it must stay off by default; `steps_per_execution` and batch size show no gain that clears the noise "
             "here (two identical float32 runs of b5 measured 444 and 784 images/s back to back on a quiet "
             "machine: single rows cannot rank knobs). Mixed precision on this CPU: `mixed_float16` is several "
-            "times slower (float16 is emulated); `mixed_bfloat16` (AMX-BF16 on this Xeon) ran b5 at 920-933 "
+            "times slower (float16 is emulated); `mixed_bfloat16` (this CPU has AVX512-BF16 instructions) ran b5 at 920-933 "
             "images/s in repeated runs, 1.2-2x float32. `train.precision: auto` still keeps float32 on CPU: "
             "every accuracy in this file was measured in float32 and bfloat16's effect on it was not, so it is "
             "an opt-in (`--set train.precision=mixed_bfloat16`). On a GPU `auto` picks mixed_float16 (Keras adds "
