@@ -1,7 +1,8 @@
 """Child of bench_tracking.py: the bare-Keras equivalent of `cifar-mlops train --exp EXP --set ...`.
 
-Same arrays (data.load_splits), same model (create_model), same seed, optimizer, loss, batch size,
-epochs and tf.data pipeline (data.make_dataset); then the same predictions on train, val and test and
+Same arrays (data.load_splits), same model (create_model), same seed, optimizer and learning-rate
+schedule (Adam or AdamW, constant or cosine), loss (with label smoothing), batch size, epochs and
+tf.data pipeline (data.make_dataset); then the same predictions on train, val and test and
 their accuracy. No MLflow, no figures, no model saving. Prints one JSON line.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 STARTED = time.perf_counter()
@@ -36,7 +38,14 @@ def main() -> None:
     cfg = config.train
     keras.utils.set_random_seed(cfg.seed)
     model = create_model(config.model, splits.num_classes)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
+    # the experiment's optimizer, schedule and loss, written as a notebook would (b5: AdamW, cosine, smoothing)
+    learning_rate = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate, decay_steps=math.ceil(len(splits.y_train) / cfg.batch_size) * cfg.epochs)
+    optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
+                 else keras.optimizers.Adam(learning_rate))
+    model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
     train_ds = data.make_dataset(splits.x_train, splits.y_train, batch_size=cfg.batch_size,
                                  num_classes=splits.num_classes, training=True, seed=cfg.seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import statistics
 import subprocess
 import sys
 from importlib import metadata
@@ -95,13 +96,19 @@ def section_memory(r: dict | None) -> list[str]:
             f"- **fit**: the full model compiled by `train.compile_model` and fitted for {r['fit_steps']} "
             "steps on that dataset (a full 224 px epoch takes hours on 2 cores; the peak is reached once "
             "activations and gradients exist).", "",
-            "| measurement | batch | batches | batch after resize | peak RSS GB | seconds | target <= 2 GB |",
-            "|---|---|---|---|---|---|---|"]
+            "| measurement | batch | batches | batch after resize | peak RSS GB | of it file-backed GB | seconds "
+            "| target <= 2 GB |",
+            "|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
         gb = x["peak_rss_bytes"] / GB
         shape = "x".join(map(str, x["batch_shape"] or [])) or "-"
+        file_gb = f"{x['rss_file_bytes_at_end'] / GB:.2f}" if "rss_file_bytes_at_end" in x else "-"
         out.append(f"| {x['mode']} | {x.get('batch_size', r['batch_size'])} | {x['batches']} | {shape} | {gb:.2f} | "
-                   f"{x['seconds']} | {'met' if gb <= 2 else f'MISSED by {gb - 2:.2f} GB'} |")
+                   f"{file_gb} | {x['seconds']} | {'met' if gb <= 2 else f'MISSED by {gb - 2:.2f} GB'} |")
+    if any("rss_file_bytes_at_end" in x for x in r["runs"]):
+        out += ["", "File-backed: the `RssFile` part of the resident set at the end of the run, almost all of it "
+                "TensorFlow's shared libraries mapped from disk: counted in peak RSS, but shared between "
+                "processes and reclaimable by the kernel."]
     out += ["", f"The notebook alternative, upscaling all {n:,} images in RAM before training (computed, not run): "
             f"**{ram['float32_224'] / GB:.1f} GB** as float32, {ram['uint8_224'] / GB:.1f} GB as uint8; the 32x32 "
             f"uint8 originals the pipeline holds: {ram['uint8_32'] / GB:.3f} GB.", ""]
@@ -114,26 +121,25 @@ def section_memory(r: dict | None) -> list[str]:
         pipe = next((x["peak_rss_bytes"] for x in r["runs"] if x["mode"] == "pipeline"), None)
         first = (f"The data pipeline meets the target: a full epoch of 224x224 bicubic batches adds "
                  f"{(pipe - base) / GB:.2f} GB to the {base / GB:.2f} GB baseline (TensorFlow runtime, the images "
-                 "and their tf.constant copy, the model). " if base and pipe else "")
+                 "(batches are gathered from them, no TensorFlow copy is made), the model). " if base and pipe else "")
         out += [first + f"Training MobileNetV2 at 224x224 misses it, and not because of the data: batch {', '.join(str(x['batch_size']) for x in over)} peaked at "
                 f"{peaks} GB"
                 + (f"; batch {', '.join(str(x['batch_size']) for x in ok)} stayed under 2 GB" if ok else "")
-                + ". " + _fixed_part(fits) + "A 224 px run on a small machine needs a lower `model.image_size` "
-                "(the catalogue's bicubic iterations use 96) more than a smaller `train.batch_size`.", ""]
+                + ". " + _fixed_part(fits) + "So a 224 px run fits 2 GB only at a batch of about 8; at the "
+                "catalogue's batch of 64 it needs about 6 GB, and a smaller machine needs a lower "
+                "`model.image_size` (the catalogue's bicubic iterations use 96) or `train.batch_size`.", ""]
     return out + [load_line(r), ""]
 
 
 def _fixed_part(fits: list[dict]) -> str:
-    """Split the fit peaks into a per-image and a fixed part (a line through the two smallest batches)."""
-    small = sorted(fits, key=lambda x: x["batch_size"])[:2]
-    if len(small) < 2:
+    """Split the fit peaks into a per-image and a fixed part (least-squares line over the batch sizes)."""
+    if len({x["batch_size"] for x in fits}) < 2:
         return ""
-    (b1, p1), (b2, p2) = [(x["batch_size"], x["peak_rss_bytes"] / GB) for x in small]
-    per_image = (p2 - p1) / (b2 - b1)
-    return (f"Between batch {b1} and {b2} the peak grows by {per_image:.3f} GB per image in the batch "
-            f"(activations and their gradients at 224 px); extrapolated to batch 0 it is still "
-            f"{p1 - b1 * per_image:.2f} GB: TensorFlow's runtime, the model, its gradients and optimizer slots "
-            "and oneDNN's working memory, which no batch size removes. ")
+    per_image, fixed = statistics.linear_regression([x["batch_size"] for x in fits],
+                                                    [x["peak_rss_bytes"] / GB for x in fits])
+    return (f"A least-squares line through the fit peaks grows by {per_image:.3f} GB per image in the batch "
+            f"(activations and their gradients at 224 px) from {fixed:.2f} GB at batch 0: TensorFlow's runtime, "
+            "the images, the model, its gradients and optimizer slots and oneDNN's working memory. ")
 
 
 def section_tracking(r: dict | None) -> list[str]:
