@@ -66,6 +66,12 @@ def main() -> None:
                             "pruned": states.count("PRUNED"), "complete": states.count("COMPLETE"),
                             "failed": states.count("FAIL"), "epochs_run": epochs,
                             "best_val_accuracy": study.best_value, "best_params": study.best_params,
+                            "best_trial": study.best_trial.number,
+                            "per_trial": [{"number": t.number, "state": t.state.name,
+                                           "epochs": len(t.intermediate_values),
+                                           "value": t.value if t.value is not None else
+                                           (max(t.intermediate_values.values()) if t.intermediate_values else None),
+                                           "params": t.params} for t in trials],
                             "loadavg": common.loadavg()[0]})
             print(results[-1], file=sys.stderr)
     after = common.load_snapshot()

@@ -289,32 +289,48 @@ def section_tuning(r: dict | None) -> list[str]:
                       "2 x 20 trials; `--exp smoke` for a minutes-long synthetic run", ""]
     names = [f"`--pruner {x['pruner']}`" for x in r["results"]]
     pruners = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
-    out += [f"`cifar-mlops tune --exp {r['exp']} --trials {r['trials']} --seed {r['seed']}` with {pruners}, "
-            f"overrides {r['overrides']}.", "",
-            "| pruner | trials | pruned | epochs run | of unpruned | best val acc % | below unpruned best (pp) "
-            "| wall min |",
-            "|---|---|---|---|---|---|---|---|"]
-    verdicts = []
+    sampler = r.get("sampler", "tpe")
+    out += [f"`cifar-mlops tune --exp {r['exp']} --trials {r['trials']} --seed {r['seed']} --sampler {sampler}` "
+            f"with {pruners}, overrides {r['overrides']}; each study in a fresh store.", ""]
+    if sampler == "random":
+        out += ["The seeded random sampler proposes the same configurations whatever the pruner does, so the "
+                "studies are literally the same search and differ only in what pruning cut (with TPE, every "
+                "shortened curve changes what it proposes next and the studies drift apart).", ""]
+    out += ["| pruner | trials | pruned | ran to the end | epochs run | of unpruned | best val acc % "
+            "| below unpruned best (pp) | wall min |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    verdicts, why = [], []
     for x in r["results"]:
         share = x.get("epochs_share_of_unpruned")
         gap = x.get("best_gap_pp")
-        out.append(f"| {x['pruner']} | {x['trials']} | {x['pruned']} | {x['epochs_run']} | "
+        out.append(f"| {x['pruner']} | {x['trials']} | {x['pruned']} | {x['complete']} | {x['epochs_run']} | "
                    f"{f'{100 * share:.0f}%' if share is not None else '-'} | {100 * x['best_val_accuracy']:.2f} | "
                    f"{f'{gap:+.2f}' if gap is not None else '-'} | {x['wall_s'] / 60:.1f} |")
-        if x.get("target_met") is not None:
-            verdicts.append(f"{x['pruner']} **{'met' if x['target_met'] else 'missed'}** ({100 * share:.0f}% of the "
-                            f"epochs, best {gap:+.2f} pp below)")
+        if x.get("target_met") is None:
+            continue
+        verdicts.append(f"`{x['pruner']}` **{'met' if x['target_met'] else 'missed'}** ({100 * share:.0f}% of the "
+                        f"epochs, best {gap:+.2f} pp below)")
+        if x["target_met"]:
+            continue
+        if x["pruner"] == "median":
+            why.append(f"`median` compares a trial with the median of the finished trials at the same epoch and "
+                       f"prunes nothing until `search.pruning_startup_trials` (5) trials have finished, so those "
+                       f"5 run in full and so does every later trial that stays above that median at each epoch "
+                       f"({x['complete']} of {x['trials']} ran to the end here); `successive-halving` lets only the "
+                       "best third go on at epochs 2, 4 and 10")
+        elif x["pruner"] == "hyperband":
+            why.append("`hyperband` splits 20 trials over several brackets, and the first trials of each bracket "
+                       "run in full")
+        elif gap is not None and gap > 1:
+            why.append(f"`{x['pruner']}` pruned the configuration that was best without pruning")
     if verdicts:
         out += ["", "Target (pruned best within 1 pp of the unpruned best, at <= 40% of its epochs): "
-                + "; ".join(verdicts) + ". Why: at 20 trials the median pruner lets its first 5 "
-                "(the search space's `pruning_startup_trials`) run in full, about a quarter of the unpruned budget, "
-                "hyperband lets one trial per bracket run in full, and every trial runs at least one epoch, so 40% "
-                "leaves little room; and each study is one TPE run with the "
-                "same sampler seed, but once pruned trials report shortened curves TPE proposes different points, "
-                "so the studies do not try the same configurations (their best trials: "
-                + "; ".join(f"{x['pruner']} {_params(x['best_params'])}" for x in r["results"]) + "). A best-of-20 on an 834-image validation split also moves by about "
-                "a point (8 images) between otherwise equal studies. One seed per pruner: indicative, not a "
-                "measured mean."]
+                + "; ".join(verdicts) + "." + (" Why missed: " + "; ".join(why) + "." if why else "")
+                + " Best trials: " + "; ".join(f"{x['pruner']} {_params(x['best_params'])}" for x in r["results"])
+                + ". One study per pruner with one sampler seed: indicative, not a measured mean; a best-of-"
+                f"{r['trials']} on an 834-image validation split moves by about a point (8 images) between "
+                "otherwise equal studies, and an aggressive pruner can cut a configuration that would have "
+                "ended best."]
     return out + ["", load_line(r), ""]
 
 
