@@ -52,7 +52,28 @@ def configure_store() -> str:
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
+        _open_sqlite_store(uri)
     return uri
+
+
+@functools.cache
+def _open_sqlite_store(uri: str) -> None:
+    """Create (or check) a SQLite store's tables while holding an exclusive lock on its file.
+
+    Two processes opening a new store at once (two `train` commands in a fresh folder)
+    would both run MLflow's schema migrations and both fail; with the lock the second
+    finds the tables made. flock does not touch the POSIX locks SQLite itself uses.
+    """
+    import fcntl
+
+    try:
+        db = open(uri.removeprefix("sqlite:///"), "ab")  # creates an empty file: SQLite takes it as a new store
+    except OSError:
+        return  # e.g. a read-only folder: MLflow reports it when it opens the store
+    with db:
+        fcntl.flock(db, fcntl.LOCK_EX)
+        MlflowClient(uri)  # MLflow caches the store per URI: later clients reuse it
 
 
 @functools.cache

@@ -156,3 +156,23 @@ def test_mlflow_run_with_bad_input_fails_its_run_with_the_reason(tmp_path) -> No
     assert run.info.status == "FAILED"
     assert "train.epochs" in run.data.tags[tracking.FAILURE_TAG]
     assert client.search_model_versions() == []
+
+
+@pytest.mark.slow
+def test_two_trainings_started_together_in_a_fresh_folder_share_one_new_store(tmp_path) -> None:
+    # both processes find no mlflow.db and create its tables at the same moment
+    command = ["cifar-mlops", "train", "--exp", "smoke", "--set", "train.epochs=1"]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert sorted(int(v.version) for v in client.search_model_versions("name='cifar10-cnn'")) == [1, 2]
