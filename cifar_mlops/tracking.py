@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import subprocess
+import threading
 import time
 import warnings
 from importlib import metadata
@@ -48,13 +49,28 @@ def registered_model_name(family: str) -> str:
 
 def configure_store() -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working directory."""
+    uri = store_uri()
+    open_store(uri)
+    return uri
+
+
+def store_uri() -> str:
+    """configure_store without opening the store (a server URI is still checked at once)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
+    elif uri.startswith(("postgresql", "mysql")):
+        _check_database(uri)
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def open_store(uri: str) -> None:
+    """Make MLflow create (or check) the store's tables and cache it for this process."""
     if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
         _open_sqlite_store(uri)
-    return uri
+    else:
+        MlflowClient(uri)
 
 
 @functools.cache
@@ -89,6 +105,26 @@ def _check_server(uri: str) -> None:
             f"the MLflow tracking server {uri} does not answer ({reason}); start it, fix MLFLOW_TRACKING_URI, "
             "or unset it to use ./mlflow.db"
         ) from None
+
+
+@functools.cache
+def _check_database(uri: str) -> None:
+    """Fail fast on a database that does not answer: MLflow itself retries for minutes before giving up."""
+    import sqlalchemy
+
+    shown = sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+        raise StoreUnavailable(
+            f"the MLflow tracking database {shown} cannot be used ({reason}); start it, fix MLFLOW_TRACKING_URI, "
+            "or unset it to use ./mlflow.db"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def adopted_run_id() -> str | None:
@@ -171,6 +207,30 @@ class _KerasFlavor:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
+class _StoreOpening:
+    """open_store(uri) in a background thread; wait() re-raises what it raised."""
+
+    def __init__(self, uri: str) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, args=(uri,), name="mlflow-store", daemon=True)
+        self._thread.start()
+
+    def _open(self, uri: str) -> None:
+        try:
+            open_store(uri)
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread by wait()
+            self.error = err
+
+    def raise_if_failed(self) -> None:
+        if not self._thread.is_alive() and self.error is not None:
+            raise self.error
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class TrainingRun:
     """One MLflow run for one training of one experiment config."""
 
@@ -183,22 +243,51 @@ class TrainingRun:
         self.data_source = "unknown"  # set by log_data
 
     # -- lifecycle ---------------------------------------------------------
+    # The MLflow run is created by the first thing that logs to it (the first epoch's metrics,
+    # results, or a failure), with the time the block was entered as its start time. Opening
+    # the store (MLflow importing its SQL layer: about a second) meanwhile runs in a background
+    # thread while the data loads and the first epoch trains; TensorFlow leaves a core partly idle.
     def __enter__(self) -> "TrainingRun":
-        configure_store()
+        self._entered_ms = int(time.time() * 1000)
+        self._pending: list = []  # logging calls made before the run exists
+        self._ended = False
+        self._store = _StoreOpening(store_uri())
+        return self
+
+    def _ensure_started(self) -> None:
+        if self.run_id:
+            return
+        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        self._store.wait()
         adopted = adopted_run_id() if self.parent_run_id is None else None
         if adopted:
             run = mlflow.start_run(run_id=adopted)  # `mlflow run` made it and chose its experiment
         else:
-            mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
-                                   nested=self.parent_run_id is not None)
+            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+            tags = {MLFLOW_RUN_NAME: self.config.exp_id}
+            if self.parent_run_id:
+                tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+            created = MlflowClient().create_run(experiment_id, start_time=self._entered_ms,
+                                                tags=resolve_tags(tags), run_name=self.config.exp_id)
+            run = mlflow.start_run(run_id=created.info.run_id, nested=self.parent_run_id is not None)
         self.run_id = run.info.run_id
         try:
             self._describe_run()
+            for call in self._pending:
+                call()
+            self._pending.clear()
         except BaseException as err:  # a run that started must not stay RUNNING
-            self.__exit__(type(err), err, err.__traceback__)
+            self._end(type(err), err)
             raise
-        return self
+
+    def _log(self, call) -> None:
+        """Run an MLflow logging call now if the run exists, else when it is created."""
+        if self.run_id:
+            call()
+        else:
+            self._pending.append(call)
 
     def _describe_run(self) -> None:
         mlflow.set_tags({
@@ -216,6 +305,19 @@ class TrainingRun:
             hook(self.run_id)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._ensure_started()  # a training that failed early still gets its FAILED run
+        except Exception:
+            if exc_type is None:
+                raise
+            return False  # the store did not open either: the training's own error is the one to report
+        self._end(exc_type, exc)
+        return False
+
+    def _end(self, exc_type, exc) -> None:
+        if self._ended:  # a failure while creating the run already ended it
+            return
+        self._ended = True
         if exc_type is None:
             mlflow.end_run("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -224,11 +326,15 @@ class TrainingRun:
         else:
             mlflow.set_tag(FAILURE_TAG, f"{exc_type.__name__}: {exc}"[:5000])
             mlflow.end_run("FAILED")
-        return False
+
+    @property
+    def store_hint(self) -> str:
+        return f"experiment {self.experiment!r} of {mlflow.get_tracking_uri()}"
 
     @property
     def url_hint(self) -> str:
-        return f"run {self.run_id} in experiment {self.experiment!r} of {mlflow.get_tracking_uri()}"
+        self._ensure_started()
+        return f"run {self.run_id} in {self.store_hint}"
 
     # -- data ----------------------------------------------------------------
     def load_data(self, data_config: "DataConfig", splits: "Splits | None" = None) -> "Splits":
@@ -246,6 +352,10 @@ class TrainingRun:
 
     def log_data(self, splits: "Splits") -> None:
         self.data_source = splits.source
+        self._log(lambda: self._log_data(splits))
+
+    @staticmethod
+    def _log_data(splits: "Splits") -> None:
         mlflow.set_tags({
             "data_source": splits.source,
             "data_location": splits.location,
@@ -265,14 +375,20 @@ class TrainingRun:
     # -- training --------------------------------------------------------------
     def log_precision(self, policy: str) -> None:
         """The dtype policy `train.precision` resolved to on this machine (auto depends on the device)."""
-        mlflow.log_param("train.dtype_policy", policy)
+        self._log(lambda: mlflow.log_param("train.dtype_policy", policy))
 
     def epoch_callback(self) -> "keras.callbacks.Callback":
         """Keras callback logging `epoch_{train,val}_{loss,accuracy}` with step = epoch (1-based)."""
         import keras
 
+        run = self
+
         class EpochLogger(keras.callbacks.Callback):
+            def on_train_begin(self, logs: dict | None = None) -> None:
+                run._store.raise_if_failed()  # a store that already failed to open: before any epoch
+
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                run._ensure_started()
                 metrics = {}
                 for key, value in (logs or {}).items():
                     if key == "learning_rate":
@@ -287,6 +403,7 @@ class TrainingRun:
 
     # -- results -----------------------------------------------------------------
     def log_results(self, metrics: dict[str, float], report: str, figures: dict[str, "Figure"]) -> None:
+        self._ensure_started()
         mlflow.log_metrics(metrics)
         mlflow.log_text(report, "classification_report.txt")
         for name, figure in figures.items():
@@ -295,6 +412,8 @@ class TrainingRun:
     def log_model(self, model: "keras.Model", num_classes: int, example: np.ndarray) -> str:
         """Log the Keras model (flavour `mlflow.keras`, signature, input example); return its URI."""
         import keras
+
+        self._ensure_started()
 
         # MLflow checks the input example by predicting it: keep Keras's progress bar
         # and its named-input warning out of the user's terminal meanwhile.
@@ -316,6 +435,7 @@ class TrainingRun:
 
     def register(self, model_uri: str, metrics: dict[str, float]) -> int:
         """Register `model_uri` as a new version of `cifar10-<family>`; return the version number."""
+        self._ensure_started()
         version = mlflow.register_model(
             model_uri, registered_model_name(self.config.family),
             tags={"exp_id": self.config.exp_id, "run_id": self.run_id,

@@ -98,6 +98,17 @@ def test_an_unreachable_tracking_server_is_one_line_not_minutes_of_retries(store
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["train", "--exp", "smoke"], ["models"]])
+def test_an_unreachable_tracking_database_is_one_line_without_its_password(store, monkeypatch, command) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://postgres:secret@127.0.0.1:1/test")  # port 1: refused
+    result = CliRunner().invoke(cli.main, command)
+    assert result.exit_code == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: the MLflow tracking database postgresql://postgres:***@127.0.0.1:1/test "
+                           "cannot be used (connection failed"), last
+    assert "secret" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_quickstart_command_trains_tracks_and_registers_smoke(tmp_path) -> None:
     result = run_command(["cifar-mlops", "train", "--exp", "smoke"], cwd=tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import keras
 import mlflow
@@ -69,11 +70,20 @@ def test_experiment_trains_tracks_and_registers(store, exp_id: str) -> None:
     assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
 
 
+class RecordTrainBegin(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.at_ms = time.time() * 1000
+
+
 def test_run_holds_curves_reports_config_and_a_loadable_model(store) -> None:
     config = tiny("smoke", train__epochs=3, model__width=1.0)
-    metrics = train(config)
+    fit_began = RecordTrainBegin()
+    metrics = train(config, callbacks=[fit_began])
     client = MlflowClient()
     [run] = ablation_runs()
+    # the run is created at the first epoch's end, dated from when training began
+    assert run.info.start_time <= fit_began.at_ms
+    assert (run.info.end_time - run.info.start_time) / 1000 >= metrics["fit_seconds"]
 
     curve = client.get_metric_history(run.info.run_id, "epoch_val_accuracy")
     assert [m.step for m in curve] == [1, 2, 3]
