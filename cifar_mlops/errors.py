@@ -2,4 +2,4 @@
 
 
 class StoreUnavailable(RuntimeError):
-    """The MLflow tracking server does not answer; the message says what to do."""
+    """The MLflow tracking store (server, database or file) cannot be used; the message says what to do."""

@@ -67,10 +67,17 @@ def store_uri() -> str:
 
 def open_store(uri: str) -> None:
     """Make MLflow create (or check) the store's tables and cache it for this process."""
-    if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
-        _open_sqlite_store(uri)
-    else:
-        MlflowClient(uri)
+    import sqlalchemy  # MLflow's SQL stores raise its errors
+
+    try:
+        if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
+            _open_sqlite_store(uri)
+        else:
+            MlflowClient(uri)
+    except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
+        reason = (str(getattr(err, "orig", None) or err).strip() or type(err).__name__).splitlines()[0]
+        raise StoreUnavailable(f"the MLflow tracking store {uri} cannot be opened ({reason}); fix "
+                               "MLFLOW_TRACKING_URI, or unset it to use ./mlflow.db in a writable folder") from None
 
 
 @functools.cache
@@ -83,11 +90,7 @@ def _open_sqlite_store(uri: str) -> None:
     """
     import fcntl
 
-    try:
-        db = open(uri.removeprefix("sqlite:///"), "ab")  # creates an empty file: SQLite takes it as a new store
-    except OSError:
-        return  # e.g. a read-only folder: MLflow reports it when it opens the store
-    with db:
+    with open(uri.removeprefix("sqlite:///"), "ab") as db:  # creates an empty file: SQLite takes it as a new store
         fcntl.flock(db, fcntl.LOCK_EX)
         MlflowClient(uri)  # MLflow caches the store per URI: later clients reuse it
 

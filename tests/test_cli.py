@@ -109,6 +109,19 @@ def test_an_unreachable_tracking_database_is_one_line_without_its_password(store
     assert "secret" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["train", "--exp", "smoke"], ["models"]])
+def test_a_store_file_that_cannot_be_created_is_one_line_and_no_run(store, tmp_path, monkeypatch, command) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}")
+    result = CliRunner().invoke(cli.main, command)
+    assert result.exit_code == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: the MLflow tracking store sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'} "
+                           "cannot be opened ([Errno 2] No such file or directory"), last
+    assert "Traceback" not in result.stderr
+    mlflow.set_tracking_uri(store)
+    assert_nothing_half_written()
+
+
 @pytest.mark.slow
 def test_quickstart_command_trains_tracks_and_registers_smoke(tmp_path) -> None:
     result = run_command(["cifar-mlops", "train", "--exp", "smoke"], cwd=tmp_path)
