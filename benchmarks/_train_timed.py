@@ -36,11 +36,9 @@ def main() -> None:
     import mlflow
 
     run = tracking.TrainingRun
-    run.__enter__ = timed("start opening the store (background thread)", run.__enter__)
-    # inside the first epoch: waits for the store if it is not open yet, creates the run, logs tags,
-    # params, config.yaml and the datasets
-    run._ensure_started = timed("create run (tags, params, config.yaml, datasets)", run._ensure_started)
+    run.__enter__ = timed("start run (open the store, tags, params, config.yaml)", run.__enter__)
     run.__exit__ = timed("end run", run.__exit__)
+    run.log_data = timed("log datasets (mlflow.data)", run.log_data)
     run.log_results = timed("log metrics, report, figures", run.log_results)
     run.log_model = timed("log model", run.log_model)
     run.register = timed("register model version", run.register)

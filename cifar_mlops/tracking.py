@@ -12,7 +12,6 @@ import contextlib
 import functools
 import os
 import subprocess
-import threading
 import time
 import warnings
 from importlib import metadata
@@ -49,19 +48,13 @@ def registered_model_name(family: str) -> str:
 
 def configure_store() -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working directory."""
-    uri = store_uri()
-    open_store(uri)
-    return uri
-
-
-def store_uri() -> str:
-    """configure_store without opening the store (a server URI is still checked at once)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     elif uri.startswith(("postgresql", "mysql")):
         _check_database(uri)
     mlflow.set_tracking_uri(uri)
+    open_store(uri)
     return uri
 
 
@@ -76,7 +69,7 @@ def open_store(uri: str) -> None:
             MlflowClient(uri)
     except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
         reason = (str(getattr(err, "orig", None) or err).strip() or type(err).__name__).splitlines()[0]
-        raise StoreUnavailable(f"the MLflow tracking store {uri} cannot be opened ({reason}); fix "
+        raise StoreUnavailable(f"the MLflow tracking store {_shown(uri)} cannot be opened ({reason}); fix "
                                "MLFLOW_TRACKING_URI, or unset it to use ./mlflow.db in a writable folder") from None
 
 
@@ -110,12 +103,21 @@ def _check_server(uri: str) -> None:
         ) from None
 
 
+def _shown(uri: str) -> str:
+    """`uri` with its password masked."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:  # not a database URL
+        return uri
+
+
 @functools.cache
 def _check_database(uri: str) -> None:
     """Fail fast on a database that does not answer: MLflow itself retries for minutes before giving up."""
     import sqlalchemy
 
-    shown = sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
     engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect():
@@ -123,7 +125,7 @@ def _check_database(uri: str) -> None:
     except sqlalchemy.exc.SQLAlchemyError as err:
         reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
         raise StoreUnavailable(
-            f"the MLflow tracking database {shown} cannot be used ({reason}); start it, fix MLFLOW_TRACKING_URI, "
+            f"the MLflow tracking database {_shown(uri)} cannot be used ({reason}); start it, fix MLFLOW_TRACKING_URI, "
             "or unset it to use ./mlflow.db"
         ) from None
     finally:
@@ -210,30 +212,6 @@ class _KerasFlavor:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
-class _StoreOpening:
-    """open_store(uri) in a background thread; wait() re-raises what it raised."""
-
-    def __init__(self, uri: str) -> None:
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._open, args=(uri,), name="mlflow-store", daemon=True)
-        self._thread.start()
-
-    def _open(self, uri: str) -> None:
-        try:
-            open_store(uri)
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread by wait()
-            self.error = err
-
-    def raise_if_failed(self) -> None:
-        if not self._thread.is_alive() and self.error is not None:
-            raise self.error
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 class TrainingRun:
     """One MLflow run for one training of one experiment config."""
 
@@ -246,51 +224,22 @@ class TrainingRun:
         self.data_source = "unknown"  # set by log_data
 
     # -- lifecycle ---------------------------------------------------------
-    # The MLflow run is created by the first thing that logs to it (the first epoch's metrics,
-    # results, or a failure), with the time the block was entered as its start time. Opening
-    # the store (MLflow importing its SQL layer: about a second) meanwhile runs in a background
-    # thread while the data loads and the first epoch trains; TensorFlow leaves a core partly idle.
     def __enter__(self) -> "TrainingRun":
-        self._entered_ms = int(time.time() * 1000)
-        self._pending: list = []  # logging calls made before the run exists
-        self._ended = False
-        self._store = _StoreOpening(store_uri())
-        return self
-
-    def _ensure_started(self) -> None:
-        if self.run_id:
-            return
-        from mlflow.tracking.context.registry import resolve_tags
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-        self._store.wait()
+        configure_store()
         adopted = adopted_run_id() if self.parent_run_id is None else None
         if adopted:
             run = mlflow.start_run(run_id=adopted)  # `mlflow run` made it and chose its experiment
         else:
-            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
-            tags = {MLFLOW_RUN_NAME: self.config.exp_id}
-            if self.parent_run_id:
-                tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
-            created = MlflowClient().create_run(experiment_id, start_time=self._entered_ms,
-                                                tags=resolve_tags(tags), run_name=self.config.exp_id)
-            run = mlflow.start_run(run_id=created.info.run_id, nested=self.parent_run_id is not None)
+            mlflow.set_experiment(self.experiment)
+            run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
+                                   nested=self.parent_run_id is not None)
         self.run_id = run.info.run_id
         try:
             self._describe_run()
-            for call in self._pending:
-                call()
-            self._pending.clear()
         except BaseException as err:  # a run that started must not stay RUNNING
-            self._end(type(err), err)
+            self.__exit__(type(err), err, err.__traceback__)
             raise
-
-    def _log(self, call) -> None:
-        """Run an MLflow logging call now if the run exists, else when it is created."""
-        if self.run_id:
-            call()
-        else:
-            self._pending.append(call)
+        return self
 
     def _describe_run(self) -> None:
         mlflow.set_tags({
@@ -308,19 +257,6 @@ class TrainingRun:
             hook(self.run_id)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        try:
-            self._ensure_started()  # a training that failed early still gets its FAILED run
-        except Exception:
-            if exc_type is None:
-                raise
-            return False  # the store did not open either: the training's own error is the one to report
-        self._end(exc_type, exc)
-        return False
-
-    def _end(self, exc_type, exc) -> None:
-        if self._ended:  # a failure while creating the run already ended it
-            return
-        self._ended = True
         if exc_type is None:
             mlflow.end_run("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -329,15 +265,11 @@ class TrainingRun:
         else:
             mlflow.set_tag(FAILURE_TAG, f"{exc_type.__name__}: {exc}"[:5000])
             mlflow.end_run("FAILED")
-
-    @property
-    def store_hint(self) -> str:
-        return f"experiment {self.experiment!r} of {mlflow.get_tracking_uri()}"
+        return False
 
     @property
     def url_hint(self) -> str:
-        self._ensure_started()
-        return f"run {self.run_id} in {self.store_hint}"
+        return f"run {self.run_id} in experiment {self.experiment!r} of {mlflow.get_tracking_uri()}"
 
     # -- data ----------------------------------------------------------------
     def load_data(self, data_config: "DataConfig", splits: "Splits | None" = None) -> "Splits":
@@ -355,10 +287,6 @@ class TrainingRun:
 
     def log_data(self, splits: "Splits") -> None:
         self.data_source = splits.source
-        self._log(lambda: self._log_data(splits))
-
-    @staticmethod
-    def _log_data(splits: "Splits") -> None:
         mlflow.set_tags({
             "data_source": splits.source,
             "data_location": splits.location,
@@ -378,20 +306,14 @@ class TrainingRun:
     # -- training --------------------------------------------------------------
     def log_precision(self, policy: str) -> None:
         """The dtype policy `train.precision` resolved to on this machine (auto depends on the device)."""
-        self._log(lambda: mlflow.log_param("train.dtype_policy", policy))
+        mlflow.log_param("train.dtype_policy", policy)
 
     def epoch_callback(self) -> "keras.callbacks.Callback":
         """Keras callback logging `epoch_{train,val}_{loss,accuracy}` with step = epoch (1-based)."""
         import keras
 
-        run = self
-
         class EpochLogger(keras.callbacks.Callback):
-            def on_train_begin(self, logs: dict | None = None) -> None:
-                run._store.raise_if_failed()  # a store that already failed to open: before any epoch
-
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-                run._ensure_started()
                 metrics = {}
                 for key, value in (logs or {}).items():
                     if key == "learning_rate":
@@ -406,7 +328,6 @@ class TrainingRun:
 
     # -- results -----------------------------------------------------------------
     def log_results(self, metrics: dict[str, float], report: str, figures: dict[str, "Figure"]) -> None:
-        self._ensure_started()
         mlflow.log_metrics(metrics)
         mlflow.log_text(report, "classification_report.txt")
         for name, figure in figures.items():
@@ -415,8 +336,6 @@ class TrainingRun:
     def log_model(self, model: "keras.Model", num_classes: int, example: np.ndarray) -> str:
         """Log the Keras model (flavour `mlflow.keras`, signature, input example); return its URI."""
         import keras
-
-        self._ensure_started()
 
         # MLflow checks the input example by predicting it: keep Keras's progress bar
         # and its named-input warning out of the user's terminal meanwhile.
@@ -438,7 +357,6 @@ class TrainingRun:
 
     def register(self, model_uri: str, metrics: dict[str, float]) -> int:
         """Register `model_uri` as a new version of `cifar10-<family>`; return the version number."""
-        self._ensure_started()
         version = mlflow.register_model(
             model_uri, registered_model_name(self.config.family),
             tags={"exp_id": self.config.exp_id, "run_id": self.run_id,

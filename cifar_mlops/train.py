@@ -146,7 +146,7 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
     if config.kind != "train":
         raise TrainingFailed(f"{config.exp_id} is an ensemble; build it with `cifar-mlops ensemble --exp {config.exp_id}`")
     with tracking.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id) as run:
-        log(f"{config.exp_id}: tracking in {run.store_hint}")
+        log(f"{config.exp_id}: tracking {run.url_hint}")
         splits = run.load_data(config.data, splits)
 
         keras.backend.clear_session()
@@ -186,6 +186,5 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         if register:
             version = run.register(model_uri, metrics)
             log(f"registered {tracking.registered_model_name(config.family)} version {version}")
-        log(f"{config.exp_id}: {run.url_hint}")
         log(" ".join(f"{k}={metrics[k]:.4f}" for k in ("train_accuracy", "val_accuracy", "test_accuracy", "test_f1_macro")))
         return metrics
