@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_tracking.py [--pairs 5] [--epochs 6] [--exp b5]
 
+The issue asks for ~30 s of fitting: this VM runs b5 at two speeds (6 epochs took 30 s on some days
+and 57 s on others), so pick --epochs to match; the fit seconds are in the output.
 Both sides train the study B final CNN (b5) on the real CIFAR-10 sample (data.train_size 3336 /
 data.val_size 834 from its 4,170 data-batch images; its 1,000-image test batch as test split, which is
 NOT the official test set), same seed, epochs and batch size. Runs are interleaved A B A B ... in fresh

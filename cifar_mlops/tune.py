@@ -190,8 +190,8 @@ def make_pruner(name: str, config: cfg.ExperimentConfig) -> optuna.pruners.BaseP
         return optuna.pruners.MedianPruner(n_startup_trials=space.pruning_startup_trials,
                                            n_warmup_steps=space.pruning_warmup_epochs)
     if name == "successive-halving":
-        # rungs after warm-up x 3**k more epochs (epochs 2, 4, 10 with the default warm-up of 1): only the
-        # best third of the trials that reached a rung go on, so most trials cost two epochs
+        # a rung at each 0-based epoch warm-up x 3**k (epochs 2, 4 and 10 with the default warm-up of 1):
+        # only the best third of the trials that reached a rung go on, so most trials cost two epochs
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, space.pruning_warmup_epochs),
                                                       reduction_factor=3)
     if name == "hyperband":
