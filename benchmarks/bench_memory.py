@@ -78,7 +78,8 @@ def child(mode: str, images: int, batch_size: int, fit_steps: int) -> None:
     # file-backed pages (TensorFlow's shared libraries, ~0.4 GB): shared between processes, reclaimable
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     file_kb = int(status["RssFile"].split()[0])
-    print(json.dumps({"mode": mode, "peak_rss_bytes": peak_kb * 1024, "rss_file_bytes_at_end": file_kb * 1024, "batches": batches, "batch_shape": shape,
+    print(json.dumps({"mode": mode, "peak_rss_bytes": peak_kb * 1024, "rss_file_bytes_at_end": file_kb * 1024,
+                      "batches": batches, "batch_shape": shape,
                       "seconds": round(elapsed, 1), "batch_size": batch_size, "params": model.count_params(), "model": config.model.name,
                       "interpolation": config.model.interpolation, "image_size": config.model.image_size}))
 

@@ -10,8 +10,8 @@ trials of the epochs each reported), best validation accuracy, trials pruned.
 configurations whatever the pruner does, so the studies differ only in what pruning cut. With
 `--sampler tpe` every pruned curve changes what TPE proposes next, and the studies drift apart.
 Default: b3 (study B's batch-normalised CNN: ~3 s per epoch here, a third of b5's) on the real CIFAR-10
-sample (3,336 / 834 split) with search.epochs narrowed to 5-15, so both studies fit in about half an
-hour; `--exp smoke` runs in minutes on synthetic data.
+sample (3,336 / 834 split) with search.epochs narrowed to 5-15, so the three studies take about 17 minutes
+here; `--exp smoke` runs in minutes on synthetic data. Each trial's state, epochs and value go to the JSON.
 Target: pruned best within 1 percentage point of the unpruned best, at <= 40% of its epochs.
 """
 
