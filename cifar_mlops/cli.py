@@ -278,7 +278,8 @@ def models_command(names: tuple[str, ...]) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0), default=0, show_default=True,
               help="Stop starting new trials after this many seconds per worker (0: no limit).")
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
-@click.option("--pruner", type=click.Choice(["median", "successive-halving", "hyperband", "none"]), default="median", show_default=True,
+@click.option("--pruner", type=click.Choice(["median", "successive-halving", "hyperband", "none"]), default="median",
+              show_default=True,
               help="Stops unpromising trials early on per-epoch val_accuracy.")
 @click.option("--seed", default="", metavar="INT", help="Sampler seed (default: random).")
 @click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
