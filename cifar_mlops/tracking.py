@@ -25,7 +25,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from cifar_mlops.config import ExperimentConfig, to_yaml
-from cifar_mlops.errors import StoreUnavailable
+from cifar_mlops.errors import StoreUnavailable, first_line, redact
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -68,8 +68,7 @@ def open_store(uri: str) -> None:
         else:
             MlflowClient(uri)
     except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
-        reason = (str(getattr(err, "orig", None) or err).strip() or type(err).__name__).splitlines()[0]
-        raise StoreUnavailable(f"the MLflow tracking store {_shown(uri)} cannot be opened ({reason}); fix "
+        raise StoreUnavailable(f"the MLflow tracking store {redact(uri)} cannot be opened ({first_line(err)}); fix "
                                "MLFLOW_TRACKING_URI, or unset it to use ./mlflow.db in a writable folder") from None
 
 
@@ -103,16 +102,6 @@ def _check_server(uri: str) -> None:
         ) from None
 
 
-def _shown(uri: str) -> str:
-    """`uri` with its password masked."""
-    import sqlalchemy
-
-    try:
-        return sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:  # not a database URL
-        return uri
-
-
 @functools.cache
 def _check_database(uri: str) -> None:
     """Fail fast on a database that does not answer: MLflow itself retries for minutes before giving up."""
@@ -123,10 +112,9 @@ def _check_database(uri: str) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as err:
-        reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
         raise StoreUnavailable(
-            f"the MLflow tracking database {_shown(uri)} cannot be used ({reason}); start it, fix MLFLOW_TRACKING_URI, "
-            "or unset it to use ./mlflow.db"
+            f"the MLflow tracking database {redact(uri)} cannot be used ({first_line(err)}); start it, "
+            "fix MLFLOW_TRACKING_URI, or unset it to use ./mlflow.db"
         ) from None
     finally:
         engine.dispose()

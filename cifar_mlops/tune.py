@@ -42,6 +42,7 @@ from optuna.trial import TrialState
 
 from cifar_mlops import config as cfg
 from cifar_mlops import progress
+from cifar_mlops.errors import first_line, redact
 
 DEFAULT_JOURNAL = "optuna.journal"
 OBJECTIVE = "val_accuracy"  # maximized; also the per-epoch metric the pruner watches
@@ -113,11 +114,6 @@ def as_overrides(params: dict[str, Any]) -> dict[str, Any]:
 # Storage, sampler, pruner
 
 
-def redact(url: str | None) -> str:
-    """A storage URL fit to print and tag: any password replaced by ***."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
-
-
 def journal_path(storage: str | None) -> Path | None:
     """The journal file `storage` names (None, a path, or `journal:PATH`), or None for a database URL.
 
@@ -151,13 +147,13 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
             return optuna.storages.JournalStorage(
                 JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path), grace_period=30)))
         except Exception as err:  # noqa: BLE001 - a corrupt or unreadable file
-            raise TuneError(f"cannot open journal storage {path}: {_first_line(err)}") from None
+            raise TuneError(f"cannot open journal storage {path}: {first_line(err)}") from None
     from sqlalchemy.engine import make_url
 
     try:
         url = make_url(storage)
     except Exception as err:  # noqa: BLE001
-        raise TuneError(f"malformed storage URL {redact(storage)!r}: {_first_line(err)}") from None
+        raise TuneError(f"malformed storage URL {redact(storage)!r}: {first_line(err)}") from None
     shown = redact(storage)
     engine_kwargs: dict[str, Any] = {}
     if url.get_backend_name() in ("postgresql", "mysql"):
@@ -169,12 +165,7 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
                 storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=_stale_trial_failed)
     except Exception as err:  # noqa: BLE001 - unknown dialect, unreachable server, bad credentials
-        raise TuneError(f"cannot open Optuna storage {shown}: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(getattr(err, "orig", None) or err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
+        raise TuneError(f"cannot open Optuna storage {shown}: {first_line(err)}") from None
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -429,7 +420,7 @@ def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig) -> tuple[optu
                                     pruner=make_pruner(spec.pruner, config))
     except Exception as err:  # noqa: BLE001 - e.g. the database went away
         raise TuneError(f"cannot create study {spec.study_name!r} in {redact(spec.storage) or DEFAULT_JOURNAL}: "
-                        f"{_first_line(err)}") from None
+                        f"{first_line(err)}") from None
     owner = study.user_attrs.get("exp_id")
     if owner is None:
         study.set_user_attr("exp_id", spec.exp_id)
@@ -635,7 +626,7 @@ def study_figures(study: optuna.Study) -> dict[str, Any]:
                 warnings.simplefilter("ignore")
                 axes = plot(study)
         except Exception as err:  # noqa: BLE001 - e.g. importances of a parameter that never varied
-            log(f"plot {name} skipped: {_first_line(err)}")
+            log(f"plot {name} skipped: {first_line(err)}")
             continue
         axes = axes.flat[0] if hasattr(axes, "flat") else axes
         figures[name] = axes.figure
