@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_mlops import cli, tracking, tune
+from cifar_mlops.errors import first_line, redact
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -137,7 +138,7 @@ def _postgres_schema_url() -> tuple[str, str]:
     try:
         _postgres(f"CREATE SCHEMA {schema}")
     except sqlalchemy.exc.OperationalError as err:
-        pytest.skip(f"no PostgreSQL server answers at {tune.redact(PG_URL)}: {str(err.orig).strip().splitlines()[0]}")
+        pytest.skip(f"no PostgreSQL server answers at {redact(PG_URL)}: {first_line(err)}")
     return f"{PG_URL}?options=-csearch_path%3D{schema}", schema
 
 
