@@ -6,6 +6,8 @@ TensorFlow and MLflow are imported only inside the commands that need them, so
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
 
 import click
@@ -116,9 +118,9 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
     """Train, evaluate, track and register one experiment."""
     config = _resolve_command_config(exp_id, "train", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
 
-    quiet_tensorflow()
-    from cifar_mlops import data, models, tracking
-    from cifar_mlops.train import TrainingFailed, train as run_training
+    with heavy_imports():
+        from cifar_mlops import data, models, tracking
+        from cifar_mlops.train import TrainingFailed, train as run_training
 
     tracking.quiet_mlflow()
     try:
@@ -137,9 +139,9 @@ def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: 
     """Soft-vote registered model versions; evaluate, track and register the ensemble."""
     config = _resolve_command_config(exp_id, "ensemble", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
 
-    quiet_tensorflow()
-    from cifar_mlops import data, tracking
-    from cifar_mlops import ensemble as voting
+    with heavy_imports():
+        from cifar_mlops import data, tracking
+        from cifar_mlops import ensemble as voting
 
     tracking.quiet_mlflow()
     try:
@@ -215,9 +217,9 @@ def _optional_float(ctx: click.Context, param: click.Parameter, value: str) -> f
 def promote(model_name: str, version: int, alias: str, metric: str, min_delta: float, alpha: float | None,
             dry_run: bool, force: bool, exp_id: str, data_dir: str) -> None:
     """Move ALIAS (@champion) of MODEL to VERSION only if it beats the current holder on the same test images."""
-    quiet_tensorflow()
-    from cifar_mlops import data, tracking
-    from cifar_mlops import promote as rule
+    with heavy_imports():
+        from cifar_mlops import data, tracking
+        from cifar_mlops import promote as rule
 
     tracking.quiet_mlflow()
     try:
@@ -294,8 +296,8 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
          pruner: str, seed: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str,
          register_best: bool) -> None:
     """Tune an experiment with Optuna: one nested MLflow run per trial under one parent run per study."""
-    quiet_tensorflow()
-    from cifar_mlops import tune as tuning
+    with heavy_imports():
+        from cifar_mlops import tune as tuning
 
     try:
         pairs = [*cfg.split_overrides(overrides), *set_pairs]
@@ -378,9 +380,9 @@ def report(experiment: str, fmt: str, out: str, latest: bool, log_run: bool) -> 
 @click.option("--spec", required=True, help="JSON from the coordinating `tune` process.")
 def tune_worker(spec: str) -> None:
     """One worker process of `tune --workers K` (internal)."""
-    quiet_tensorflow()
-    from cifar_mlops import data, models, tune as tuning
-    from cifar_mlops.train import TrainingFailed
+    with heavy_imports():
+        from cifar_mlops import data, models, tune as tuning
+        from cifar_mlops.train import TrainingFailed
 
     worker = tuning.WorkerSpec.from_json(spec)
     try:
@@ -396,6 +398,25 @@ def quiet_tensorflow() -> None:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def heavy_imports():
+    """Import TensorFlow, Keras and MLflow quietly, with the garbage collector paused, then freeze them.
+
+    Their millions of module objects live as long as the process. Left in the collector's
+    generations, every full collection walks them all: while MLflow imports and maps its
+    SQL store, during training and again at exit, ~1.5 s per `train` run on this project's
+    2-core reference machine (benchmarks/RESULTS.md). `gc.freeze` moves them to the
+    permanent generation; later garbage is collected as usual.
+    """
+    quiet_tensorflow()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _fail_before_run(message: str) -> None:

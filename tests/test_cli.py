@@ -42,6 +42,19 @@ def test_help_and_experiments_do_not_import_tensorflow_or_mlflow() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_heavy_imports_are_frozen_out_of_the_collector_which_stays_on() -> None:
+    # A fresh process: freezing pytest's own objects would outlive this test.
+    code = ("import gc; from cifar_mlops import cli\n"
+            "with cli.heavy_imports():\n    import tensorflow, mlflow\n"
+            "assert gc.isenabled()\n"
+            "frozen, tracked = gc.get_freeze_count(), len(gc.get_objects())\n"
+            "assert frozen > 5 * tracked, (frozen, tracked)\n"
+            "try:\n    with cli.heavy_imports():\n        import no_such_module\n"
+            "except ImportError:\n    pass\n"
+            "assert gc.isenabled()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_experiments_prints_the_study_table_and_settings() -> None:
     result = CliRunner().invoke(cli.main, ["experiments"])
     assert result.exit_code == 0, result.output
