@@ -1,6 +1,6 @@
 """Item 2, training throughput: images/s of the project's fit per model factory, versus bare model.fit.
 
-    .venv/bin/python benchmarks/bench_throughput.py [--images 2048] [--cases b5,1.0,1.1,3.0] [--knobs]
+    .venv/bin/python benchmarks/bench_throughput.py [--images 2048] [--cases b5,1.0,1.1,3.0] [--knobs] [--rounds 3]
 
 For each case (an experiment id; its catalogue model, resolution and batch size) on synthetic uint8
 images of the real shape:
@@ -8,7 +8,8 @@ images of the real shape:
            callbacks, validation on a 64-image split)
   bare     model.compile(Adam, categorical cross-entropy) + model.fit on the same tf.data dataset, no
            callbacks, no validation
-Images/s is measured on the second epoch (the first includes tracing). FLOPs are counted by hand from
+Images/s is measured on the second epoch (the first includes tracing). Each case's variants run
+--rounds times, interleaved (v1 v2 ... v1 v2 ...), each in a fresh process; a row is the median. FLOPs are counted by hand from
 the built model's layers: Conv2D 2*Ho*Wo*k*k*Cin*Cout/groups, DepthwiseConv2D 2*Ho*Wo*k*k*C, Dense
 2*in*out (batchnorm, activations, pooling, resize ignored: a few % at most); a training step is taken as
 3x the forward FLOPs (forward + two backward matmuls). Share of peak = achieved FLOP/s / the FP32 peak
@@ -118,12 +119,45 @@ def _splits(data, x_train, y_train, x_val, y_val):
     return data.Splits(**values)
 
 
+def run_child(images: int, env: dict, cwd, case: str, mode: str, batch: int, spe: int, jit: int,
+              precision: str) -> dict:
+    """One variant in a fresh process: its JSON row, or a row with `error` (e.g. XLA cannot compile a layer)."""
+    _, proc = common.timed_run([common.PYTHON, __file__, "--images", str(images), "--child", case, mode, str(batch),
+                                str(spe), str(jit), precision], env=env, cwd=cwd, check=False)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "failed" in line]
+        r = {"case": case, "mode": mode, "batch_size": batch or None, "steps_per_execution": spe,
+             "jit_compile": bool(jit), "precision": precision,
+             "error": (errors[-1] if errors else proc.stderr.strip().splitlines()[-1])[:300]}
+    else:
+        r = {**common.last_json_line(proc.stdout), "loadavg": common.loadavg()[0]}
+    print(json.dumps(r), file=sys.stderr)
+    return r
+
+
+def summarise(rounds: list[dict], peak: dict) -> dict:
+    """One row per variant: the median images/s over its rounds, every round's figure kept."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[-1]
+    row = dict(ok[0])
+    row["images_per_s_rounds"] = [r["images_per_s"] for r in ok]
+    row["images_per_s"] = round(common.median(row["images_per_s_rounds"]), 1)
+    row["loadavg"] = max(r["loadavg"] for r in ok)
+    row["gflops_per_s"] = round(3 * row["forward_flops_per_image"] * row["images_per_s"] / 1e9, 1)
+    row["share_of_peak"] = row["gflops_per_s"] / peak["gflops"]
+    if len(ok) < len(rounds):
+        row["failed_rounds"] = len(rounds) - len(ok)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--cases", default="b5,1.0,1.1,3.0", help="experiment ids: b5 cnn 32px, 1.0 MobileNetV2 32px, "
                         "1.1 MobileNetV2 96px bicubic, 3.0 DenseNet-121 32px")
     parser.add_argument("--knobs", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of each variant (median kept)")
     parser.add_argument("--merge", action="store_true",
                         help="keep results/throughput.json rows of cases not rerun (run cases in several goes)")
     parser.add_argument("--child", nargs=6, metavar=("CASE", "MODE", "BATCH", "SPE", "JIT", "PRECISION"))
@@ -143,25 +177,17 @@ def main() -> None:
                 variants += [("bare", 0, 8, 0, "auto"), ("bare", 0, 1, 1, "auto"), ("bare", -2, 1, 0, "auto"),
                              ("project", 0, 1, 0, "mixed_bfloat16"), ("project", 0, 1, 0, "mixed_float16")]
             base_batch = None
-            for mode, batch, spe, jit, precision in variants:
-                if batch == -2:
-                    batch = 2 * base_batch
-                _, proc = common.timed_run([common.PYTHON, __file__, "--images", str(args.images), "--child", case, mode,
-                                            str(batch), str(spe), str(jit), precision], env=env, cwd=tmp, check=False)
-                if proc.returncode != 0:  # e.g. XLA cannot compile a layer: record it, go on
-                    errors = [l for l in proc.stderr.splitlines() if "Error" in l or "failed" in l]
-                    results.append({"case": case, "mode": mode, "batch_size": batch or base_batch,
-                                    "steps_per_execution": spe, "jit_compile": bool(jit), "precision": precision,
-                                    "error": (errors[-1] if errors else proc.stderr.strip().splitlines()[-1])[:300]})
-                    print(json.dumps(results[-1]), file=sys.stderr)
-                    continue
-                r = common.last_json_line(proc.stdout)
-                base_batch = base_batch or r["batch_size"]
-                r["gflops_per_s"] = round(3 * r["forward_flops_per_image"] * r["images_per_s"] / 1e9, 1)
-                r["share_of_peak"] = r["gflops_per_s"] / peak["gflops"]
-                r["loadavg"] = common.loadavg()[0]
-                results.append(r)
-                print(json.dumps(r), file=sys.stderr)
+            runs: dict[tuple, list[dict]] = {}
+            for _ in range(args.rounds):
+                for mode, batch, spe, jit, precision in variants:
+                    if batch == -2:
+                        if base_batch is None:
+                            continue  # the catalogue batch is not known yet (the first variants failed)
+                        batch = 2 * base_batch
+                    r = run_child(args.images, env, tmp, case, mode, batch, spe, jit, precision)
+                    base_batch = base_batch or r.get("batch_size")
+                    runs.setdefault((mode, batch, spe, jit, precision), []).append(r)
+            results += [summarise(rs, peak) for rs in runs.values()]
     after = common.load_snapshot()
     previous = common.RESULTS / "throughput.json"
     if args.merge and previous.exists():
@@ -179,7 +205,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['case']} {r['mode']} jit={r['jit_compile']} spe={r['steps_per_execution']}: FAILED: {r['error']}")
     print(f"FP32 peak assumed: {peak['gflops']} GFLOP/s = {peak['formula']}")
-    common.write_result("throughput", {"images": args.images, "results": results, "peak": peak,
+    common.write_result("throughput", {"images": args.images, "rounds": args.rounds, "results": results, "peak": peak,
                                        "load_before": before, "load_after": after})
 
 

@@ -210,6 +210,39 @@ def section_tracking(r: dict | None) -> list[str]:
     return out + ["", load_line(r), ""]
 
 
+def _rounds(row: dict) -> list[float]:
+    return row.get("images_per_s_rounds", [row["images_per_s"]])
+
+
+def _knob_effects(ok: list[dict]) -> list[str]:
+    """Per case, each knob's median images/s relative to the float32 default, and whether the rounds separate."""
+    lines = []
+    for case in dict.fromkeys(x["case"] for x in ok):
+        rows = [x for x in ok if x["case"] == case]
+        default = {mode: next((x for x in rows if x["mode"] == mode and x["steps_per_execution"] == 1
+                               and not x["jit_compile"] and x.get("precision", "float32") == "float32"), None)
+                   for mode in ("bare", "project")}
+        effects = []
+        for x in rows:
+            ref = default[x["mode"]]
+            if not ref or x is ref or x["mode"] == "project" and x["batch_size"] != ref["batch_size"]:
+                continue
+            knob = (f"precision {x['precision']}" if x.get("precision", "float32") != "float32" else
+                    "jit_compile" if x["jit_compile"] else
+                    f"steps_per_execution {x['steps_per_execution']}" if x["steps_per_execution"] > 1 else
+                    f"batch {x['batch_size']}")
+            if len(_rounds(x)) < 2 or len(_rounds(ref)) < 2:
+                verdict = "one run: cannot tell"
+            elif min(_rounds(x)) > max(_rounds(ref)) or max(_rounds(x)) < min(_rounds(ref)):
+                verdict = "clears the noise"
+            else:
+                verdict = "within the noise"
+            effects.append(f"{knob} {x['images_per_s'] / ref['images_per_s']:.2f}x ({verdict})")
+        if effects:
+            lines.append(f"- {case}: " + "; ".join(effects) + ".")
+    return lines
+
+
 def section_throughput(r: dict | None) -> list[str]:
     out = ["## Training throughput (item 2)", ""]
     if not r:
@@ -218,19 +251,21 @@ def section_throughput(r: dict | None) -> list[str]:
     p = r["peak"]
     out += [f"Synthetic uint8 images ({r['images']:,} per epoch), second epoch timed. `project` = "
             "`cifar_mlops.train.fit` (what `train` runs); `bare` = `model.compile` + `model.fit` on the same "
-            "dataset. FLOPs counted by hand from the built layers (conv/depthwise/dense multiply-adds x 2; "
-            "training step = 3x forward). "
+            "dataset. Each case's variants ran in rounds, interleaved (v1 v2 ... v1 v2 ...), each run a fresh "
+            "process; a row is the median of its runs, the range in brackets. FLOPs counted by hand from the "
+            "built layers (conv/depthwise/dense multiply-adds x 2; training step = 3x forward). "
             f"Peak {p['gflops']} GFLOP/s = {p['formula']}.", "",
-            "| exp | model | input | fit | batch | steps/exec | jit | precision | MFLOP/img (fwd) | img/s | GFLOP/s "
-            "| % of peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| exp | model | input | fit | batch | steps/exec | jit | precision | MFLOP/img (fwd) | runs | img/s "
+            "(range) | GFLOP/s | % of peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = [x for x in r["results"] if "error" not in x]
     for x in ok:
+        rounds = _rounds(x)
+        spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
         out.append(f"| {x['case']} | {x['model']} | {x['image_size']} {x['interpolation']} | {x['mode']} | "
                    f"{x['batch_size']} | {x['steps_per_execution']} | {'yes' if x['jit_compile'] else 'no'} | "
-                   f"{x.get('precision', 'float32')} | {x['forward_flops_per_image'] / 1e6:.1f} | {x['images_per_s']} | {x['gflops_per_s']} | "
-                   f"{100 * x['share_of_peak']:.1f}% |")
-    out.append("")
+                   f"{x.get('precision', 'float32')} | {x['forward_flops_per_image'] / 1e6:.1f} | {len(rounds)} | "
+                   f"{x['images_per_s']:.0f}{spread} | {x['gflops_per_s']} | {100 * x['share_of_peak']:.1f}% |")
     for x in r["results"]:
         if "error" in x:
             out.append(f"- {x['case']} {x['mode']}, jit_compile={x['jit_compile']}, steps_per_execution="
@@ -243,21 +278,20 @@ def section_throughput(r: dict | None) -> list[str]:
                      and not x["jit_compile"] and x["batch_size"] == proj["batch_size"]), None) if proj else None
         if proj and bare:
             ratios.append(f"{case} {proj['images_per_s'] / bare['images_per_s']:.2f}")
-    loads = [x.get("loadavg") for x in ok if x.get("loadavg")]
-    out += ["", f"`train`'s fit relative to bare `model.fit` (images/s ratio, same batch): {', '.join(ratios)}.",
-            "", "**Read these as indicative only:** each row is ONE run (not interleaved, no repeats), and the "
-            f"1-minute load average while they ran went from {min(loads):.1f} to {max(loads):.1f} because other "
-            "sessions' test suites shared the 2 cores; a 1.5x swing between rows of the same configuration is "
-            "within that noise. What holds beyond the noise: `jit_compile=True` is slower on this CPU for every "
-            "model it compiled and fails outright with a tf2xla conversion error inside the bicubic `Resizing` layer, so "
-            "it must stay off by default; `steps_per_execution` and batch size show no gain that clears the noise "
-            "here (two identical float32 runs of b5 measured 444 and 784 images/s back to back on a quiet "
-            "machine: single rows cannot rank knobs). Mixed precision on this CPU: `mixed_float16` is several "
-            "times slower (float16 is emulated); `mixed_bfloat16` (this CPU has AVX512-BF16 instructions) ran b5 at 920-933 "
-            "images/s in repeated runs, 1.2-2x float32. `train.precision: auto` still keeps float32 on CPU: "
-            "every accuracy in this file was measured in float32 and bfloat16's effect on it was not, so it is "
-            "an opt-in (`--set train.precision=mixed_bfloat16`). On a GPU `auto` picks mixed_float16 (Keras adds "
-            "loss scaling); not measured here, there is no GPU." if loads else ""]
+    out += ["", f"`train`'s fit relative to bare `model.fit` (median images/s ratio, same batch): {', '.join(ratios)}.",
+            "", "Each knob against the float32 default of the same fit (bare knobs against bare `model.fit`, "
+            "precision against `train`'s fit; ratio of medians; \"clears the noise\" when no run of one overlaps "
+            "the other's range):", "", *_knob_effects(ok), "",
+            "Defaults chosen from this: `jit_compile` stays off (slower for both models it was tried on; an "
+            "earlier single run also found that XLA cannot compile the bicubic `Resizing` layer of 1.1); `steps_per_execution` stays 1 and the catalogue batch sizes stay (no "
+            "gain that clears the noise on CPU; on a GPU, where a step of these small models is shorter than "
+            "Python's per-step overhead, raise it with `--set train.steps_per_execution=8`). `mixed_float16` is "
+            "several times slower on CPU (float16 is emulated). `mixed_bfloat16` uses this CPU's AVX512-BF16 "
+            "instructions: it depends on the model (compare b5's plain convolutions with MobileNetV2's "
+            "depthwise ones above), and every accuracy in this file was measured in float32 while bfloat16's "
+            "effect on it was not, so `train.precision: auto` keeps float32 on CPU and it is an opt-in "
+            "(`--set train.precision=mixed_bfloat16`). On a GPU `auto` picks mixed_float16 (Keras adds loss "
+            "scaling); not measured here, there is no GPU."]
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 

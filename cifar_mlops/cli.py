@@ -237,7 +237,8 @@ def promote(model_name: str, version: int, alias: str, metric: str, min_delta: f
 @click.argument("names", nargs=-1, metavar="[MODEL]...")
 def models_command(names: tuple[str, ...]) -> None:
     """List registered models: versions, aliases, experiment ids, test accuracy."""
-    from cifar_mlops import tracking
+    with heavy_imports():
+        from cifar_mlops import tracking
 
     tracking.quiet_mlflow()
     registered = tracking.list_registered()
@@ -352,8 +353,9 @@ def report(experiment: str, fmt: str, out: str, latest: bool, log_run: bool) -> 
     """The studies' ablation tables and plots, regenerated from tracked runs."""
     from pathlib import Path
 
-    from cifar_mlops import report as reporting
-    from cifar_mlops import tracking
+    with heavy_imports():
+        from cifar_mlops import report as reporting
+        from cifar_mlops import tracking
 
     tracking.quiet_mlflow()
     try:
@@ -402,13 +404,13 @@ def quiet_tensorflow() -> None:
 
 @contextlib.contextmanager
 def heavy_imports():
-    """Import TensorFlow, Keras and MLflow quietly, with the garbage collector paused, then freeze them.
+    """Import TensorFlow, Keras, MLflow or Optuna quietly with the collector paused, then freeze them.
 
     Their millions of module objects live as long as the process. Left in the collector's
     generations, every full collection walks them all: while MLflow imports and maps its
-    SQL store, during training and again at exit, ~1.5 s per `train` run on this project's
-    2-core reference machine (benchmarks/RESULTS.md). `gc.freeze` moves them to the
-    permanent generation; later garbage is collected as usual.
+    SQL store, during training and again at exit, ~1.5 s per `train` run on the 2-core
+    machine of benchmarks/RESULTS.md. `gc.freeze` moves them to the permanent generation;
+    later garbage is collected as usual.
     """
     quiet_tensorflow()
     gc.disable()
