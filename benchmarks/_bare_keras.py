@@ -4,11 +4,14 @@ Same arrays (data.load_splits), same model (create_model), same seed, optimizer 
 schedule (Adam or AdamW, constant or cosine), loss (with label smoothing), batch size, epochs and
 tf.data pipeline (data.make_dataset); then the same predictions on train, val and test and
 their accuracy. No MLflow, no figures, no model saving. Prints one JSON line.
+--freeze-imports: import TensorFlow/Keras with the garbage collector paused, then gc.freeze() them,
+as `cifar-mlops` does (cli.heavy_imports): the bare script with the same GC treatment.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import time
@@ -20,13 +23,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--exp", required=True)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--freeze-imports", action="store_true")
     args = parser.parse_args()
 
     times = {}
     t = time.perf_counter()
+    if args.freeze_imports:
+        gc.disable()
     import keras
     import numpy as np
     import tensorflow as tf  # noqa: F401
+    if args.freeze_imports:
+        gc.freeze()
+        gc.enable()
     times["import tensorflow"] = time.perf_counter() - t
 
     from cifar_mlops import data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import sys
 
 import click
@@ -395,13 +396,6 @@ def tune_worker(spec: str) -> None:
         fail(f"worker {worker.index}: interrupted", 130)
 
 
-def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up chatter (oneDNN, CPU features) off the terminal."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 @contextlib.contextmanager
 def heavy_imports():
     """Import TensorFlow, Keras, MLflow or Optuna quietly with the collector paused, then freeze them.
@@ -412,7 +406,7 @@ def heavy_imports():
     machine of benchmarks/RESULTS.md. `gc.freeze` moves them to the permanent generation;
     later garbage is collected as usual.
     """
-    quiet_tensorflow()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter (oneDNN, CPU features)
     gc.disable()
     try:
         yield
@@ -423,8 +417,6 @@ def heavy_imports():
 
 def _fail_before_run(message: str) -> None:
     """A config error: if `mlflow run` already created our run, end it FAILED with the reason."""
-    import os
-
     if os.environ.get("MLFLOW_RUN_ID"):
         from cifar_mlops import tracking
 
