@@ -350,51 +350,61 @@ def section_tuning(r: dict | None) -> list[str]:
     out = ["## Tuning efficiency (item 6)", ""]
     if not r:
         return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_tuning.py              # b3 on the sample, "
-                      "2 x 20 trials; `--exp smoke` for a minutes-long synthetic run", ""]
-    names = [f"`--pruner {x['pruner']}`" for x in r["results"]]
+                      "3 seeds x 3 pruners x 20 trials; `--exp smoke` for a minutes-long synthetic run", ""]
+    results = [{**x, "seed": x.get("seed", r.get("seed"))} for x in r["results"]]
+    seeds = sorted({x["seed"] for x in results})
+    pruner_names = list(dict.fromkeys(x["pruner"] for x in results))
+    names = [f"`--pruner {p}`" for p in pruner_names]
     pruners = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
     sampler = r.get("sampler", "tpe")
-    out += [f"`cifar-mlops tune --exp {r['exp']} --trials {r['trials']} --seed {r['seed']} --sampler {sampler}` "
-            f"with {pruners}, overrides {r['overrides']}; each study in a fresh store.", ""]
+    out += [f"`cifar-mlops tune --exp {r['exp']} --trials {r['trials']} --seed S --sampler {sampler}` for seeds "
+            f"{', '.join(map(str, seeds))}, each with {pruners}, overrides {r['overrides']}; each study in a fresh "
+            "store. Each pruned study is compared with the unpruned study of the same seed.", ""]
     if sampler == "random":
         out += ["The seeded random sampler proposes the same configurations whatever the pruner does, so the "
-                "studies are literally the same search and differ only in what pruning cut (with TPE, every "
-                "shortened curve changes what it proposes next and the studies drift apart).", ""]
-    out += ["| pruner | trials | pruned | ran to the end | epochs run | of unpruned | best val acc % "
+                "studies of one seed are literally the same search and differ only in what pruning cut (with TPE, "
+                "every shortened curve changes what it proposes next and the studies drift apart).", ""]
+    out += ["| seed | pruner | trials | pruned | ran to the end | epochs run | of unpruned | best val acc % "
             "| below unpruned best (pp) | wall min |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in results:
+        share, gap = x.get("epochs_share_of_unpruned"), x.get("best_gap_pp")
+        out.append(f"| {x['seed']} | {x['pruner']} | {x['trials']} | {x['pruned']} | {x['complete']} | "
+                   f"{x['epochs_run']} | {f'{100 * share:.0f}%' if share is not None else '-'} | "
+                   f"{100 * x['best_val_accuracy']:.2f} | {f'{gap:+.2f}' if gap is not None else '-'} | "
+                   f"{x['wall_s'] / 60:.1f} |")
     verdicts, why = [], []
-    for x in r["results"]:
-        share = x.get("epochs_share_of_unpruned")
-        gap = x.get("best_gap_pp")
-        out.append(f"| {x['pruner']} | {x['trials']} | {x['pruned']} | {x['complete']} | {x['epochs_run']} | "
-                   f"{f'{100 * share:.0f}%' if share is not None else '-'} | {100 * x['best_val_accuracy']:.2f} | "
-                   f"{f'{gap:+.2f}' if gap is not None else '-'} | {x['wall_s'] / 60:.1f} |")
-        if x.get("target_met") is None:
+    for pruner in pruner_names:
+        judged = [x for x in results if x["pruner"] == pruner and x.get("target_met") is not None]
+        if not judged:
             continue
-        verdicts.append(f"`{x['pruner']}` **{'met' if x['target_met'] else 'missed'}** ({100 * share:.0f}% of the "
-                        f"epochs, best {gap:+.2f} pp below)")
-        if x["target_met"]:
+        met = sum(x["target_met"] for x in judged)
+        shares = [100 * x["epochs_share_of_unpruned"] for x in judged]
+        gaps = [x["best_gap_pp"] for x in judged]
+        verdicts.append(f"`{pruner}` **{'met' if met == len(judged) else 'missed'}** in {len(judged) - met} of "
+                        f"{len(judged)} seed(s)" if met < len(judged) else
+                        f"`{pruner}` **met** in all {len(judged)} seed(s)")
+        verdicts[-1] += (f" ({min(shares):.0f}-{max(shares):.0f}% of the epochs, best {min(gaps):+.2f} to "
+                         f"{max(gaps):+.2f} pp below)")
+        if met == len(judged):
             continue
-        if x["pruner"] == "median":
-            why.append(f"`median` compares a trial with the median of the finished trials at the same epoch and "
-                       f"prunes nothing until `search.pruning_startup_trials` (5) trials have finished, so those "
-                       f"5 run in full and so does every later trial that stays above that median at each epoch "
-                       f"({x['complete']} of {x['trials']} ran to the end here); `successive-halving` lets only the "
-                       "best third go on at epochs 2, 4 and 10")
-        elif x["pruner"] == "hyperband":
+        if pruner == "median" and any(x["epochs_share_of_unpruned"] > 0.40 for x in judged):
+            why.append("`median` compares a trial with the median of the finished trials at the same epoch and "
+                       "prunes nothing until `search.pruning_startup_trials` (5) trials have finished, so those "
+                       "5 run in full and so does every later trial that stays above that median at each epoch; "
+                       "`successive-halving` lets only the best third go on at epochs 2, 4 and 10")
+        elif pruner == "hyperband":
             why.append("`hyperband` splits 20 trials over several brackets, and the first trials of each bracket "
                        "run in full")
-        elif gap is not None and gap > 1:
-            why.append(f"`{x['pruner']}` pruned the configuration that was best without pruning")
+        if any(x["best_gap_pp"] > 1 for x in judged):
+            why.append(f"`{pruner}` pruned the configuration that was best without pruning (in "
+                       f"{sum(x['best_gap_pp'] > 1 for x in judged)} seed(s))")
     if verdicts:
         out += ["", "Target (pruned best within 1 pp of the unpruned best, at <= 40% of its epochs): "
                 + "; ".join(verdicts) + "." + (" Why missed: " + "; ".join(why) + "." if why else "")
-                + " Best trials: " + "; ".join(f"{x['pruner']} {_params(x['best_params'])}" for x in r["results"])
-                + ". One study per pruner with one sampler seed: indicative, not a measured mean; a best-of-"
-                f"{r['trials']} on an 834-image validation split moves by about a point (8 images) between "
-                "otherwise equal studies, and an aggressive pruner can cut a configuration that would have "
-                "ended best."]
+                + f" A best-of-{r['trials']} on an 834-image validation split moves by about a point (8 images) "
+                "between otherwise equal studies, and an aggressive pruner can cut a configuration that would "
+                "have ended best: read the seeds together."]
     return out + ["", load_line(r), ""]
 
 
