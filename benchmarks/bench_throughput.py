@@ -9,9 +9,9 @@ images of the real shape:
   bare     model.compile(Adam, categorical cross-entropy) + model.fit on the same tf.data dataset, no
            callbacks, no validation
 Images/s is measured on the second epoch (the first includes tracing). Each case's variants run
---rounds times, interleaved (v1 v2 ... v1 v2 ...), each in a fresh process; a row is the median. FLOPs are counted by hand from
-the built model's layers: Conv2D 2*Ho*Wo*k*k*Cin*Cout/groups, DepthwiseConv2D 2*Ho*Wo*k*k*C, Dense
-2*in*out (batchnorm, activations, pooling, resize ignored: a few % at most); a training step is taken as
+--rounds times, interleaved (v1 v2 ... v1 v2 ...), each in a fresh process; a row is the median.
+FLOPs are counted by hand from the built model's layers: Conv2D 2*Ho*Wo*k*k*Cin*Cout/groups,
+DepthwiseConv2D 2*Ho*Wo*k*k*C, Dense 2*in*out (batchnorm, activations, pooling, resize ignored: a few % at most); a training step is taken as
 3x the forward FLOPs (forward + two backward matmuls). Share of peak = achieved FLOP/s / the FP32 peak
 computed from lscpu (see common.peak_fp32_gflops, assumptions stated there).
 --knobs adds bare-fit variants: steps_per_execution=8, jit_compile=True, batch size x2; and project-fit
