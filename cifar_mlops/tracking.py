@@ -26,6 +26,7 @@ from mlflow.types import Schema, TensorSpec
 
 from cifar_mlops.config import ExperimentConfig, to_yaml
 from cifar_mlops.errors import StoreUnavailable, first_line, redact
+from cifar_mlops.progress import log
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -217,6 +218,12 @@ class TrainingRun:
         adopted = adopted_run_id() if self.parent_run_id is None else None
         if adopted:
             run = mlflow.start_run(run_id=adopted)  # `mlflow run` made it and chose its experiment
+            chosen = mlflow.get_experiment(run.info.experiment_id).name
+            if chosen != self.experiment:
+                log(f"note: `mlflow run` put this run in experiment {chosen!r}, not {self.experiment!r} where "
+                    f"`cifar-mlops` keeps these runs (and `report` looks); add --experiment-name {self.experiment} "
+                    "to `mlflow run` to keep them together")
+                self.experiment = chosen
         else:
             mlflow.set_experiment(self.experiment)
             run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,

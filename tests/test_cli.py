@@ -183,13 +183,13 @@ def test_mlflow_run_with_bad_input_fails_its_run_with_the_reason(tmp_path) -> No
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_command(
         ["mlflow", "run", str(REPO), "-e", "train", "-P", "exp=smoke", "-P", "overrides=train.epochs=-1",
-         "--env-manager", "local", "--experiment-name", tracking.ABLATION_EXPERIMENT],
+         "--env-manager", "local"],  # no --experiment-name: MLflow creates the run in `Default`
         cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
     assert result.returncode != 0
     assert "error: --set: train.epochs: Input should be greater than or equal to 1" in result.stderr
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
-    [run] = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     assert run.info.status == "FAILED"
     assert "train.epochs" in run.data.tags[tracking.FAILURE_TAG]
     assert client.search_model_versions() == []

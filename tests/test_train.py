@@ -170,6 +170,22 @@ def test_bad_data_fails_the_run_and_registers_nothing(store, tmp_path) -> None:
     assert all_versions() == []
 
 
+def test_run_adopted_from_mlflow_run_in_another_experiment_says_where_it_is(store, monkeypatch, capsys) -> None:
+    # `mlflow run . -e train` without --experiment-name creates our run in `Default`
+    client = MlflowClient()
+    adopted = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", adopted)
+    train(tiny("smoke"))
+    run = client.get_run(adopted)
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke" and "test_accuracy" in run.data.metrics
+    assert ablation_runs() == []
+    [version] = all_versions()
+    assert version.run_id == adopted
+    log = capsys.readouterr().err
+    assert "add --experiment-name cifar10-ablation to `mlflow run`" in log
+    assert f"run {adopted} in experiment 'Default'" in log
+
+
 @needs_sample
 def test_final_study_b_cnn_learns_real_cifar10_images(store) -> None:
     # 3,336 training / 834 validation images of the real sample; its test batch is unseen.
