@@ -289,8 +289,6 @@ class WorkerSpec:
 def run_worker(spec: WorkerSpec) -> int:
     """Run up to `spec.trials` trials of the study in this process; return how many finished."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from optuna_integration import KerasPruningCallback
-
     from cifar_mlops import data, tracking
     from cifar_mlops.train import TrainingFailed, train
 
@@ -323,7 +321,7 @@ def run_worker(spec: WorkerSpec) -> int:
             with tracking.on_training_run_start(tag_run):
                 metrics = train(trial_config, splits=splits, register=False, experiment=spec.experiment,
                                 parent_run_id=spec.parent_run_id,
-                                callbacks=[KerasPruningCallback(trial, OBJECTIVE)])
+                                callbacks=[pruning_callback(trial, trial_config.train.epochs)])
         except optuna.TrialPruned:
             raise
         except BaseException as err:
@@ -344,6 +342,24 @@ def run_worker(spec: WorkerSpec) -> int:
     study.optimize(objective, n_trials=spec.trials, timeout=spec.timeout, callbacks=[finished],
                    catch=(TrainingFailed, cfg.ConfigError, *_resource_errors()), gc_after_trial=True)
     return spec.trials
+
+
+def pruning_callback(trial: optuna.Trial, epochs: int):
+    """optuna-integration's Keras pruning callback on `val_accuracy`, minus the check after the last epoch.
+
+    Stopping then saves nothing and would throw away a finished trial's value; that epoch's
+    value is still reported, so the pruner compares later trials against it.
+    """
+    from optuna_integration import KerasPruningCallback  # imports Keras: only in workers
+
+    class PruneBeforeLastEpoch(KerasPruningCallback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            if epoch + 1 < epochs:
+                super().on_epoch_end(epoch, logs)
+            elif logs and OBJECTIVE in logs:
+                trial.report(float(logs[OBJECTIVE]), step=epoch)
+
+    return PruneBeforeLastEpoch(trial, OBJECTIVE)
 
 
 def _resource_errors() -> tuple[type[BaseException], ...]:

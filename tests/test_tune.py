@@ -116,6 +116,12 @@ def test_a_plateauing_trial_is_pruned_and_its_run_says_so(store: str, pruner: st
     assert tracking.FAILURE_TAG not in pruned.data.tags
     epochs_ran = len(MlflowClient().get_metric_history(pruned.info.run_id, "epoch_val_accuracy"))
     assert epochs_ran == int(pruned.data.tags["pruned_at_epoch"]) < 3  # it cost only the epochs it ran
+
+    # The same plateau over 2 epochs, the first checked one being its last: stopping saves nothing, it completes
+    two_epochs = {"search.epochs.low": 2, "search.epochs.high": 2}
+    tune.tune("smoke", 1, overrides={**prune, **plateaus, **two_epochs}, study_name="prune-me", pruner=pruner)
+    last = journal_study("prune-me").trials[-1]
+    assert last.state == TrialState.COMPLETE and sorted(last.intermediate_values) == [0, 1]
     assert_no_running_runs()
 
 
