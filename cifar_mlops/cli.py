@@ -10,6 +10,7 @@ import contextlib
 import gc
 import os
 import sys
+import tempfile
 
 import click
 
@@ -120,6 +121,7 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
     config = _resolve_command_config(exp_id, "train", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
 
     with heavy_imports():
+        import keras  # noqa: F401  (here, to be frozen, not later while loading data)
         from cifar_mlops import data, models, tracking
         from cifar_mlops.train import TrainingFailed, train as run_training
 
@@ -141,6 +143,7 @@ def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: 
     config = _resolve_command_config(exp_id, "ensemble", [*cfg.split_overrides(overrides), *set_pairs], data_dir)
 
     with heavy_imports():
+        import keras  # noqa: F401  (the members are Keras models)
         from cifar_mlops import data, tracking
         from cifar_mlops import ensemble as voting
 
@@ -219,6 +222,7 @@ def promote(model_name: str, version: int, alias: str, metric: str, min_delta: f
             dry_run: bool, force: bool, exp_id: str, data_dir: str) -> None:
     """Move ALIAS (@champion) of MODEL to VERSION only if it beats the current holder on the same test images."""
     with heavy_imports():
+        import keras  # noqa: F401  (the versions compared are Keras models)
         from cifar_mlops import data, tracking
         from cifar_mlops import promote as rule
 
@@ -299,6 +303,8 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
          register_best: bool) -> None:
     """Tune an experiment with Optuna: one nested MLflow run per trial under one parent run per study."""
     with heavy_imports():
+        if workers == 1:  # the trials run in this process; with more, only the workers train
+            import keras  # noqa: F401
         from cifar_mlops import tune as tuning
 
     try:
@@ -384,6 +390,7 @@ def report(experiment: str, fmt: str, out: str, latest: bool, log_run: bool) -> 
 def tune_worker(spec: str) -> None:
     """One worker process of `tune --workers K` (internal)."""
     with heavy_imports():
+        import keras  # noqa: F401
         from cifar_mlops import data, models, tune as tuning
         from cifar_mlops.train import TrainingFailed
 
@@ -396,6 +403,11 @@ def tune_worker(spec: str) -> None:
         fail(f"worker {worker.index}: interrupted", 130)
 
 
+# TensorFlow's C++ start-up notices: absl logs them before it is initialised, so they bypass
+# TF_CPP_MIN_LOG_LEVEL and print on every import (twice in tensorflow-cpu 2.21).
+TENSORFLOW_IMPORT_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on")
+
+
 @contextlib.contextmanager
 def heavy_imports():
     """Import TensorFlow, Keras, MLflow or Optuna quietly with the collector paused, then freeze them.
@@ -406,13 +418,35 @@ def heavy_imports():
     machine of benchmarks/RESULTS.md. `gc.freeze` moves them to the permanent generation;
     later garbage is collected as usual.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter (oneDNN, CPU features)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter (CPU features)
     gc.disable()
     try:
-        yield
+        with stderr_without(TENSORFLOW_IMPORT_NOISE):
+            yield
     finally:
         gc.freeze()
         gc.enable()
+
+
+@contextlib.contextmanager
+def stderr_without(noise: tuple[str, ...]):
+    """Hold back what is written to file descriptor 2 (C++ code included), then pass on every line
+    that contains none of `noise`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(text in line for text in noise)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 def _fail_before_run(message: str) -> None:

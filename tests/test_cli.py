@@ -55,6 +55,15 @@ def test_heavy_imports_are_frozen_out_of_the_collector_which_stays_on() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_stderr_without_holds_back_only_the_noise_even_from_native_code(capfd) -> None:
+    with cli.stderr_without(("oneDNN custom operations are on",)):
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see...\n")  # as C++ writes it
+        os.write(2, b"a real warning\n")
+    assert capfd.readouterr().err == "a real warning\n"
+    os.write(2, b"after\n")  # file descriptor 2 is back
+    assert capfd.readouterr().err == "after\n"
+
+
 def test_experiments_prints_the_study_table_and_settings() -> None:
     result = CliRunner().invoke(cli.main, ["experiments"])
     assert result.exit_code == 0, result.output
@@ -141,6 +150,7 @@ def test_quickstart_command_trains_tracks_and_registers_smoke(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "registered cifar10-cnn version 1" in result.stderr
     assert "Epoch 3/3" in result.stdout + result.stderr  # progress while training
+    assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr  # TensorFlow's import chatter
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store: the working directory
     client = MlflowClient()
