@@ -48,6 +48,8 @@ DEFAULT_JOURNAL = "optuna.journal"
 OBJECTIVE = "val_accuracy"  # maximized; also the per-epoch metric the pruner watches
 HEARTBEAT_SECONDS = 20  # RDB storages: a running trial's process writes a heartbeat this often
 GRACE_SECONDS = 60  # ... and a trial without one for this long is failed by the next process
+# What the database says to the processes that lose the race to create Optuna's tables in an empty database
+CONCURRENT_CREATION_ERRORS = ("duplicate key value", "already exists", "UniqueViolation", "IntegrityError")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "successive-halving", "hyperband", "none")
 SEARCHED_SECTION = "train"  # every search dimension overrides train.<name>
@@ -158,14 +160,22 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.get_backend_name() in ("postgresql", "mysql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=_stale_trial_failed)
-    except Exception as err:  # noqa: BLE001 - unknown dialect, unreachable server, bad credentials
-        raise TuneError(f"cannot open Optuna storage {shown}: {first_line(err)}") from None
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=_stale_trial_failed)
+        except Exception as err:  # noqa: BLE001 - unknown dialect, unreachable server, bad credentials
+            # Commands started together on an empty database all create Optuna's tables; the
+            # losers fail on the database's own catalogue. Once one has won, the tables exist.
+            if attempt < 5 and any(text in str(err) for text in CONCURRENT_CREATION_ERRORS):
+                time.sleep(0.5 * attempt)
+                continue
+            raise TuneError(f"cannot open Optuna storage {shown}: {first_line(err)}") from None
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:

@@ -181,6 +181,62 @@ def test_two_worker_processes_share_one_postgresql_study(store: str, capfd: pyte
     assert_no_running_runs()
 
 
+def test_processes_opening_an_empty_postgresql_database_at_once_all_get_the_storage() -> None:
+    # Each creates Optuna's tables; without the retry the losers fail on "duplicate key value" every time.
+    import threading
+
+    url, schema = _postgres_schema_url()
+    start = threading.Barrier(4)
+    errors: list[str] = []
+
+    def open_storage() -> None:
+        start.wait()
+        try:
+            tune.open_storage(url).engine.dispose()
+        except tune.TuneError as err:
+            errors.append(str(err))
+
+    threads = [threading.Thread(target=open_storage) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        _drop_schema(schema)
+    assert errors == []
+
+
+@pytest.mark.slow
+def test_two_commands_started_together_on_an_empty_postgresql_database_share_one_study(tmp_path: Path) -> None:
+    # Two shells, same command, same moment: both find no Optuna tables and create them.
+    url, schema = _postgres_schema_url()
+    study_name = f"pg-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default ./mlflow.db
+    command = [str(BIN / "cifar-mlops"), "tune", "--exp", "smoke", "--trials", "2", "--storage", url,
+               "--study", study_name, "--pruner", "none", *TINY_SET]
+    try:
+        shells = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for _ in range(2)]
+        outputs = [shell.communicate(timeout=300) for shell in shells]
+        storage = tune.open_storage(url)
+        trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        storage.remove_session()
+        storage.engine.dispose()
+    finally:
+        _drop_schema(schema)
+
+    for shell, (_, err) in zip(shells, outputs):
+        assert shell.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(tracking.TUNING_EXPERIMENT).experiment_id])
+    parents, children = split_runs(runs)
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
 @pytest.mark.slow
 def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(store: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
