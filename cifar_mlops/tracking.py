@@ -41,6 +41,7 @@ FAILURE_TAG = "failure_reason"
 # What a logged model needs to be served; pinned from this environment so that
 # logging never pays MLflow's pip-requirement inference (~9 s per model).
 SERVING_PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "mlflow")
+SCHEMA_LOCK_KEY = 0x63696661726D6C  # a PostgreSQL advisory lock id ("cifarml"): one store creation at a time
 
 
 def registered_model_name(family: str) -> str:
@@ -66,6 +67,8 @@ def open_store(uri: str) -> None:
     try:
         if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
             _open_sqlite_store(uri)
+        elif uri.startswith("postgresql"):
+            _open_postgresql_store(uri)
         else:
             MlflowClient(uri)
     except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
@@ -86,6 +89,24 @@ def _open_sqlite_store(uri: str) -> None:
     with open(uri.removeprefix("sqlite:///"), "ab") as db:  # creates an empty file: SQLite takes it as a new store
         fcntl.flock(db, fcntl.LOCK_EX)
         MlflowClient(uri)  # MLflow caches the store per URI: later clients reuse it
+
+
+@functools.cache
+def _open_postgresql_store(uri: str) -> None:
+    """Create (or check) a PostgreSQL store's tables while holding a session-level advisory lock.
+
+    As for SQLite: processes started together on an empty database would all run MLflow's
+    migrations, and all but one fail ("duplicate key value violates unique constraint").
+    """
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as lock:  # released when this connection closes, however we leave
+            lock.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            MlflowClient(uri)
+    finally:
+        engine.dispose()
 
 
 @functools.cache

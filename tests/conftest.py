@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cifar_mlops import config as cfg
+from cifar_mlops.errors import first_line, redact
 
 REPO = Path(__file__).resolve().parent.parent
 # The real CIFAR-10 sample sits beside the project on developer machines; a
 # fresh clone elsewhere does not have it, and tests that need it skip.
 SAMPLE_DIR = Path(os.environ.get("CIFAR10_SAMPLE_DIR", REPO.parent / "shared/data/cifar10-sample/cifar-10-batches-py"))
 needs_sample = pytest.mark.skipif(not SAMPLE_DIR.is_dir(), reason=f"real CIFAR-10 sample not found at {SAMPLE_DIR}")
+
+# PostgreSQL runs on every developer and CI machine; a user's laptop may have none, and those tests skip.
+PG_URL = os.environ.get("CIFAR_MLOPS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 TRAINABLE = [e for e in cfg.list_experiments() if cfg.resolve(e).kind == "train"]
 
@@ -83,3 +88,29 @@ def tiny(exp_id: str, **extra: Any) -> cfg.ExperimentConfig:
     """Experiment `exp_id` shrunk by `tiny_overrides`, then `extra` (dotted keys with `__` for `.`)."""
     overrides = {**tiny_overrides(exp_id), **{k.replace("__", "."): v for k, v in extra.items()}}
     return cfg.resolve(exp_id, overrides)
+
+
+def _postgres(sql: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 5}, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(sql))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The URL of a throw-away schema in PostgreSQL's `test` database, empty: what the code under test
+    creates there stays away from anything else and is dropped afterwards. Close its connections first."""
+    import sqlalchemy
+
+    schema = f"cifar_mlops_test_{uuid.uuid4().hex[:10]}"
+    try:
+        _postgres(f"CREATE SCHEMA {schema}")
+    except sqlalchemy.exc.OperationalError as err:
+        pytest.skip(f"no PostgreSQL server answers at {redact(PG_URL)}: {first_line(err)}")
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

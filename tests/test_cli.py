@@ -206,11 +206,16 @@ def test_mlflow_run_with_bad_input_fails_its_run_with_the_reason(tmp_path) -> No
 
 
 @pytest.mark.slow
-def test_two_trainings_started_together_in_a_fresh_folder_share_one_new_store(tmp_path) -> None:
-    # both processes find no mlflow.db and create its tables at the same moment
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgresql"])
+def test_two_trainings_started_together_on_a_new_store_share_it(tmp_path, request, store_kind) -> None:
+    # Both processes find no tables and create them at the same moment: two `train` commands in a
+    # fresh folder (./mlflow.db), or two team members' first runs against an empty PostgreSQL database.
     command = ["cifar-mlops", "train", "--exp", "smoke", "--set", "train.epochs=1"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if store_kind == "postgresql":
+        uri = environment["MLFLOW_TRACKING_URI"] = request.getfixturevalue("postgres_url")
     processes = [subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
@@ -218,8 +223,7 @@ def test_two_trainings_started_together_in_a_fresh_folder_share_one_new_store(tm
         assert process.returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
+    client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert sorted(int(v.version) for v in client.search_model_versions("name='cifar10-cnn'")) == [1, 2]

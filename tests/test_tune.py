@@ -18,11 +18,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_mlops import cli, tracking, tune
-from cifar_mlops.errors import first_line, redact
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-PG_URL = os.environ.get("CIFAR_MLOPS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 # smoke shrunk: a trial takes ~1-3 s once TensorFlow is loaded
 TINY = {"data.synthetic_train_pool": 160, "data.val_size": 40, "data.synthetic_test_pool": 40,
         "search.epochs.high": 1, "search.batch_size": [32]}
@@ -125,48 +123,17 @@ def test_a_plateauing_trial_is_pruned_and_its_run_says_so(store: str, pruner: st
     assert_no_running_runs()
 
 
-def _postgres(sql: str) -> None:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 5}, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text(sql))
-    finally:
-        engine.dispose()
-
-
-def _postgres_schema_url() -> tuple[str, str]:
-    """A throw-away schema in the test database (keeps Optuna's tables away from anything else there)."""
-    import sqlalchemy
-
-    schema = f"tune_test_{uuid.uuid4().hex[:10]}"
-    try:
-        _postgres(f"CREATE SCHEMA {schema}")
-    except sqlalchemy.exc.OperationalError as err:
-        pytest.skip(f"no PostgreSQL server answers at {redact(PG_URL)}: {first_line(err)}")
-    return f"{PG_URL}?options=-csearch_path%3D{schema}", schema
-
-
-def _drop_schema(schema: str) -> None:
-    _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-
-
 @pytest.mark.slow
-def test_two_worker_processes_share_one_postgresql_study(store: str, capfd: pytest.CaptureFixture) -> None:
-    url, schema = _postgres_schema_url()
+def test_two_worker_processes_share_one_postgresql_study(store: str, postgres_url: str,
+                                                         capfd: pytest.CaptureFixture) -> None:
     study_name = f"pg-{uuid.uuid4().hex[:8]}"
-    try:
-        result = tune.tune("smoke", 4, overrides=TINY, study_name=study_name, storage=url, workers=2,
-                           pruner="none", seed=3)
-        storage = tune.open_storage(url)
-        trials = optuna.load_study(study_name=study_name, storage=storage).trials
-        workers = {t.user_attrs["worker_pid"] for t in trials}
-        optuna.delete_study(study_name=study_name, storage=storage)
-        storage.remove_session()
-        storage.engine.dispose()
-    finally:
-        _drop_schema(schema)
+    result = tune.tune("smoke", 4, overrides=TINY, study_name=study_name, storage=postgres_url, workers=2,
+                       pruner="none", seed=3)
+    storage = tune.open_storage(postgres_url)
+    trials = optuna.load_study(study_name=study_name, storage=storage).trials
+    workers = {t.user_attrs["worker_pid"] for t in trials}
+    storage.remove_session()
+    storage.engine.dispose()
 
     errors = capfd.readouterr().err
     assert result.worker_failures == [], errors[-4000:]
@@ -181,50 +148,43 @@ def test_two_worker_processes_share_one_postgresql_study(store: str, capfd: pyte
     assert_no_running_runs()
 
 
-def test_processes_opening_an_empty_postgresql_database_at_once_all_get_the_storage() -> None:
+def test_processes_opening_an_empty_postgresql_database_at_once_all_get_the_storage(postgres_url: str) -> None:
     # Each creates Optuna's tables; without the retry the losers fail on "duplicate key value" every time.
     import threading
 
-    url, schema = _postgres_schema_url()
     start = threading.Barrier(4)
     errors: list[str] = []
 
     def open_storage() -> None:
         start.wait()
         try:
-            tune.open_storage(url).engine.dispose()
+            tune.open_storage(postgres_url).engine.dispose()
         except tune.TuneError as err:
             errors.append(str(err))
 
     threads = [threading.Thread(target=open_storage) for _ in range(4)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-    finally:
-        _drop_schema(schema)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
     assert errors == []
 
 
 @pytest.mark.slow
-def test_two_commands_started_together_on_an_empty_postgresql_database_share_one_study(tmp_path: Path) -> None:
+def test_two_commands_started_together_on_an_empty_postgresql_database_share_one_study(
+        tmp_path: Path, postgres_url: str) -> None:
     # Two shells, same command, same moment: both find no Optuna tables and create them.
-    url, schema = _postgres_schema_url()
     study_name = f"pg-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default ./mlflow.db
-    command = [str(BIN / "cifar-mlops"), "tune", "--exp", "smoke", "--trials", "2", "--storage", url,
+    command = [str(BIN / "cifar-mlops"), "tune", "--exp", "smoke", "--trials", "2", "--storage", postgres_url,
                "--study", study_name, "--pruner", "none", *TINY_SET]
-    try:
-        shells = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True) for _ in range(2)]
-        outputs = [shell.communicate(timeout=300) for shell in shells]
-        storage = tune.open_storage(url)
-        trials = optuna.load_study(study_name=study_name, storage=storage).trials
-        storage.remove_session()
-        storage.engine.dispose()
-    finally:
-        _drop_schema(schema)
+    shells = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    outputs = [shell.communicate(timeout=300) for shell in shells]
+    storage = tune.open_storage(postgres_url)
+    trials = optuna.load_study(study_name=study_name, storage=storage).trials
+    storage.remove_session()
+    storage.engine.dispose()
 
     for shell, (_, err) in zip(shells, outputs):
         assert shell.returncode == 0 and "Traceback" not in err, err[-3000:]
