@@ -147,6 +147,15 @@ def adopted_run_id() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
+def _adopted_experiment(experiment_id: str, usual: str) -> str:
+    """The name of the experiment `mlflow run` chose for our run; a note when it is not the usual one."""
+    chosen = _client().get_experiment(experiment_id).name
+    if chosen != usual:
+        log(f"note: `mlflow run` put this run in experiment {chosen!r}, not {usual!r} where `cifar-mlops` "
+            f"keeps these runs; add --experiment-name {usual} to `mlflow run` to keep them together")
+    return chosen
+
+
 def fail_adopted_run(reason: str) -> None:
     """End the run `mlflow run` created for us as FAILED when we fail before adopting it."""
     run_id = adopted_run_id()
@@ -239,12 +248,7 @@ class TrainingRun:
         adopted = adopted_run_id() if self.parent_run_id is None else None
         if adopted:
             run = mlflow.start_run(run_id=adopted)  # `mlflow run` made it and chose its experiment
-            chosen = mlflow.get_experiment(run.info.experiment_id).name
-            if chosen != self.experiment:
-                log(f"note: `mlflow run` put this run in experiment {chosen!r}, not {self.experiment!r} where "
-                    f"`cifar-mlops` keeps these runs (and `report` looks); add --experiment-name {self.experiment} "
-                    "to `mlflow run` to keep them together")
-                self.experiment = chosen
+            self.experiment = _adopted_experiment(run.info.experiment_id, usual=self.experiment)
         else:
             mlflow.set_experiment(self.experiment)
             run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
@@ -651,6 +655,7 @@ def study_run(study_name: str, tags: dict[str, str], reuse_run_id: str | None = 
     run_id = adopted_run_id()
     if run_id:
         os.environ.pop("MLFLOW_RUN_ID", None)  # trials must start their own nested runs, not reopen this one
+        _adopted_experiment(client.get_run(run_id).info.experiment_id, usual=TUNING_EXPERIMENT)
     elif reuse_run_id:
         try:
             run = client.get_run(reuse_run_id)

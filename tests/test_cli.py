@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,50 @@ def test_mlflow_run_entry_point_adopts_its_run(tmp_path) -> None:
     loaded = run_command([sys.executable, "-c", code], cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert "(3, 10) 3.0" in loaded.stdout
+
+
+@pytest.mark.slow
+def test_every_other_entry_point_runs_through_mlflow_run_in_the_run_it_is_given(store, tmp_path) -> None:
+    # As the issues check them: `mlflow run . -e X ... --env-manager local`, no --experiment-name.
+    from cifar_mlops.train import train
+    from tests.conftest import tiny
+
+    tiny_data = "data.synthetic_train_pool=160 data.val_size=40 data.synthetic_test_pool=40"
+    train(tiny("smoke", train__epochs=2))
+    train(tiny("smoke-wide", train__epochs=2))
+    client = MlflowClient()
+    default = client.get_experiment_by_name("Default").experiment_id  # where `mlflow run` puts its runs
+
+    def mlflow_run(entry_point: str, *parameters: str):
+        args = ["mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+        for parameter in parameters:
+            args += ["-P", parameter]
+        result = run_command(args, cwd=tmp_path, MLFLOW_TRACKING_URI=store)
+        assert result.returncode == 0, result.stderr[-3000:]
+        run = client.get_run(re.search(r"=== Run \(ID '(\w+)'\) succeeded ===", result.stderr).group(1))
+        assert run.info.status == "FINISHED" and run.info.experiment_id == default, run.data.tags
+        return run, result
+
+    run, _ = mlflow_run("ensemble", "exp=smoke-ensemble", f"overrides={tiny_data} batch_size=16")
+    assert run.info.run_name == "smoke-ensemble" and "ensemble_gain_test_accuracy" in run.data.metrics
+    [version] = client.search_model_versions("name = 'cifar10-ensemble'")
+    assert version.run_id == run.info.run_id
+
+    run, result = mlflow_run("promote", "model=cifar10-cnn", "version=2", "alpha=0.5")
+    assert "decision: promoted" in result.stdout
+    assert run.data.tags["promotion_decision"] == "promoted"
+    assert client.get_registered_model("cifar10-cnn").aliases == {"champion": 2}
+
+    run, result = mlflow_run("tune", "exp=smoke", "trials=2", "seed=0",
+                             f"overrides={tiny_data} search.epochs.high=1 search.batch_size=[32]")
+    trials = client.search_runs([default], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    assert sorted(t.data.tags["trial_number"] for t in trials) == ["0", "1"]
+    assert run.data.tags["best_trial"] in {"0", "1"} and "best_val_accuracy" in run.data.metrics
+    assert "add --experiment-name cifar10-tuning to `mlflow run`" in result.stderr
+
+    run, _ = mlflow_run("report", "format=html", f"out={tmp_path / 'report.html'}")  # runs in the project folder
+    assert run.data.tags["kind"] == "report" and (tmp_path / "report.html").is_file()
+    assert {"report.md", "report.html", "report.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.slow
