@@ -246,9 +246,11 @@ class TrainingRun:
     def __enter__(self) -> "TrainingRun":
         configure_store()
         adopted = adopted_run_id() if self.parent_run_id is None else None
-        if adopted:
-            run = mlflow.start_run(run_id=adopted)  # `mlflow run` made it and chose its experiment
-            self.experiment = _adopted_experiment(run.info.experiment_id, usual=self.experiment)
+        if adopted:  # `mlflow run` made it and chose its experiment; MLflow refuses it under any other
+            experiment_id = MlflowClient().get_run(adopted).info.experiment_id
+            mlflow.set_experiment(experiment_id=experiment_id)
+            run = mlflow.start_run(run_id=adopted)
+            self.experiment = _adopted_experiment(experiment_id, usual=self.experiment)
         else:
             mlflow.set_experiment(self.experiment)
             run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
