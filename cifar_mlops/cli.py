@@ -33,6 +33,7 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cifar-mlops", prog_name="cifar-mlops")
 def main() -> None:
     """Reproduce, track and compare CIFAR-10 ablation experiments (MLflow + Keras + Optuna)."""
 

@@ -43,6 +43,13 @@ def test_help_and_experiments_do_not_import_tensorflow_or_mlflow() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_version() -> None:
+    from importlib import metadata
+
+    result = CliRunner().invoke(cli.main, ["--version"])
+    assert result.exit_code == 0 and result.output == f"cifar-mlops, version {metadata.version('cifar-mlops')}\n"
+
+
 def test_heavy_imports_are_frozen_out_of_the_collector_which_stays_on() -> None:
     # A fresh process: freezing pytest's own objects would outlive this test.
     code = ("import gc; from cifar_mlops import cli\n"
