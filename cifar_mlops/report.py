@@ -358,6 +358,14 @@ def _check_marks(study: str, resolved: list[cfg.Config]) -> Table:
                  records=[], note="")
 
 
+def _iteration_changes(study: str, resolved: list[cfg.Config]) -> str:
+    """Each iteration's catalogue description: study B's model refinements (b1-b4) are not enhancements,
+    so the check marks alone leave their columns empty."""
+    changes = [f"{c.exp_id}{f' (on {c.parent})' if c.parent else ''}: {c.description.rstrip('.')}"
+               for c in resolved if c.study == study]
+    return "What each iteration changes: " + "; ".join(changes) + "."
+
+
 def _curves_figure(row: Row, history: Callable[[str, str], list[tuple[int, float]]]) -> Figure:
     import matplotlib
 
@@ -423,7 +431,7 @@ def build(experiment: str = tracking.ABLATION_EXPERIMENT, selection: str = "late
             continue
         section = Section(STUDY_HEADINGS[study])
         if study in cfg.STUDY_TITLES:
-            section.blocks.append(_check_marks(study, resolved))
+            section.blocks += [_check_marks(study, resolved), _iteration_changes(study, resolved)]
         published = _published_rows(study, catalogue) if study in PUBLISHED_NOTE else {}
         sources = sorted({r.data_source for r in study_rows},
                          key=lambda s: (SOURCE_ORDER.index(s) if s in SOURCE_ORDER else len(SOURCE_ORDER), s))

@@ -126,6 +126,8 @@ def test_every_finished_iteration_appears_once_with_its_improvement(filled, late
     # the check-mark tables come from the catalogue
     marks = {r["Enhancement"]: r for r in study_b["Enhancements per iteration (from the catalogue)"]}
     assert marks["Stratified split"]["b6"] == "✔" and marks["Stratified split"]["b5"] == ""
+    # b1-b4 change the model, not enhancements: their descriptions say what the empty columns changed
+    assert "b1 (on b0): Wider convolutions; b2 (on b1): A third convolution stage;" in reporting.render_markdown(latest)
     study_a = sections[cfg.STUDY_TITLES["A"]]
     a_marks = {r["Enhancement"]: r for r in study_a["Enhancements per iteration (from the catalogue)"]}
     assert a_marks["AdamW"]["2.4"] == "✔" and a_marks["Transfer learning"]["3.1"] == "✔"
