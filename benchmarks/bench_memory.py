@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import common
@@ -39,7 +38,6 @@ def child(mode: str, images: int, batch_size: int, fit_steps: int) -> None:
     from cifar_mlops.config import resolve
     from cifar_mlops.models import create_model
 
-    import keras
     import tensorflow as tf
 
     config = resolve("1.1", {"model.image_size": 224, "model.interpolation": "bicubic",

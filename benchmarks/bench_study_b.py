@@ -91,7 +91,8 @@ def main() -> None:
                      f"{100 * PUBLISHED[exp]:.2f}" if exp in PUBLISHED else ""])
     common.print_table(["exp", "seeds", "train acc %", "val acc %", "test acc % (sample)", "CPU min/run",
                         "wall min/run", "published val %"], rows)
-    common.write_result("study_b", {"data": f"CIFAR-10 sample {args.data_dir}", "split": common.SAMPLE_SPLIT,
+    common.write_result("study_b", {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
+                                    "split": common.SAMPLE_SPLIT,
                                     "epochs_override": args.epochs or None, "runs": runs, "summary": summary,
                                     "load_before": before, "load_after": after})
 

@@ -79,7 +79,8 @@ def main() -> None:
     print("where cifar-mlops spends beyond the bare script (median s):")
     common.print_table(["step", "s"], [[k, f"{v:.2f}"] for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])])
     common.write_result("tracking", {
-        "exp": args.exp, "epochs": args.epochs, "pairs": args.pairs, "data": f"CIFAR-10 sample {args.data_dir}",
+        "exp": args.exp, "epochs": args.epochs, "pairs": args.pairs,
+        "data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
         "split": common.SAMPLE_SPLIT, "warmup_wall_s": warmup, "runs": runs, "medians": med, "ratio_wall": ratio, "ratio_fit": fit_ratio,
         "pair_ratios": pair_ratios, "ratio_wall_frozen": frozen_ratio, "frozen_pair_ratios": frozen_pair_ratios,
         "overhead_frozen_s": a["wall_s"] - c["wall_s"], "pair_ratio_stdev": statistics.stdev(pair_ratios) if len(pair_ratios) > 1 else 0.0,

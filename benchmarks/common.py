@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,33 @@ PYTHON = sys.executable
 SAMPLE_DIR = Path(os.environ.get("CIFAR10_SAMPLE_DIR", ROOT.parent / "shared/data/cifar10-sample/cifar-10-batches-py"))
 # The sample's data batches (4,170 images) split 80/20 into train/val; its test batch (1,000) is the test split.
 SAMPLE_SPLIT = {"data.train_size": 3336, "data.val_size": 834}
+
+
+def repo_relative(path: str | Path) -> str:
+    """`path` relative to the repository (e.g. ../shared/data/...): results name no machine's folders."""
+    return os.path.relpath(Path(path).expanduser().absolute(), ROOT)
+
+
+# Absolute folders -> how results write them, most specific first ("" + "/x" would be "/x": the repository is "").
+_SHORTER = [(str(ROOT), "."), (str(ROOT.parent), ".."), (str(Path.home()), "~")]
+
+
+def portable(value):
+    """`value` (JSON-like) with paths under the repository, the folder above it or $HOME written relative:
+    /repo/benchmarks/x -> benchmarks/x, /repo -> ., /repo/../shared/y -> ../shared/y, $HOME/z -> ~/z."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    for folder, short in _SHORTER:
+        if folder == os.sep:
+            continue
+        start, end = r"(?<![\w./~-])", r"(?=[\s'\":,;)]|$)"  # whole path components only
+        value = re.sub(start + re.escape(folder + "/"), "" if short == "." else short + "/", value)
+        value = re.sub(start + re.escape(folder) + end, short, value)
+    return value
 
 
 def loadavg() -> tuple[float, float, float]:
@@ -99,6 +127,7 @@ def write_result(name: str, payload: dict) -> Path:
     payload = {"name": name, "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip(),
                **payload}
+    payload = portable(payload)  # --data-dir arguments, other processes' command lines: no absolute paths
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)

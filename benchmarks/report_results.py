@@ -43,7 +43,7 @@ def load_line(r: dict) -> str:
 
 
 def machine() -> list[str]:
-    lscpu = {k.strip(): v.strip() for k, _, v in (l.partition(":") for l in sh(["lscpu"]).splitlines())}
+    lscpu = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in sh(["lscpu"]).splitlines())}
     mem = sh(["free", "-g"]).splitlines()
     peak = common.peak_fp32_gflops()
     flags = lscpu.get("Flags", "").split()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 
 from cifar_mlops import config as cfg
@@ -81,7 +82,7 @@ def test_resolved_config_is_frozen_and_round_trips_through_yaml() -> None:
     import yaml
 
     config = cfg.resolve("3.1")
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="Instance is frozen"):  # frozen pydantic models
         config.train.epochs = 1  # type: ignore[misc]
     assert cfg.ExperimentConfig.model_validate(yaml.safe_load(cfg.to_yaml(config))) == config
 

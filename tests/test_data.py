@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import os
 import pickle
+import re
+import shutil
+import socket
+import subprocess
+import sys
 import tarfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +25,8 @@ import pytest
 from cifar_mlops import data
 from cifar_mlops.config import AugmentConfig, DataConfig
 from cifar_mlops.data import DataError
+from tests.conftest import SAMPLE_DIR, needs_sample
 
-REAL_SAMPLE = Path("/work/shared/data/cifar10-sample/cifar-10-batches-py")
 PER_BATCH = 20  # images per generated batch: 100 train + 20 test
 
 
@@ -68,10 +79,49 @@ def archive(folder, tmp_path):
 
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch, tmp_path):
-    """No test reads the user's CIFAR10_DIR or cache, or reaches the network."""
+    """No test reads the user's CIFAR10_DIR or cache, or reaches the network (file:// and 127.0.0.1 only)."""
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     monkeypatch.setenv("CIFAR_MLOPS_CACHE", str(tmp_path / "default-cache"))
-    monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "no-such-archive.tar.gz").as_uri())
+    real_urlopen = urllib.request.urlopen
+
+    def local_only(url, *args, **kwargs):  # urlretrieve (keras.utils.get_file) opens URLs through this
+        parts = urllib.parse.urlsplit(url if isinstance(url, str) else url.full_url)
+        if parts.scheme != "file" and parts.hostname != "127.0.0.1":
+            raise urllib.error.URLError("tests must not reach the network")
+        return real_urlopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", local_only)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving the folder tmp_path/served -> (that folder, its base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def refused_url():
+    """A URL on 127.0.0.1 whose port is held but not listening: every connection is refused, as offline."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/{data.ARCHIVE_NAME}"
+
+
+def cache_names(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir())
 
 
 def synthetic_cfg(**overrides) -> DataConfig:
@@ -129,49 +179,141 @@ def test_wrong_array_shape_is_rejected(folder):
 # Archives and downloads
 
 
-def test_extract_archive_checks_md5_and_extracts(folder, archive, tmp_path):
+@pytest.mark.parametrize("scheme", ["http", "file"])
+def test_fetch_downloads_checks_and_extracts(folder, archive, server, tmp_path, capsys, scheme):
     path, md5 = archive
-    out = data.extract_archive(path, tmp_path / "cache", md5=md5)
-    assert out == tmp_path / "cache" / data.FOLDER_NAME
+    served, base = server
+    shutil.copy(path, served / data.ARCHIVE_NAME)
+    url = f"{base}/{data.ARCHIVE_NAME}" if scheme == "http" else path.as_uri()
+    cache = tmp_path / "new" / "cache"  # created on the way
+    out = data.fetch_cifar10(cache, url=url, md5=md5)
+    assert out == cache / data.FOLDER_NAME
     np.testing.assert_array_equal(data.read_batches_folder(out)[0], folder[1])
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [data.FOLDER_NAME]  # no temp folders left
+    # The archive stays beside the folder; Keras' <name>_extracted staging folder does not.
+    assert cache_names(cache) == sorted([data.ARCHIVE_NAME, data.FOLDER_NAME])
+    assert (cache / data.ARCHIVE_NAME).read_bytes() == path.read_bytes()
+    captured = capsys.readouterr()
+    assert f"Downloading data from {url}" in captured.err and captured.out == ""  # progress on stderr only
+
+
+def test_extracted_folder_is_used_without_network(tmp_path, refused_url):
+    cache = tmp_path / "cache"
+    cached = make_batches_folder(cache)[0]
+    (cache / data.ARCHIVE_NAME).write_bytes(b"never read: the extracted folder is used")
+    assert data.fetch_cifar10(cache, url=refused_url, md5="0" * 32) == cached
+
+
+def test_archive_placed_by_hand_is_used_offline(folder, archive, tmp_path, refused_url):
+    path, md5 = archive
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(path, cache / data.ARCHIVE_NAME)
+    out = data.fetch_cifar10(cache, url=refused_url, md5=md5)
+    np.testing.assert_array_equal(data.read_batches_folder(out)[2], folder[3])
+    assert cache_names(cache) == sorted([data.ARCHIVE_NAME, data.FOLDER_NAME])
+
+
+def test_incomplete_folder_and_interrupted_extraction_are_replaced(folder, archive, tmp_path, refused_url):
+    path, md5 = archive
+    cache = tmp_path / "cache"
+    (cache / data.FOLDER_NAME).mkdir(parents=True)
+    (cache / data.FOLDER_NAME / "data_batch_1").write_bytes(b"half")  # no test_batch: an incomplete folder
+    (cache / data.EXTRACTED_NAME / data.FOLDER_NAME).mkdir(parents=True)
+    (cache / data.EXTRACTED_NAME / data.FOLDER_NAME / "stale").write_bytes(b"left by a killed run")
+    shutil.copy(path, cache / data.ARCHIVE_NAME)
+    out = data.fetch_cifar10(cache, url=refused_url, md5=md5)
+    assert sorted(p.name for p in out.iterdir()) == sorted([data.META_FILE, *data.TRAIN_BATCHES, data.TEST_BATCH])
+    np.testing.assert_array_equal(data.read_batches_folder(out)[0], folder[1])
+    assert cache_names(cache) == sorted([data.ARCHIVE_NAME, data.FOLDER_NAME])
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
-def test_damaged_archive_is_rejected(archive, tmp_path, damage):
+def test_damaged_archive_in_cache_is_refused_and_kept(archive, server, tmp_path, damage):
     path, md5 = archive
+    served, base = server
+    shutil.copy(path, served / data.ARCHIVE_NAME)  # a good archive to download: it must not be
     content = bytearray(path.read_bytes())
     if damage == "flip_byte":
         content[len(content) // 2] ^= 0xFF
     else:
         del content[len(content) // 2 :]
-    path.write_bytes(bytes(content))
-    with pytest.raises(DataError, match=rf"{path.name} is damaged.*expected {md5}.*delete it and rerun"):
-        data.extract_archive(path, tmp_path / "cache", md5=md5)
-    assert not (tmp_path / "cache" / data.FOLDER_NAME).exists()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    placed = cache / data.ARCHIVE_NAME
+    placed.write_bytes(bytes(content))
+    actual = hashlib.md5(bytes(content)).hexdigest()
+    with pytest.raises(DataError, match=rf"{re.escape(str(placed))} is damaged or incomplete: md5 {actual}, "
+                                        rf"expected {md5}; delete it and rerun to download it again, or download "):
+        data.fetch_cifar10(cache, url=f"{base}/{data.ARCHIVE_NAME}", md5=md5)
+    assert placed.read_bytes() == bytes(content)  # neither replaced nor deleted (get_file would do both)
+    assert cache_names(cache) == [data.ARCHIVE_NAME]
 
 
-def test_download_from_file_url(archive, tmp_path, capsys):
+def test_download_with_wrong_md5_leaves_nothing(archive, server, tmp_path):
     path, md5 = archive
-    dest = tmp_path / "cache" / data.ARCHIVE_NAME
-    assert data.download(path.as_uri(), dest, md5) == dest
-    assert dest.read_bytes() == path.read_bytes()
-    assert "downloading" in capsys.readouterr().err
-    assert sorted(p.name for p in dest.parent.iterdir()) == [data.ARCHIVE_NAME]
+    served, base = server
+    shutil.copy(path, served / data.ARCHIVE_NAME)
+    cache = tmp_path / "cache"
+    url = f"{base}/{data.ARCHIVE_NAME}"
+    with pytest.raises(DataError, match=rf"download of {re.escape(url)} is damaged: md5 {md5}, expected 0{{32}}; "
+                                        "rerun to try again, or download .* by hand and put it at") as err:
+        data.fetch_cifar10(cache, url=url, md5="0" * 32)
+    assert "\n" not in str(err.value)
+    assert cache_names(cache) == []
 
 
-def test_download_with_wrong_md5_leaves_nothing(archive, tmp_path):
-    dest = tmp_path / "cache" / data.ARCHIVE_NAME
-    with pytest.raises(DataError, match="md5"):
-        data.download(archive[0].as_uri(), dest, "0" * 32)
-    assert list(dest.parent.iterdir()) == []
+@pytest.mark.parametrize("failure", ["offline", "http_404", "missing_file"])
+def test_download_failure_says_where_to_put_the_file(server, refused_url, tmp_path, failure):
+    url, reason = {
+        "offline": (refused_url, r"\[Errno \d+\] Connection refused"),
+        "http_404": (f"{server[1]}/{data.ARCHIVE_NAME}", "HTTP 404: File not found"),
+        "missing_file": ((tmp_path / "missing.tar.gz").as_uri(), r"\[Errno \d+\] No such file or directory: .*"),
+    }[failure]
+    cache = tmp_path / "cache"
+    archive = cache / data.ARCHIVE_NAME
+    with pytest.raises(DataError, match=rf"^could not download {re.escape(url)} \({reason}\); download "
+                                        rf"{re.escape(url)} by hand and put it at {re.escape(str(archive))}, "
+                                        rf"or pass --data-dir <an extracted cifar-10-batches-py folder>$") as err:
+        data.fetch_cifar10(cache, url=url, md5="0" * 32)
+    assert "\n" not in str(err.value)
+    assert cache_names(cache) == []
 
 
-def test_download_failure_says_where_to_put_the_file(tmp_path):
-    dest = tmp_path / "cache" / data.ARCHIVE_NAME
-    with pytest.raises(DataError, match=f"download it by hand and put it at {dest}.*--data-dir"):
-        data.download((tmp_path / "missing.tar.gz").as_uri(), dest, "0" * 32)
-    assert list(dest.parent.iterdir()) == []
+def test_archive_without_the_folder_is_refused(tmp_path, refused_url):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_bytes(b"not CIFAR-10")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with tarfile.open(cache / data.ARCHIVE_NAME, "w:gz") as tar:
+        tar.add(tmp_path / "other", arcname="other")
+    md5 = hashlib.md5((cache / data.ARCHIVE_NAME).read_bytes()).hexdigest()
+    with pytest.raises(DataError, match=rf"{data.ARCHIVE_NAME} has no cifar-10-batches-py/ folder inside; delete it"):
+        data.fetch_cifar10(cache, url=refused_url, md5=md5)
+    assert cache_names(cache) == [data.ARCHIVE_NAME]
+
+
+def test_archive_that_cannot_be_extracted_leaves_no_folder(archive, tmp_path, refused_url):
+    # A truncated archive whose md5 is the expected one (so only the extraction can fail).
+    content = archive[0].read_bytes()[: len(archive[0].read_bytes()) // 2]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / data.ARCHIVE_NAME).write_bytes(content)
+    with pytest.raises(DataError, match=rf"{data.ARCHIVE_NAME} could not be extracted \(.+\); delete it and rerun"):
+        data.fetch_cifar10(cache, url=refused_url, md5=hashlib.md5(content).hexdigest())
+    assert cache_names(cache) == [data.ARCHIVE_NAME]
+
+
+def test_md5_and_sha256_match_hashlib(folder):
+    paths = [folder[0] / name for name in (data.META_FILE, *data.TRAIN_BATCHES, data.TEST_BATCH)]
+    assert data._md5(paths[0]) == hashlib.md5(paths[0].read_bytes()).hexdigest()
+    # The recorded source checksum is the sha256 of all the files' bytes in order: unchanged across versions.
+    assert data._sha256_files(paths) == hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()
+
+
+def test_data_module_imports_no_tensorflow_or_keras():
+    code = "import sys, cifar_mlops.data; print(sorted({'keras', 'tensorflow', 'sklearn'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------
@@ -194,15 +336,25 @@ def test_locate_precedence(tmp_path, monkeypatch):
     assert data.locate_cifar10(DataConfig(data_dir=str(given.parent))) == given
 
 
-def test_locate_downloads_and_extracts_into_cache(archive, tmp_path, monkeypatch):
-    path, md5 = archive
-    monkeypatch.setattr(data, "CIFAR10_URL", path.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
-    cache = tmp_path / "cache"
-    out = data.locate_cifar10(DataConfig(cache_dir=str(cache)))
-    assert out == cache / data.FOLDER_NAME and (cache / data.ARCHIVE_NAME).is_file()
-    (cache / data.ARCHIVE_NAME).write_bytes(b"never read again: the extracted folder is used")
-    assert data.locate_cifar10(DataConfig(cache_dir=str(cache))) == out
+def test_locate_downloads_the_canonical_archive_into_the_cache(tmp_path):
+    # The network guard refuses the canonical URL: the error shows it was asked for, and where to put it.
+    archive = tmp_path / "default-cache" / data.ARCHIVE_NAME  # $CIFAR_MLOPS_CACHE (isolated_env)
+    url = re.escape(data.CIFAR10_URL)
+    with pytest.raises(DataError, match=rf"^could not download {url} \(tests must not reach the network\); "
+                                        rf"download {url} by hand and put it at {re.escape(str(archive))}, "):
+        data.locate_cifar10(DataConfig())
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "given-cache" / data.ARCHIVE_NAME))):
+        data.locate_cifar10(DataConfig(cache_dir=str(tmp_path / "given-cache")))
+
+
+def test_locate_refuses_an_archive_that_is_not_the_canonical_one(tmp_path):
+    archive = tmp_path / "default-cache" / data.ARCHIVE_NAME
+    archive.parent.mkdir()
+    archive.write_bytes(b"tampered")
+    with pytest.raises(DataError, match=rf"is damaged or incomplete: md5 {hashlib.md5(b'tampered').hexdigest()}, "
+                                        rf"expected {data.CIFAR10_MD5}; delete it"):
+        data.locate_cifar10(DataConfig())
+    assert archive.read_bytes() == b"tampered"
 
 
 def test_locate_missing_folder_says_what_to_do(tmp_path):
@@ -354,9 +506,9 @@ def test_class_weights_balanced():
 # The real sample
 
 
-@pytest.mark.skipif(not REAL_SAMPLE.exists(), reason=f"real CIFAR-10 sample not present at {REAL_SAMPLE}")
+@needs_sample
 def test_real_sample():
-    splits = data.load_splits(DataConfig(data_dir=str(REAL_SAMPLE), val_size=500))
+    splits = data.load_splits(DataConfig(data_dir=str(SAMPLE_DIR), val_size=500))
     assert splits.source == "cifar10-partial"
     assert len(splits.y_train) + len(splits.y_val) == 4170 and len(splits.y_test) == 1000
     assert splits.class_names == data.CLASS_NAMES
