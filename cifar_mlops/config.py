@@ -18,14 +18,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifar_mlops import models
+from cifar_mlops.errors import UserError
 
 EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-META_KEYS = ("description", "study", "extends", "parent", "enhancements", "kind")
+# Experiment metadata: read from the experiment's own file only (never inherited through `extends:`, never
+# `--set`), not training settings. `published`: the source study's own figures for this iteration.
+META_KEYS = ("description", "study", "extends", "parent", "enhancements", "kind", "published")
 STUDY_A_ENHANCEMENTS_FILE = "enhancements.yaml"
 
 
-class ConfigError(ValueError):
-    """A user-facing, one-line configuration error."""
+class ConfigError(UserError):
+    """An experiment file, enhancement or `--set` that does not resolve; the message names file and key."""
+
+    exit_code = 2
 
 
 class Strict(BaseModel):
@@ -74,13 +79,21 @@ class ModelConfig(Strict):
     def _known_model(cls, name: str) -> str:
         try:
             models.get_model_entry(name)
-        except KeyError as err:
-            raise ValueError(err.args[0]) from None
+        except models.UnknownModel as err:
+            raise ValueError(str(err)) from None
         return name
 
     @property
     def family(self) -> str:
         return models.get_model_entry(self.name).family
+
+    def settings(self) -> dict[str, Any]:
+        """The settings changed from their defaults, as `models.create_model(name, **settings)` takes them.
+
+        Defaults are left out so that a model is only handed what it uses; the factories'
+        defaults equal these fields' (tests/test_models.py checks it).
+        """
+        return self.model_dump(exclude={"name"}, exclude_defaults=True)
 
 
 class TrainConfig(Strict):
@@ -156,6 +169,32 @@ class SearchSpace(Strict):
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
+PUBLISHED_METRICS = tuple(f"{split}_{metric}" for split in ("train", "val", "test")
+                          for metric in ("accuracy", "f1_macro"))
+
+
+class PublishedFigures(Strict):
+    """The source study's own figures for one iteration (a `published:` block), set beside ours in reports."""
+
+    note: str = ""  # what the figures are, e.g. "the study's own figures (full CIFAR-10, GPU), not runs of this store"
+    train_accuracy: float | None = Field(None, ge=0, le=1)  # fractions, like the metrics runs log
+    train_f1_macro: float | None = Field(None, ge=0, le=1)
+    val_accuracy: float | None = Field(None, ge=0, le=1)
+    val_f1_macro: float | None = Field(None, ge=0, le=1)
+    test_accuracy: float | None = Field(None, ge=0, le=1)
+    test_f1_macro: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _some_figure(self) -> "PublishedFigures":
+        if not self.values():
+            raise ValueError(f"give at least one of {', '.join(PUBLISHED_METRICS)}")
+        return self
+
+    def values(self) -> dict[str, float]:
+        """Metric name -> published value, for the metrics given."""
+        return {name: getattr(self, name) for name in PUBLISHED_METRICS if getattr(self, name) is not None}
+
+
 class ExperimentConfig(Strict):
     """A trainable experiment: everything `train(config)` needs."""
 
@@ -165,6 +204,7 @@ class ExperimentConfig(Strict):
     study: str = ""  # "A", "B" or "smoke"
     parent: str | None = None  # the iteration this one is compared against in reports
     enhancements: tuple[str, ...] = ()
+    published: PublishedFigures | None = None  # the source study's figures (metadata, not a setting)
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig
@@ -183,7 +223,8 @@ class ExperimentConfig(Strict):
 
     def flat_params(self) -> dict[str, Any]:
         """Every resolved setting as `section.key` -> value (what MLflow logs as params)."""
-        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "search"}))
+        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "published",
+                                                 "search"}))
 
 
 class EnsembleMember(Strict):
@@ -210,6 +251,7 @@ class EnsembleConfig(Strict):
     study: str = ""
     parent: str | None = None
     enhancements: tuple[str, ...] = ()
+    published: PublishedFigures | None = None
     members: tuple[EnsembleMember, ...] = Field(min_length=2)
     voting: Literal["soft"] = "soft"  # mean of the members' class probabilities
     fit_weights: bool = False  # fit member weights on the validation split
@@ -221,7 +263,7 @@ class EnsembleConfig(Strict):
         return "ensemble"  # registered as cifar10-ensemble
 
     def flat_params(self) -> dict[str, Any]:
-        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements"}))
+        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "published"}))
 
 
 Config = Union[ExperimentConfig, EnsembleConfig]
@@ -447,6 +489,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def check_kind(config: Config, kind: str) -> None:
+    """The command named by an experiment's kind runs it: `train` trains, `ensemble` soft-votes."""
+    if config.kind != kind:
+        described = {"ensemble": "an ensemble", "train": "a training"}[config.kind]
+        raise ConfigError(f"{config.exp_id} is {described} experiment; run `cifar-mlops {config.kind} "
+                          f"--exp {config.exp_id}`")
 
 
 def to_yaml(config: Config) -> str:

@@ -7,22 +7,20 @@ tensorflow, keras and scikit-learn are imported inside the functions that need t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import pickle
 import shutil
 import sys
-import tarfile
-import tempfile
-import urllib.error
-import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from cifar_mlops.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -36,6 +34,8 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 FOLDER_NAME = "cifar-10-batches-py"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
+# keras.utils.get_file(ARCHIVE_NAME, extract=True) extracts into this folder beside the archive (Keras 3).
+EXTRACTED_NAME = ARCHIVE_NAME.split(".")[0] + "_extracted"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META_FILE = "batches.meta"
@@ -43,8 +43,8 @@ FULL_TRAIN, FULL_TEST = 50_000, 10_000
 SYNTHETIC_CLASS_NAMES: tuple[str, ...] = tuple(f"synthetic_{i}" for i in range(10))
 
 
-class DataError(Exception):
-    """A user-facing, one-line data error: what is wrong and what to do."""
+class DataError(UserError):
+    """The images cannot be had as asked (missing, truncated or tampered files, a split that does not fit)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ class Splits:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def by_split(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{"train": (x, y), "val": (x, y), "test": (x, y)}: what every evaluation walks through."""
+        return {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val),
+                "test": (self.x_test, self.y_test)}
 
 
 # ---------------------------------------------------------------------------
@@ -147,18 +152,17 @@ def _draw(idx: np.ndarray, labels: np.ndarray, n: int, cfg: DataConfig, what: st
 
 
 def locate_cifar10(cfg: DataConfig) -> Path:
-    """A cifar-10-batches-py folder: cfg.data_dir, $CIFAR10_DIR, the cache, or a fresh download."""
+    """A cifar-10-batches-py folder: cfg.data_dir, $CIFAR10_DIR, else the one in the cache (downloaded once)."""
     for given, origin in ((cfg.data_dir, "data.data_dir (--data-dir)"), (os.environ.get("CIFAR10_DIR"), "CIFAR10_DIR")):
         if given:
             return _batches_folder(Path(given).expanduser(), origin)
-    cache = Path(cfg.cache_dir or os.environ.get("CIFAR_MLOPS_CACHE") or Path.home() / ".cache" / "cifar-mlops")
-    cache = cache.expanduser()
-    if (cache / FOLDER_NAME / TEST_BATCH).is_file():
-        return cache / FOLDER_NAME
-    archive = cache / ARCHIVE_NAME
-    if not archive.is_file():
-        download(CIFAR10_URL, archive, CIFAR10_MD5)
-    return extract_archive(archive, cache, md5=CIFAR10_MD5)
+    return fetch_cifar10(cache_folder(cfg))
+
+
+def cache_folder(cfg: DataConfig) -> Path:
+    """data.cache_dir, else $CIFAR_MLOPS_CACHE, else ~/.cache/cifar-mlops."""
+    folder = cfg.cache_dir or os.environ.get("CIFAR_MLOPS_CACHE") or Path.home() / ".cache" / "cifar-mlops"
+    return Path(folder).expanduser()
 
 
 def _batches_folder(folder: Path, origin: str) -> Path:
@@ -249,82 +253,86 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def extract_archive(archive: Path, dest_dir: Path, md5: str = CIFAR10_MD5) -> Path:
-    """Check `archive`'s md5, extract it safely into `dest_dir` and return dest_dir/cifar-10-batches-py."""
-    archive, dest_dir = Path(archive), Path(dest_dir)
-    if not archive.is_file():
-        raise DataError(f"archive {archive} does not exist; rerun without --data-dir to download it")
-    actual = _md5(archive)
-    if actual != md5:
+def fetch_cifar10(cache: str | os.PathLike, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
+    """cache/cifar-10-batches-py, extracted from cache/cifar-10-python.tar.gz, which is downloaded from `url` if absent.
+
+    An extracted folder is used as it is (no network); an archive already in the cache (placed there by hand
+    when offline) is used when its md5 is `md5`, and refused otherwise (never replaced or deleted). Downloading,
+    checking the md5 and extracting are keras.utils.get_file's; every failure is a one-line DataError.
+    """
+    cache = Path(cache).expanduser().absolute()
+    target = cache / FOLDER_NAME
+    if (target / TEST_BATCH).is_file():
+        return target
+    archive = cache / ARCHIVE_NAME
+    by_hand = f"download {url} by hand and put it at {archive}, or pass --data-dir <an extracted {FOLDER_NAME} folder>"
+    # get_file would re-download an archive whose hash differs, and delete it when that fails (offline).
+    if archive.is_file() and (actual := _md5(archive)) != md5:
         raise DataError(
-            f"{archive} is damaged or incomplete: md5 {actual}, expected {md5}; delete it and rerun to download again"
+            f"{archive} is damaged or incomplete: md5 {actual}, expected {md5}; delete it and rerun to download "
+            f"it again, or {by_hand}"
         )
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    # Extract beside the destination, then move the folder into place in one rename.
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=dest_dir) as tmp:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            raise DataError(f"{archive} could not be extracted ({err}); delete it and rerun to download again") from None
-        extracted = Path(tmp) / FOLDER_NAME
-        if not extracted.is_dir():
-            raise DataError(f"{archive} has no {FOLDER_NAME}/ folder inside; delete it and rerun to download again")
-        target = dest_dir / FOLDER_NAME
-        if target.exists():
-            shutil.rmtree(target)
-        extracted.rename(target)
-    return target
-
-
-def download(url: str, dest: Path, md5: str) -> Path:
-    """Stream `url` to `dest` (via dest.part) with progress on stderr; check its md5; return dest."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    digest = hashlib.md5()
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                of_total = f" of {total / 1e6:.1f}" if total else ""
-                print(f"\rdownloading {url}: {done / 1e6:.1f}{of_total} MB", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        part.unlink(missing_ok=True)
-        reason = getattr(err, "reason", None) or err
-        raise DataError(
-            f"could not download {url} ({reason}); download it by hand and put it at {dest}, "
-            "or pass --data-dir <an extracted cifar-10-batches-py folder>"
-        ) from None
-    if digest.hexdigest() != md5:
-        part.unlink(missing_ok=True)
-        raise DataError(
-            f"download of {url} is damaged: md5 {digest.hexdigest()}, expected {md5}; rerun to try again, "
-            f"or download it by hand and put it at {dest}"
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the data cache {cache} ({err.strerror or err}); set data.cache_dir or "
+                        "CIFAR_MLOPS_CACHE to a writable folder, or pass --data-dir") from None
+    staging = cache / EXTRACTED_NAME
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted extraction
+    import keras
+
+    try:
+        # An absolute cache_subdir pins the folder: get_file would fall back to /tmp/.keras for an unwritable one.
+        # Its progress goes to stderr, as all progress does, keeping stdout for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            extracted = Path(keras.utils.get_file(
+                ARCHIVE_NAME, url, file_hash=md5, hash_algorithm="md5", extract=True,
+                cache_dir=str(cache), cache_subdir=str(cache),
+            ))
+        inner = extracted / FOLDER_NAME
+        if not inner.is_dir():
+            raise DataError(f"{archive} has no {FOLDER_NAME}/ folder inside; delete it and rerun to download again")
+        if target.exists():  # an incomplete folder (no test_batch): replaced whole
+            shutil.rmtree(target)
+        inner.rename(target)
+        return target
+    except DataError:
+        raise
+    except Exception as err:  # get_file raises a bare Exception for network errors
+        raise _fetch_error(err, archive, url, md5, by_hand) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fetch_error(err: Exception, archive: Path, url: str, md5: str, by_hand: str) -> DataError:
+    """The DataError for what keras.utils.get_file raised, told apart by what it left behind."""
+    detail = (str(err).splitlines() or [""])[0] or type(err).__name__
+    if not archive.is_file():  # get_file deletes the archive when the download fails
+        # "URL fetch failure on <url>: <HTTP code or None> -- <reason>" -> "HTTP 404: File not found" / the reason
+        head, sep, reason = detail.rpartition(" -- ")
+        code = head.rpartition(": ")[2]
+        if sep:
+            detail = f"HTTP {code}: {reason}" if code.isdigit() else reason
+        return DataError(f"could not download {url} ({detail}); {by_hand}")
+    if (actual := _md5(archive)) != md5:  # downloaded, but not the file expected: get_file leaves it
+        archive.unlink(missing_ok=True)
+        return DataError(
+            f"download of {url} is damaged: md5 {actual}, expected {md5}; rerun to try again, or {by_hand}"
         )
-    part.replace(dest)
-    return dest
+    return DataError(f"{archive} could not be extracted ({detail}); delete it and rerun to download again")
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _sha256_files(paths: list[Path]) -> str:
+    """sha256 of the files' contents one after the other (what runs record as data.source_checksum)."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+            hashlib.file_digest(f, lambda: digest)  # feeds this file into the one running digest
     return digest.hexdigest()
 
 

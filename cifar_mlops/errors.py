@@ -1,9 +1,22 @@
-"""Errors any command may raise that the CLI reports as one line, whichever command it was."""
+"""The one base class of every user-facing error, and helpers to word them.
+
+A `UserError` is something the user can fix (a bad option, a missing file, an
+unreachable store): the CLI prints its message as one line, without a
+traceback, and exits with its `exit_code`. Anything else is a bug and keeps
+its traceback. Each module names its own subclasses (`ConfigError`,
+`DataError`, ...) so the reader sees what went wrong where.
+"""
 
 import re
 
 
-class StoreUnavailable(RuntimeError):
+class UserError(Exception):
+    """What is wrong and what to do, in one line; `exit_code` 2 for bad input caught before any work."""
+
+    exit_code = 1
+
+
+class StoreUnavailable(UserError):
     """The MLflow tracking store (server, database or file) cannot be used; the message says what to do."""
 
 

@@ -23,6 +23,19 @@ def split_metrics(split: str, y_true: np.ndarray, probabilities: np.ndarray) -> 
     }
 
 
+def evaluate(splits, probabilities: dict[str, np.ndarray], exp_id: str) -> tuple[dict[str, float], dict[str, str],
+                                                                                  dict[str, Figure]]:
+    """What every evaluated run logs, from its probabilities per split: the metrics of each split,
+    the per-class report and the confusion matrix of the test split."""
+    metrics: dict[str, float] = {}
+    for split, (_, y) in splits.by_split().items():
+        metrics.update(split_metrics(split, y, probabilities[split]))
+    texts = {"classification_report.txt": per_class_report(splits.y_test, probabilities["test"], splits.class_names)}
+    figures = {"confusion_matrix": confusion_matrix_figure(splits.y_test, probabilities["test"], splits.class_names,
+                                                           f"{exp_id}: test confusion matrix")}
+    return metrics, texts, figures
+
+
 def per_class_report(y_true: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...]) -> str:
     return classification_report(
         y_true, probabilities.argmax(axis=1), labels=list(range(len(class_names))),
@@ -62,5 +75,6 @@ def learning_curves_figure(history: dict[str, list[float]], title: str) -> Figur
     return figure
 
 
-def close(figure: Figure) -> None:
-    plt.close(figure)
+def close(figures: dict[str, Figure]) -> None:
+    for figure in figures.values():
+        plt.close(figure)

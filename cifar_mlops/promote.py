@@ -16,12 +16,16 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pydantic
 import yaml
 
-from cifar_mlops import data, evaluation, tracking
-from cifar_mlops.config import ConfigError, DataConfig, resolve
-from cifar_mlops.ensemble import predict
+from cifar_mlops import data, evaluation
+from cifar_mlops.config import DataConfig, resolve
+from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
+from cifar_mlops.tracking import registry, runs, served
+from cifar_mlops.tracking.registry import RegisteredVersion
+from cifar_mlops.tracking.soft_voting import predict_in_batches
 
 METRICS = ("test_accuracy", "test_f1_macro", "test_loss")  # test_loss: lower is better
 PREVIOUS_ALIAS = "previous"  # the old @champion; the old holder of another alias X becomes @X-previous
@@ -31,14 +35,16 @@ def previous_alias(alias: str) -> str:
     return PREVIOUS_ALIAS if alias == "champion" else f"{alias}-{PREVIOUS_ALIAS}"
 
 
-class PromotionError(ValueError):
-    """A user-facing, one-line promotion error."""
+class PromotionError(UserError):
+    """A promotion that cannot be decided as asked (bad alias, alpha, metric, or unknown test images)."""
+
+    exit_code = 2
 
 
 @dataclass
 class Decision:
-    candidate: tracking.RegisteredVersion
-    holder: tracking.RegisteredVersion | None
+    candidate: RegisteredVersion
+    holder: RegisteredVersion | None
     alias: str
     metric: str
     min_delta: float
@@ -113,23 +119,19 @@ def mcnemar_exact(y_true: np.ndarray, pred_candidate: np.ndarray, pred_holder: n
     return float(mcnemar(table, exact=True).pvalue), table[0][1], table[1][0]
 
 
-def scoring_data_config(candidate: tracking.RegisteredVersion, holder: tracking.RegisteredVersion | None,
+def scoring_data_config(candidate: RegisteredVersion, holder: RegisteredVersion | None,
                      exp_id: str | None, data_dir: str | None) -> tuple[DataConfig, str]:
     """The data section whose test split both versions are scored on, and where it came from."""
     if exp_id:
-        try:
-            config = resolve(exp_id)
-        except ConfigError as err:
-            raise PromotionError(str(err)) from None
-        data_config, origin = config.data, f"experiment {exp_id}"
+        data_config, origin = resolve(exp_id).data, f"experiment {exp_id}"
     else:
         data_config, origin = None, ""
         for version in (candidate, holder):
-            text = tracking.run_text_artifact(version.run_id, "config.yaml") if version and version.run_id else None
+            text = runs.run_text_artifact(version.run_id, "config.yaml") if version and version.run_id else None
             if text:
                 try:
                     data_config = DataConfig.model_validate((yaml.safe_load(text) or {}).get("data") or {})
-                except Exception:  # noqa: BLE001 - an unreadable config is the same as none
+                except (yaml.YAMLError, pydantic.ValidationError, AttributeError):  # unreadable: as if none
                     continue
                 origin = f"the run of {version}"
                 break
@@ -151,8 +153,8 @@ def decide(name: str, version: int, *, alias: str = "champion", metric: str = "t
         raise PromotionError(f"--alpha must be in (0, 1], got {alpha}")
     if alias == PREVIOUS_ALIAS or alias.endswith(f"-{PREVIOUS_ALIAS}"):
         raise PromotionError(f"@{PREVIOUS_ALIAS} is set by promotion itself; promote to another alias")
-    candidate = tracking.find_version(name, version=version)
-    holder = tracking.alias_holder(name, alias)
+    candidate = registry.find_version(name, version=version)
+    holder = registry.alias_holder(name, alias)
     decision = Decision(candidate, holder, alias, metric, min_delta, alpha, dry_run=dry_run)
 
     if holder is not None and holder.version == candidate.version:
@@ -186,11 +188,11 @@ def _compare(decision: Decision, exp_id: str | None, data_dir: str | None, batch
     for role, version in (("candidate", candidate), ("holder", holder)):
         if version is None:
             continue
-        classes = tracking.image_contract(version)
+        classes = served.image_contract(version)
         if classes != splits.num_classes:
             raise PromotionError(f"{version} outputs {classes} classes but the test data has {splits.num_classes}")
         log(f"{role} {version}: predicting {len(y)} test images")
-        probabilities[role] = predict(tracking.load_model(version.uri), x, batch_size)
+        probabilities[role] = predict_in_batches(served.load_model(version.uri).predict, x, batch_size)
     split_key = decision.metric.removeprefix("test_")
     value = {role: evaluation.split_metrics("test", y, p)[f"test_{split_key}"] for role, p in probabilities.items()}
     decision.candidate_value = value["candidate"]
@@ -227,11 +229,11 @@ def _act(decision: Decision) -> None:
     candidate, holder = decision.candidate, decision.holder
     if decision.outcome == "unchanged":
         return
-    tracking.set_version_tags(candidate.name, candidate.version, decision.tags())
+    registry.set_version_tags(candidate.name, candidate.version, decision.tags())
     if not decision.promote:
         return
-    tracking.set_alias(candidate, decision.alias)
+    registry.set_alias(candidate, decision.alias)
     if holder is not None:
-        tracking.set_alias(holder, previous_alias(decision.alias))
-        tracking.set_version_tags(holder.name, holder.version, {
+        registry.set_alias(holder, previous_alias(decision.alias))
+        registry.set_version_tags(holder.name, holder.version, {
             "promotion_replaced_by": str(candidate), "promotion_replaced_alias": decision.alias})

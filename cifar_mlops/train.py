@@ -12,18 +12,19 @@ import contextlib
 import math
 import sys
 import time
-from typing import Iterable
+from collections.abc import Callable, Iterable
 
-import numpy as np
-
-from cifar_mlops import data, evaluation, tracking
-from cifar_mlops.config import ExperimentConfig, TrainConfig
+from cifar_mlops import data, evaluation
+from cifar_mlops.config import DataConfig, ExperimentConfig, TrainConfig, check_kind
+from cifar_mlops.errors import UserError
 from cifar_mlops.models import create_model
 from cifar_mlops.progress import log
+from cifar_mlops.tracking import registry, runs
+from cifar_mlops.tracking.soft_voting import predict_in_batches
 
 
-class TrainingFailed(RuntimeError):
-    """Training could not go on (e.g. the loss diverged); the message says what to change."""
+class TrainingFailed(UserError):
+    """Training could not go on (e.g. the loss diverged, or the experiment is not a training); the message says what to change."""
 
 
 def build_optimizer(cfg: TrainConfig, learning_rate: float, total_steps: int):
@@ -130,31 +131,38 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
     return history
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+def tracked_splits(run: runs.TrainingRun, data_config: DataConfig, splits: data.Splits | None = None) -> data.Splits:
+    """The splits a run uses, loaded here unless a caller that runs many times passes them, and logged."""
+    if splits is None:
+        log("loading data")
+        splits = data.load_splits(data_config)
+    log(f"data: {splits.source} from {splits.location}: "
+        f"{len(splits.y_train)} train / {len(splits.y_val)} val / {len(splits.y_test)} test images")
+    run.log_data(splits)
+    return splits
 
 
 def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callbacks: Iterable = (),
-          register: bool = True, experiment: str = tracking.ABLATION_EXPERIMENT,
-          parent_run_id: str | None = None) -> dict[str, float]:
+          register: bool = True, experiment: str = runs.ABLATION_EXPERIMENT, parent_run_id: str | None = None,
+          on_run_start: Callable[[str], None] | None = None) -> dict[str, float]:
     """Train, evaluate, track and (if `register`) register experiment `config`; return its metrics.
 
-    `splits` lets a caller that trains many times (tuning) load the data once.
+    `splits` lets a caller that trains many times (tuning) load the data once;
+    `on_run_start(run_id)` is called as soon as the run exists (tuning tags its trial there).
     """
     import keras
 
-    if config.kind != "train":
-        raise TrainingFailed(f"{config.exp_id} is an ensemble; build it with `cifar-mlops ensemble --exp {config.exp_id}`")
-    with tracking.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id) as run:
+    check_kind(config, "train")
+    with runs.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id, on_start=on_run_start) as run:
         log(f"{config.exp_id}: tracking {run.url_hint}")
-        splits = run.load_data(config.data, splits)
+        splits = tracked_splits(run, config.data, splits)
 
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)
         policy = dtype_policy(config.train)
-        run.log_precision(policy)
+        run.log(params={"train.dtype_policy": policy})
         with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
-            model = create_model(config.model, splits.num_classes)
+            model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
         log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
             f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}")
 
@@ -163,28 +171,18 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         fit_seconds = time.perf_counter() - started
 
         log("evaluating on train, val and test")
-        metrics: dict[str, float] = {}
-        probabilities = {}
-        for split, (x, y) in {"train": (splits.x_train, splits.y_train), "val": (splits.x_val, splits.y_val),
-                              "test": (splits.x_test, splits.y_test)}.items():
-            probabilities[split] = predict_probabilities(model, x, config.train.batch_size)
-            metrics.update(evaluation.split_metrics(split, y, probabilities[split]))
+        probabilities = {split: predict_in_batches(model.predict_on_batch, x, config.train.batch_size)
+                         for split, (x, _) in splits.by_split().items()}
+        metrics, texts, figures = evaluation.evaluate(splits, probabilities, config.exp_id)
         metrics["fit_seconds"] = fit_seconds
         metrics["epochs_run"] = float(len(history.get("loss", [])))
+        figures["learning_curves"] = evaluation.learning_curves_figure(history, config.exp_id)
+        run.log_results(metrics, texts, figures)
+        evaluation.close(figures)
 
-        figures = {
-            "confusion_matrix": evaluation.confusion_matrix_figure(
-                splits.y_test, probabilities["test"], splits.class_names, f"{config.exp_id}: test confusion matrix"),
-            "learning_curves": evaluation.learning_curves_figure(history, config.exp_id),
-        }
-        report = evaluation.per_class_report(splits.y_test, probabilities["test"], splits.class_names)
-        run.log_results(metrics, report, figures)
-        for figure in figures.values():
-            evaluation.close(figure)
-
-        model_uri = run.log_model(model, splits.num_classes, example=splits.x_test[:2])
+        model_uri = run.log_keras_model(model, splits.num_classes, example=splits.x_test[:2])
         if register:
             version = run.register(model_uri, metrics)
-            log(f"registered {tracking.registered_model_name(config.family)} version {version}")
+            log(f"registered {registry.registered_model_name(config.family)} version {version}")
         log(" ".join(f"{k}={metrics[k]:.4f}" for k in ("train_accuracy", "val_accuracy", "test_accuracy", "test_f1_macro")))
         return metrics

@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 from optuna.trial import TrialState
 
 from cifar_mlops import config as cfg
 from cifar_mlops import progress
-from cifar_mlops.errors import first_line, redact
+from cifar_mlops.errors import UserError, first_line, redact
 
 DEFAULT_JOURNAL = "optuna.journal"
 OBJECTIVE = "val_accuracy"  # maximized; also the per-epoch metric the pruner watches
@@ -54,13 +55,16 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "successive-halving", "hyperband", "none")
 SEARCHED_SECTION = "train"  # every search dimension overrides train.<name>
 TRIAL_METRICS = ("val_accuracy", "val_f1_macro", "train_accuracy", "test_accuracy", "epochs_run")
+COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # TuneResult.counts and the parent's trials_* tags
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress line replaces Optuna's
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-class TuneError(ValueError):
-    """A user-facing, one-line tuning error (bad storage, empty search space, ...)."""
+class TuneError(UserError):
+    """A study that cannot start as asked (bad storage, empty search space, another experiment's study, ...)."""
+
+    exit_code = 2
 
 
 def log(message: str) -> None:
@@ -229,17 +233,40 @@ def _alive(pid: int, started: str) -> bool:
     return not (started and now and now != started)  # a different process reusing the pid
 
 
-def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Heartbeat callback (RDB storages): the trial's worker went silent; end its nested run too."""
+HEARTBEAT_REASON = "its worker stopped (no heartbeat); trial marked FAIL"
+
+
+def _end_trial_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """End a failed trial's nested run (if it got one) FAILED with `reason`."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
-        from cifar_mlops import tracking
+        from cifar_mlops.tracking import studies
 
-        tracking.end_trial_run(run_id, "FAIL", "its worker stopped (no heartbeat); trial marked FAIL")
+        studies.end_trial_run(run_id, "FAIL", reason)
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark FAIL the RUNNING trials whose worker is gone; return their numbers.
+def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Heartbeat callback (RDB storages): the trial's worker went silent; end its nested run too."""
+    _end_trial_run(trial, HEARTBEAT_REASON)
+
+
+def _record_fail_reason(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int, reason: str) -> None:
+    """Keep why trial `number`, started by a process now dead, is failed: its system attr `fail_reason`
+    (which `progress_line` shows and `_finish` gives a still-open nested run).
+
+    Optuna has no public call for this: `Study.tell` sets the state but takes no reason, and
+    `Trial.set_user_attr` needs the live `Trial` object of the process that ran it. So this calls the
+    storage's own methods (`BaseStorage`, "not supposed to be directly accessed by library users"), on
+    the storage this process opened, by study name and trial number. It must come before the trial is
+    told FAIL: a finished trial cannot change (`UpdateFinishedTrialError`)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    storage.set_trial_system_attr(trial_id, "fail_reason", reason)
+
+
+def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker is gone, end their nested runs, log a progress line for
+    each; return their numbers. `storage`: the one `study` was opened on.
 
     Local workers are checked by pid (immediate); workers elsewhere by Optuna's
     heartbeat (RDB storages only, after GRACE_SECONDS)."""
@@ -251,20 +278,26 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
             continue
         if _alive(int(attrs["worker_pid"]), str(attrs.get("worker_start", ""))):
             continue
+        reason = f"worker pid {attrs['worker_pid']} died during the trial"
         try:
-            study._storage.set_trial_system_attr(trial._trial_id, "fail_reason",
-                                                 f"worker pid {attrs['worker_pid']} died during the trial")
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            _record_fail_reason(storage, study, trial.number, reason)
+            # any process may tell a RUNNING trial by number; one finished meanwhile is left as it is
+            told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process got there first
-        _stale_trial_failed(study, trial)
-        failed.append(trial.number)
+            continue  # another process finished it between our read and our write
+        if told.state != TrialState.FAIL:
+            continue
+        _end_trial_run(told, reason)
+        log(progress_line(study, told))
+        failed.append(told.number)
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # no-op unless the storage has heartbeats
-    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    return sorted(set(failed) | (after - before))
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number not in before]
+    for trial in stale:
+        log(progress_line(study, trial, reason=HEARTBEAT_REASON))
+    return sorted(set(failed) | {t.number for t in stale})
 
 
 # ---------------------------------------------------------------------------
@@ -299,10 +332,11 @@ class WorkerSpec:
 def run_worker(spec: WorkerSpec) -> int:
     """Run up to `spec.trials` trials of the study in this process; return how many finished."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cifar_mlops import data, tracking
+    from cifar_mlops import data
+    from cifar_mlops.tracking import store, studies
     from cifar_mlops.train import TrainingFailed, train
 
-    tracking.quiet_mlflow()
+    store.quiet_mlflow()
     config = base_config(spec.exp_id, spec.overrides)
     storage = open_storage(spec.storage)
     study = optuna.load_study(study_name=spec.study_name, storage=storage,
@@ -323,20 +357,19 @@ def run_worker(spec: WorkerSpec) -> int:
         def tag_run(run_id: str) -> None:
             run_ids.append(run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
-            tracking.tag_run(run_id, {"trial_number": trial.number, "optuna_study": spec.study_name,
-                                      "state": "RUNNING", "worker": f"{host}:{pid}"},
-                             run_name=f"{spec.exp_id} trial {trial.number}")
+            studies.tag_run(run_id, {"trial_number": trial.number, "optuna_study": spec.study_name,
+                                     "state": "RUNNING", "worker": f"{host}:{pid}",
+                                     "mlflow.runName": f"{spec.exp_id} trial {trial.number}"})
 
         try:
-            with tracking.on_training_run_start(tag_run):
-                metrics = train(trial_config, splits=splits, register=False, experiment=spec.experiment,
-                                parent_run_id=spec.parent_run_id,
-                                callbacks=[pruning_callback(trial, trial_config.train.epochs)])
+            metrics = train(trial_config, splits=splits, register=False, experiment=spec.experiment,
+                            parent_run_id=spec.parent_run_id, on_run_start=tag_run,
+                            callbacks=[pruning_callback(trial, trial_config.train.epochs)])
         except optuna.TrialPruned:
             raise
         except BaseException as err:
             if run_ids:
-                tracking.end_trial_run(run_ids[-1], "FAIL", f"{type(err).__name__}: {err}")
+                studies.end_trial_run(run_ids[-1], "FAIL", f"{type(err).__name__}: {err}")
             raise
         for key in TRIAL_METRICS:
             if key in metrics:
@@ -346,7 +379,7 @@ def run_worker(spec: WorkerSpec) -> int:
     def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            tracking.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
+            studies.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
         log(f"worker {spec.index}: {progress_line(study, trial)}")
 
     study.optimize(objective, n_trials=spec.trials, timeout=spec.timeout, callbacks=[finished],
@@ -382,7 +415,9 @@ def _resource_errors() -> tuple[type[BaseException], ...]:
         return ()
 
 
-def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str | None = None) -> str:
+    """One line on a finished trial: outcome, params, the study's best so far. `reason`: why it failed, when
+    the trial itself does not say (its system attr `fail_reason`, set for a dead worker's trial)."""
     params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
     if trial.state == TrialState.COMPLETE:
         outcome = f"{OBJECTIVE}={trial.value:.4f}"
@@ -390,7 +425,7 @@ def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
         last = max(trial.intermediate_values) + 1 if trial.intermediate_values else 0
         outcome = f"pruned after epoch {last}"
     else:
-        outcome = f"failed ({trial.system_attrs.get('fail_reason', 'see its run')})"[:200]
+        outcome = f"failed ({trial.system_attrs.get('fail_reason') or reason or 'see its run'})"[:200]
     best = _best_trial(study)
     best_text = f"best: trial {best.number} {OBJECTIVE}={best.value:.4f}" if best else "best: none yet"
     return f"trial {trial.number} {trial.state.name}: {outcome} | {params} | {best_text}"
@@ -401,8 +436,11 @@ def _fmt(value: Any) -> str:
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(complete, key=lambda t: t.value) if complete else None
+    """`study.best_trial` (the first of equals), None before any trial completed."""
+    try:
+        return study.best_trial
+    except ValueError:  # "No trials are completed yet."
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -438,7 +476,10 @@ def gpu_ids() -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
-def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig) -> tuple[optuna.Study, list[int]]:
+def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig
+                   ) -> tuple[optuna.Study, optuna.storages.BaseStorage, list[int]]:
+    """The study (created or loaded, checked to tune this experiment), its storage, and the trials of dead
+    workers it had, now failed."""
     storage = open_storage(spec.storage)
     try:
         study = optuna.create_study(study_name=spec.study_name, storage=storage, load_if_exists=True,
@@ -454,27 +495,28 @@ def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig) -> tuple[optu
     elif owner != spec.exp_id:
         raise TuneError(f"study {spec.study_name!r} tunes experiment {owner}, not {spec.exp_id}; "
                         "pass another --study name")
-    return study, fail_dead_trials(study)
+    return study, storage, fail_dead_trials(study, storage)
 
 
-def _parent_run(study: optuna.Study, spec: WorkerSpec, tags: dict[str, Any]) -> tuple[str, str]:
+def _parent_run(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: WorkerSpec,
+                tags: dict[str, Any]) -> tuple[str, str]:
     """Create (or reopen) the study's one parent run, remembered in the study, before any worker starts."""
-    from cifar_mlops import tracking
+    from cifar_mlops.tracking import runs, store, studies
 
-    uri = tracking.configure_store()
+    uri = store.configure_store()
     attrs = study.user_attrs
     reuse = attrs.get("mlflow_parent_run_id") if attrs.get("mlflow_tracking_uri") == uri else None
-    adopted = tracking.adopted_run_id()  # `mlflow run` made the parent run for us
-    run_id, experiment = tracking.study_run(spec.study_name, tags, reuse_run_id=reuse)
+    adopted = runs.adopted_run_id()  # `mlflow run` made the parent run for us
+    run_id, experiment = studies.study_run(spec.study_name, tags, reuse_run_id=reuse)
     if run_id != reuse:
         study.set_user_attr("mlflow_parent_run_id", run_id)
         study.set_user_attr("mlflow_tracking_uri", uri)
         time.sleep(0.2)
-        winner = optuna.load_study(study_name=spec.study_name, storage=study._storage).user_attrs.get(
+        winner = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs.get(
             "mlflow_parent_run_id")
         if winner and winner != run_id and not adopted:  # another process started at once
-            tracking.delete_run(run_id)
-            run_id, experiment = tracking.study_run(spec.study_name, tags, reuse_run_id=winner)
+            studies.delete_run(run_id)
+            run_id, experiment = studies.study_run(spec.study_name, tags, reuse_run_id=winner)
     return run_id, experiment
 
 
@@ -483,7 +525,7 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
          seed: int | None = None, overrides: dict[str, Any] | None = None,
          register_best: bool = False) -> TuneResult:
     """Run `trials` more trials of experiment `exp_id`'s study on `workers` processes; return the summary."""
-    from cifar_mlops import tracking
+    from cifar_mlops.tracking import registry, store, studies
 
     overrides = dict(overrides or {})
     if trials < 1:
@@ -498,18 +540,16 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
         storage = f"journal:{journal_path(storage)}"  # absolute: workers may start elsewhere
     spec = WorkerSpec(exp_id=exp_id, overrides=overrides, study_name=study_name, storage=storage,
                       sampler=sampler, pruner=pruner, parent_run_id="", experiment="", seed=seed)
-    study, failed_dead = _prepare_study(spec, config)
-    if failed_dead:
-        log(f"trials {', '.join(map(str, failed_dead))} had lost their worker: marked FAIL")
+    study, study_storage, failed_dead = _prepare_study(spec, config)  # logs each failed trial of a dead worker
 
-    tracking.quiet_mlflow()
+    store.quiet_mlflow()
     tags = {"optuna_study": study_name, "optuna_storage": redact(storage), "exp_id": exp_id, "family": config.family,
             "objective": f"maximize {OBJECTIVE}", "sampler": sampler, "pruner": pruner,
             "search_space": json.dumps(config.search.model_dump(mode="json", exclude_none=True)),
             "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "none"}
-    parent_run_id, experiment = _parent_run(study, spec, tags)
+    parent_run_id, experiment = _parent_run(study, study_storage, spec, tags)
     result = TuneResult(study_name=study_name, storage=redact(storage), parent_run_id=parent_run_id,
-                        tracking_uri=tracking.configure_store(), experiment=experiment, failed_dead=failed_dead)
+                        tracking_uri=store.configure_store(), experiment=experiment, failed_dead=failed_dead)
     log(f"study {study_name!r} ({len(study.trials)} earlier trials) in {redact(storage)}; "
         f"parent run {parent_run_id} in MLflow experiment {experiment!r}")
 
@@ -535,19 +575,18 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
         status = "FAILED"
         raise
     finally:
-        _finish(study, result, status)
+        _finish(study, study_storage, result, status)
 
     if register_best and result.best:
         from cifar_mlops.train import train
 
         best_config = cfg.resolve(exp_id, {**overrides, **as_overrides(result.best["params"])})
         log(f"retraining the best configuration (trial {result.best['number']}) once, to register it")
-        with tracking.on_training_run_start(lambda run_id: tracking.tag_run(
-                run_id, {"optuna_study": study_name, "tuned_from_trial": result.best["number"],
-                         "tuning_parent_run": parent_run_id})):
-            train(best_config, register=True)
-        result.registered = f"{tracking.registered_model_name(best_config.family)} (see `mlflow ui`)"
-        tracking.tag_run(parent_run_id, {"best_registered": "yes"})
+        train(best_config, register=True, on_run_start=lambda run_id: studies.tag_run(
+            run_id, {"optuna_study": study_name, "tuned_from_trial": result.best["number"],
+                     "tuning_parent_run": parent_run_id}))
+        result.registered = f"{registry.registered_model_name(best_config.family)} (see `mlflow ui`)"
+        studies.tag_run(parent_run_id, {"best_registered": "yes"})
     return result
 
 
@@ -584,23 +623,23 @@ def _run_worker_processes(specs: list[WorkerSpec], tracking_uri: str) -> list[st
     return failures
 
 
-def _finish(study: optuna.Study, result: TuneResult, status: str) -> None:
+def _finish(study: optuna.Study, storage: optuna.storages.BaseStorage, result: TuneResult, status: str) -> None:
     """Fail trials of dead workers, close their runs, and record the study on the parent run."""
-    from cifar_mlops import tracking
+    from cifar_mlops.tracking import studies
 
-    result.failed_dead += fail_dead_trials(study)
+    result.failed_dead += fail_dead_trials(study, storage)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for run_id, tags in tracking.running_child_runs(result.parent_run_id):
+    for run_id, tags in studies.running_child_runs(result.parent_run_id):
         number = tags.get("trial_number")
         trial = trials.get(int(number)) if number and number.isdigit() else None
         if trial is not None and trial.state != TrialState.RUNNING:
-            tracking.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
+            studies.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
 
-    all_trials = list(trials.values())
-    result.counts = {state.name: sum(t.state == state for t in all_trials)
-                     for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    frame = trials_frame(study)
+    result.counts = {state: int(n) for state, n in
+                     frame["state"].value_counts().reindex(COUNTED_STATES, fill_value=0).items()}
     best = _best_trial(study)
-    tags: dict[str, Any] = {"trials_total": len(all_trials), **{f"trials_{k.lower()}": v for k, v in result.counts.items()}}
+    tags: dict[str, Any] = {"trials_total": len(frame), **{f"trials_{k.lower()}": v for k, v in result.counts.items()}}
     metrics: dict[str, float] = {f"trials_{k.lower()}": float(v) for k, v in result.counts.items()}
     texts = {}
     if best is not None:
@@ -618,7 +657,7 @@ def _finish(study: optuna.Study, result: TuneResult, status: str) -> None:
         tags["failure_reason"] = "; ".join(result.worker_failures)
     figures = study_figures(study)
     try:
-        tracking.finish_study_run(result.parent_run_id, status, tags=tags, metrics=metrics, figures=figures,
+        studies.finish_study_run(result.parent_run_id, status, tags=tags, metrics=metrics, figures=figures,
                                   texts=texts)
     finally:
         from matplotlib import pyplot as plt
@@ -659,13 +698,37 @@ def study_figures(study: optuna.Study) -> dict[str, Any]:
     return figures
 
 
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """`study.trials_dataframe()`: one row per trial, columns number, value, state (its name), `params_*`,
+    `user_attrs_*`, `system_attrs_*`; the first three even for a study without trials."""
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "system_attrs"))
+    return frame.reindex(columns=frame.columns.union(["number", "value", "state"], sort=False))
+
+
 def best_table(study: optuna.Study, top: int = 5) -> str:
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:top]
-    if not complete:
+    """The `top` completed trials, best first (equals in trial order), as a text table: trial, val_accuracy,
+    test_accuracy, the searched params, the trial's run id."""
+    frame = trials_frame(study)
+    complete = (frame[frame["state"] == TrialState.COMPLETE.name]
+                .sort_values("value", ascending=False, kind="stable").head(top))
+    if complete.empty:
         return "no completed trials yet"
-    names = sorted({k for t in complete for k in t.params})
-    header = ["trial", OBJECTIVE, "test_accuracy", *names, "run_id"]
-    rows = [[str(t.number), f"{t.value:.4f}", f"{t.user_attrs.get('test_accuracy', float('nan')):.4f}",
-             *(_fmt(t.params.get(n, "")) for n in names), t.user_attrs.get("mlflow_run_id", "")] for t in complete]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+    extras = ["user_attrs_test_accuracy", "user_attrs_mlflow_run_id"]
+    complete = complete.reindex(columns=complete.columns.union(extras, sort=False))
+    params = sorted(c for c in complete.columns if c.startswith("params_") and complete[c].notna().any())
+    table = pd.DataFrame({
+        "trial": complete["number"],
+        OBJECTIVE: complete["value"].map(_fmt4),
+        "test_accuracy": complete["user_attrs_test_accuracy"].map(_fmt4),
+        **{name.removeprefix("params_"): complete[name].map(_cell) for name in params},
+        "run_id": complete["user_attrs_mlflow_run_id"].map(_cell),
+    })
+    return table.to_string(index=False)
+
+
+def _fmt4(value: Any) -> str:
+    return "—" if pd.isna(value) else f"{value:.4f}"
+
+
+def _cell(value: Any) -> str:
+    return "" if pd.isna(value) else _fmt(value)

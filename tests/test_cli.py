@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from cifar_mlops import cli, tracking
+from cifar_mlops import cli, process
+from cifar_mlops.tracking import runs
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -52,19 +53,19 @@ def test_version() -> None:
 
 def test_heavy_imports_are_frozen_out_of_the_collector_which_stays_on() -> None:
     # A fresh process: freezing pytest's own objects would outlive this test.
-    code = ("import gc; from cifar_mlops import cli\n"
-            "with cli.heavy_imports():\n    import tensorflow, mlflow\n"
+    code = ("import gc; from cifar_mlops import process\n"
+            "with process.heavy_imports():\n    import tensorflow, mlflow\n"
             "assert gc.isenabled()\n"
             "frozen, tracked = gc.get_freeze_count(), len(gc.get_objects())\n"
             "assert frozen > 5 * tracked, (frozen, tracked)\n"
-            "try:\n    with cli.heavy_imports():\n        import no_such_module\n"
+            "try:\n    with process.heavy_imports():\n        import no_such_module\n"
             "except ImportError:\n    pass\n"
             "assert gc.isenabled()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_stderr_without_holds_back_only_the_noise_even_from_native_code(capfd) -> None:
-    with cli.stderr_without(("oneDNN custom operations are on",)):
+    with process.stderr_without(("oneDNN custom operations are on",)):
         os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see...\n")  # as C++ writes it
         os.write(2, b"a real warning\n")
     assert capfd.readouterr().err == "a real warning\n"
@@ -76,17 +77,23 @@ def test_experiments_prints_the_study_table_and_settings() -> None:
     result = CliRunner().invoke(cli.main, ["experiments"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    header = next(line for line in lines if line.startswith("Enhancement") and "1.0" in line)
-    assert [c.strip() for c in header.split("|")[1:]] == ["1.0", "1.1", "2.0", "2.1", "2.2", "2.3", "2.4", "3.0", "3.1"]
-    adamw = next(line for line in lines if line.startswith("AdamW"))
-    assert [c.strip() for c in adamw.split("|")[1:]] == ["", "", "", "", "✔", "", "✔", "", ""]
-    rotation = next(line for line in lines if line.startswith("Random rotation"))
-    assert "✔" not in rotation
-    assert any(line.startswith("Stratified split") for line in lines)
+    study_a = lines[:next(i for i, line in enumerate(lines) if line.startswith("Study B"))]
+    rows = {cells[0]: cells[1:] for cells in map(_markdown_cells, study_a) if cells}  # label -> marks
+    assert rows["Enhancement"] == ["1.0", "1.1", "2.0", "2.1", "2.2", "2.3", "2.4", "3.0", "3.1"]  # study A's header
+    assert rows["AdamW"] == ["", "", "", "", "✔", "", "✔", "", ""]
+    assert "✔" not in rows["Random rotation"]
+    assert any(_markdown_cells(line)[:1] == ["Stratified split"] for line in lines)  # study B's table
     for exp_id in ("1.0", "3.1", "3.2", "b0", "b5", "smoke"):
         assert any(line.split()[:1] == [exp_id] for line in lines), exp_id
     settings = next(line for line in lines if line.startswith("3.1 "))
     assert "densenet121+imagenet" in settings and " 96 " in settings
+
+
+def _markdown_cells(line: str) -> list[str]:
+    """The cells of a markdown table row ("| a | b |"), [] for any other line (or the |---| rule)."""
+    if not line.startswith("|") or set(line) <= set("|-: "):
+        return []
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
 def test_experiments_lists_models() -> None:
@@ -162,7 +169,7 @@ def test_quickstart_command_trains_tracks_and_registers_smoke(tmp_path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store: the working directory
     client = MlflowClient()
-    [run] = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke"
     [version] = client.search_model_versions("name='cifar10-cnn'")
     assert version.tags["exp_id"] == "smoke"
@@ -173,13 +180,13 @@ def test_mlflow_run_entry_point_adopts_its_run(tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_command(
         ["mlflow", "run", str(REPO), "-e", "train", "-P", "exp=smoke", "-P", "overrides=train.epochs=2",
-         "--env-manager", "local", "--experiment-name", tracking.ABLATION_EXPERIMENT],
+         "--env-manager", "local", "--experiment-name", runs.ABLATION_EXPERIMENT],
         cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
     assert result.returncode == 0, result.stderr[-3000:]
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
-    [run] = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "smoke" and run.data.tags["exp_id"] == "smoke"
     assert run.data.params["train.epochs"] == "2"
@@ -253,7 +260,7 @@ def test_mlflow_run_with_bad_input_fails_its_run_with_the_reason(tmp_path) -> No
     client = MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     assert run.info.status == "FAILED"
-    assert "train.epochs" in run.data.tags[tracking.FAILURE_TAG]
+    assert "train.epochs" in run.data.tags[runs.FAILURE_TAG]
     assert client.search_model_versions() == []
 
 
@@ -276,6 +283,6 @@ def test_two_trainings_started_together_on_a_new_store_share_it(tmp_path, reques
         assert "Traceback" not in stderr
 
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert sorted(int(v.version) for v in client.search_model_versions("name='cifar10-cnn'")) == [1, 2]

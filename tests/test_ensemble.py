@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,9 +17,9 @@ from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from cifar_mlops import cli, data, tracking
+from cifar_mlops import cli, data, ensemble
 from cifar_mlops import config as cfg
-from cifar_mlops import ensemble
+from cifar_mlops.tracking import runs, served
 from cifar_mlops.train import train
 from tests.conftest import REPO, tiny, use_store
 
@@ -61,14 +62,14 @@ def ensemble_versions() -> list:
 
 def ablation_runs() -> list:
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT)
+    experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT)
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 def test_soft_vote_is_the_weighted_mean() -> None:
     rng = np.random.default_rng(0)
     members = [rng.dirichlet(np.ones(10), size=5).astype(np.float32) for _ in range(3)]
-    np.testing.assert_allclose(ensemble.soft_vote(members), np.mean(members, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(ensemble.soft_vote(members, [1, 1, 1]), np.mean(members, axis=0), rtol=1e-6)
     np.testing.assert_allclose(ensemble.soft_vote(members, [2, 1, 1]),
                                (2 * members[0] + members[1] + members[2]) / 4, rtol=1e-6)
 
@@ -81,8 +82,8 @@ def test_registered_ensemble_is_the_mean_of_its_members_and_tracked_like_a_run(r
     batch = splits.x_test[:12]
     member_uris = version.tags["members"].split(",")
     assert len(member_uris) == 2
-    members = [tracking.load_model(f"models:/{uri}").predict(batch) for uri in member_uris]
-    voted = tracking.load_model(f"models:/cifar10-ensemble/{version.version}").predict(batch)
+    members = [served.load_model(f"models:/{uri}").predict(batch) for uri in member_uris]
+    voted = served.load_model(f"models:/cifar10-ensemble/{version.version}").predict(batch)
     assert voted.shape == (12, 10) and voted.dtype == np.float32
     np.testing.assert_allclose(voted, np.mean(members, axis=0), atol=1e-6)
 
@@ -116,7 +117,7 @@ def test_fitted_weights_never_score_worse_on_validation(registry) -> None:
         weights, _ = ensemble.fit_weights(members, y)
         for metric in ("loss", "accuracy"):
             fitted_score = ensemble.evaluation.split_metrics("val", y, ensemble.soft_vote(members, weights))
-            equal_score = ensemble.evaluation.split_metrics("val", y, ensemble.soft_vote(members))
+            equal_score = ensemble.evaluation.split_metrics("val", y, ensemble.soft_vote(members, [1, 1]))
             if metric == "loss":
                 assert fitted_score["val_loss"] <= equal_score["val_loss"] + 1e-6
             else:
@@ -127,6 +128,34 @@ def test_fitted_weights_never_score_worse_on_validation(registry) -> None:
     assert fitted["val_loss"] <= equal["val_loss"] + 1e-6
     assert fitted["val_accuracy"] >= equal["val_accuracy"]
     assert fitted["weight_0"] + fitted["weight_1"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fit_weights", [False, True])
+def test_the_served_ensemble_predicts_exactly_what_was_evaluated(registry, fit_weights) -> None:
+    # One soft-voting code path: the registered pyfunc, reloaded in a new process, reproduces the
+    # probabilities behind the run's metrics bit for bit (so the metrics themselves, exactly).
+    # fitting starts from weights far from the best ones, so the fitted ones are kept
+    members = "[{registered_model: cifar10-cnn, exp_id: smoke, weight: 1}, " \
+              "{registered_model: cifar10-cnn, exp_id: smoke-wide, weight: 19}]"
+    config = tiny_ensemble(fit_weights=fit_weights, members=cfg.parse_overrides([f"x.members={members}"])["x.members"])
+    metrics = ensemble.build(config)
+    assert metrics["weights_fitted"] == float(fit_weights)
+    newest = max(int(v.version) for v in ensemble_versions())
+    code = ("import json, sys; import mlflow; from cifar_mlops import config, data, evaluation\n"
+            "splits = data.load_splits(config.DataConfig.model_validate_json(sys.argv[1]))\n"
+            f"model = mlflow.pyfunc.load_model('models:/cifar10-ensemble/{newest}')\n"
+            "scores = {}\n"
+            "for split in ('val', 'test'):\n"
+            "    x, y = splits.by_split()[split]\n"
+            "    scores.update(evaluation.split_metrics(split, y, model.predict(x)))\n"
+            "print(json.dumps(scores))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=registry, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, "-c", code, config.data.model_dump_json()], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served_scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert served_scores == {key: metrics[key] for key in served_scores}
 
 
 @pytest.mark.parametrize(
@@ -179,7 +208,7 @@ def _register_foreign_models() -> None:
     contracts = {
         "cifar10-odd": ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 64))]),
                                       Schema([TensorSpec(np.dtype(np.float32), (-1, 10))])),
-        "cifar10-five": tracking.image_signature(5),
+        "cifar10-five": served.image_signature(5),
     }
     for name, signature in contracts.items():
         if name in existing:

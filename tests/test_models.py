@@ -12,7 +12,8 @@ import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
 from cifar_mlops.config import ModelConfig
-from cifar_mlops.models import applications, create_model, get_model_entry, list_models
+from cifar_mlops.models import ModelSettingError, UnknownModel, applications, create_model, get_model_entry, \
+    list_models
 from cifar_mlops.models.applications import WeightsUnavailable
 
 APPLICATIONS = ("mobilenetv2", "densenet121")
@@ -21,8 +22,9 @@ MOBILENET_NOTOP_224 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_
 
 
 
-def tiny(name: str, **overrides) -> ModelConfig:
-    return ModelConfig(name=name, **{**TINY.get(name, {"width": 0.25}), **overrides})
+def tiny(name: str, **settings):
+    """The model `name`, shrunk (plain keyword arguments, as every factory takes them)."""
+    return create_model(name, **{**TINY.get(name, {"width": 0.25}), **settings})
 
 
 def images(n: int = 3) -> np.ndarray:
@@ -38,7 +40,7 @@ def assert_probabilities(model: keras.Model, batch: np.ndarray, num_classes: int
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_maps_raw_uint8_images_to_probabilities(name):
-    model = create_model(tiny(name), num_classes=10)
+    model = tiny(name, num_classes=10)
     assert not model.compiled, "factories build, train.py compiles"
     (inp,) = model.inputs
     assert inp.dtype == "uint8" and tuple(inp.shape) == (None, 32, 32, 3) and inp.name == "image"
@@ -49,7 +51,7 @@ def test_every_model_maps_raw_uint8_images_to_probabilities(name):
 
 
 def test_mobilenetv2_resizes_inside_the_model():
-    model = create_model(tiny("mobilenetv2", image_size=64, interpolation="bicubic"), num_classes=10)
+    model = tiny("mobilenetv2", image_size=64, interpolation="bicubic", num_classes=10)
     resize = model.get_layer("resize")
     assert resize.interpolation == "bicubic" and tuple(resize.output.shape) == (None, 64, 64, 3)
     assert model.get_layer("backbone").input_shape == (None, 64, 64, 3)
@@ -58,7 +60,7 @@ def test_mobilenetv2_resizes_inside_the_model():
 
 @pytest.mark.parametrize("name", list_models())
 def test_only_applications_have_a_backbone(name):
-    model = create_model(tiny(name), num_classes=3)
+    model = tiny(name, num_classes=3)
     if name in APPLICATIONS:
         backbone = model.get_layer("backbone")
         assert isinstance(backbone, keras.Model) and backbone.trainable_weights
@@ -68,16 +70,25 @@ def test_only_applications_have_a_backbone(name):
 
 
 def test_unknown_model_name_lists_the_known_ones():
-    with pytest.raises(KeyError, match="known models: .*cnn_b5.*mobilenetv2"):
-        get_model_entry("resnet50")
+    with pytest.raises(UnknownModel, match="known models: .*cnn_b5.*mobilenetv2"):
+        create_model("resnet50")
     with pytest.raises(ValueError, match="unknown model 'resnet50'"):
         ModelConfig(name="resnet50")
 
 
-def test_listing_the_registry_does_not_import_tensorflow():
-    code = "import sys, cifar_mlops.models as m; m.list_models(); print(sorted({'keras', 'tensorflow'} & set(sys.modules)))"
+def test_listing_the_registry_imports_neither_tensorflow_nor_the_config():
+    # models/ knows nothing of experiment files: the dependency runs config -> models only
+    code = ("import sys, cifar_mlops.models as m; m.list_models(); "
+            "print(sorted({'keras', 'tensorflow', 'cifar_mlops.config'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_factory_defaults_are_the_config_defaults(name):
+    # ModelConfig.settings() leaves defaults out, so a factory's own default must mean the same
+    for setting, default in get_model_entry(name).settings.items():
+        assert default == ModelConfig.model_fields[setting].default, (name, setting)
 
 
 @pytest.mark.parametrize(
@@ -92,8 +103,8 @@ def test_listing_the_registry_does_not_import_tensorflow():
     ],
 )
 def test_settings_a_model_cannot_honour_are_rejected(config, knob):
-    with pytest.raises(ValueError, match=knob):
-        create_model(ModelConfig(**config))
+    with pytest.raises(ModelSettingError, match=knob):
+        create_model(**config)
 
 
 # ---------------------------------------------------------------------------
@@ -123,15 +134,15 @@ def assert_same_weights(actual: list[np.ndarray], expected: list[np.ndarray]) ->
 def test_weights_file_is_loaded_into_the_backbone(tmp_path, suffix):
     path = tmp_path / f"notop{suffix}"
     saved = save_notop_weights(path)
-    model = create_model(ModelConfig(name="mobilenetv2", width=0.35, weights=str(path)))
+    model = create_model("mobilenetv2", width=0.35, weights=str(path))
     assert_same_weights(model.get_layer("backbone").get_weights(), saved)
-    fresh = create_model(ModelConfig(name="mobilenetv2", width=0.35)).get_layer("backbone")
+    fresh = create_model("mobilenetv2", width=0.35).get_layer("backbone")
     assert not np.array_equal(fresh.get_weights()[0], saved[0]), "random init must differ from the file"
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsUnavailable, match="model.weights file not found: .*nowhere.h5"):
-        create_model(ModelConfig(name="mobilenetv2", width=0.35, weights=str(tmp_path / "nowhere.h5")))
+        create_model("mobilenetv2", width=0.35, weights=str(tmp_path / "nowhere.h5"))
 
 
 @pytest.fixture
@@ -146,13 +157,13 @@ def offline(monkeypatch, tmp_path):
 def test_imagenet_file_in_the_keras_cache_is_used_without_download(offline):
     offline.mkdir(parents=True)
     saved = save_notop_weights(offline / MOBILENET_NOTOP_224)  # the name Keras uses for alpha 0.35, 32 px -> 224's
-    model = create_model(ModelConfig(name="mobilenetv2", width=0.35, weights="imagenet"))
+    model = create_model("mobilenetv2", width=0.35, weights="imagenet")
     assert_same_weights(model.get_layer("backbone").get_weights(), saved)
 
 
 def test_imagenet_offline_without_the_file_says_what_to_put_where(offline):
     with pytest.raises(WeightsUnavailable) as err:
-        create_model(ModelConfig(name="mobilenetv2", width=0.35, weights="imagenet"))
+        create_model("mobilenetv2", width=0.35, weights="imagenet")
     message = str(err.value)
     assert "\n" not in message
     assert str(offline / MOBILENET_NOTOP_224) in message and "--set model.weights=" in message
@@ -166,5 +177,5 @@ def test_densenet_imagenet_file_is_hash_checked_not_deleted(offline):
     stand_in = offline / applications.DENSENET121_NOTOP
     stand_in.write_bytes(b"not the real file")
     with pytest.raises(WeightsUnavailable, match=f"md5 differs from {applications.DENSENET121_NOTOP_MD5}"):
-        create_model(ModelConfig(name="densenet121", weights="imagenet"))
+        create_model("densenet121", weights="imagenet")
     assert stand_in.exists()

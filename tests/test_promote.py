@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from scipy.stats import binomtest
 
-from cifar_mlops import cli, data, tracking
+from cifar_mlops import cli, data
+from cifar_mlops.tracking import served
 from cifar_mlops import promote as rule
 from cifar_mlops.train import train
 from tests.conftest import tiny, use_store
@@ -136,7 +137,7 @@ def test_mcnemar_p_value_matches_a_binomial_reference(versions) -> None:
     reset(champion=versions["weak"])
     decision = rule.decide(MODEL, versions["strong"], alpha=0.05, dry_run=True)
     splits = data.load_splits(tiny("smoke").data)
-    predictions = {name: tracking.load_model(f"models:/{MODEL}/{versions[name]}").predict(splits.x_test).argmax(1)
+    predictions = {name: served.load_model(f"models:/{MODEL}/{versions[name]}").predict(splits.x_test).argmax(1)
                    for name in ("weak", "strong")}
     right_strong, right_weak = predictions["strong"] == splits.y_test, predictions["weak"] == splits.y_test
     b, c = int(np.sum(right_strong & ~right_weak)), int(np.sum(~right_strong & right_weak))

@@ -5,17 +5,18 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from cifar_mlops import cli, tracking
+from cifar_mlops import cli
+from cifar_mlops.tracking import results, runs
 from cifar_mlops import config as cfg
 from cifar_mlops import report as reporting
 from cifar_mlops.train import train
@@ -46,7 +47,7 @@ def filled(tmp_path_factory):
                    data__val_size=100, data__test_size=100, train__epochs=2), register=False)
 
     client = MlflowClient()
-    experiment_id = client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id
+    experiment_id = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
     for exp_id, status in (("b2", "FAILED"), ("b3", None), ("b4", "FINISHED")):
         run = client.create_run(experiment_id, run_name=exp_id,
                                 tags={"exp_id": exp_id, "study": "B", "data_source": "synthetic"})
@@ -55,8 +56,8 @@ def filled(tmp_path_factory):
             client.set_tag(run.info.run_id, "kind", "report")
         if status:
             client.set_terminated(run.info.run_id, status)
-    runs = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"])
-    yield {"uri": uri, "folder": folder, "runs": [r for r in runs if r.info.status == "FINISHED"
+    every_run = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"])
+    yield {"uri": uri, "folder": folder, "runs": [r for r in every_run if r.info.status == "FINISHED"
                                                   and r.data.tags.get("kind") != "report"]}
     patch.undo()
 
@@ -168,26 +169,87 @@ def test_best_picks_the_highest_validation_accuracy(filled, latest) -> None:
     assert any("Selection (latest)" in line for line in latest.header)
 
 
+def search_runs_frame(rows: list[dict]) -> pd.DataFrame:
+    """Runs as `mlflow.search_runs` returns them: start/end as UTC timestamps, `tags.*`, `params.*`, `metrics.*`."""
+    frame = pd.DataFrame(rows)
+    for column in ("start_time", "end_time"):
+        frame[column] = pd.to_datetime(frame[column], unit="ms", utc=True)
+    return frame
+
+
 def test_improvement_follows_the_catalogue_parent_in_study_a() -> None:
     """3.1 and 3.0 over 2.4, 3.2 over 3.1, as the catalogue declares; published rows beside ours."""
-    def run(exp_id: str, accuracy: float, start: int, seed: str = "0") -> dict:
-        return {"run_id": f"{exp_id}-{start}".ljust(32, "0"), "start_time": start, "end_time": start + 60_000,
-                "tags": {"exp_id": exp_id, "data_source": "cifar10"}, "params": {"train.seed": seed},
-                "metrics": {"test_accuracy": accuracy, "train_accuracy": 0.99, "epochs_run": 30}}
+    def run(exp_id: str, accuracy: float, start: int, seed: str = "0", val: float = 0.5) -> dict:
+        return {"run_id": f"{exp_id}-{start}".ljust(32, "0"), "status": "FINISHED", "start_time": start,
+                "end_time": start + 60_000, "tags.exp_id": exp_id, "tags.data_source": "cifar10",
+                "params.train.seed": seed, "metrics.test_accuracy": accuracy, "metrics.train_accuracy": 0.99,
+                "metrics.val_accuracy": val, "metrics.epochs_run": 30.0}
     catalogue = {c: cfg.resolve(c) for c in cfg.list_experiments()}
-    runs = [run("2.4", 0.80, 1), run("2.4", 0.84, 2, seed="1"), run("3.0", 0.70, 3), run("3.1", 0.90, 4),
-            run("3.2", 0.93, 5), run("3.2", 0.10, 0)]
-    rows = reporting.build_rows(runs, "latest", catalogue)
-    table = reporting._results_table("A", "cifar10", rows, reporting._published_rows("A", catalogue), "latest")
-    cells = {r[0]: dict(zip(table.columns, r)) for r in table.cells}
-    assert list(cells) == ["2.4", "2.4 (published)", "3.0", "3.1", "3.1 (published)", "3.2", "3.2 (published)"]
+    frame = search_runs_frame([run("2.4", 0.80, 1), run("2.4", 0.84, 2, seed="1"), run("3.0", 0.70, 3),
+                               run("3.1", 0.90, 4), run("3.2", 0.93, 5), run("3.2", 0.10, 0, val=0.9)])
+    rows = reporting.build_rows(frame, "latest", catalogue)
+    table = reporting._results_table("A", "cifar10", rows, reporting.published_rows("A", catalogue), "latest")
+    cells = table.frame.set_index("Iteration")
+    assert list(cells.index) == ["2.4", "2.4 (published)", "3.0", "3.1", "3.1 (published)", "3.2", "3.2 (published)"]
+    assert table.published == [False, True, False, False, True, False, True]
     delta = "Δ Acc test vs builds on"
-    assert cells["2.4"][delta] == "— (no run of 2.3)" and cells["2.4"]["Acc test"] == "0.8200 ± 0.0283"
-    assert cells["3.0"][delta] == "-0.1200" and cells["3.1"][delta] == "+0.0800" and cells["3.2"][delta] == "+0.0300"
-    assert cells["3.2 (published)"]["Acc test"] == "0.9341" and cells["3.2 (published)"][delta] == ""
-    assert cells["2.4"]["Wall time"] == "1 min 00 s" and cells["2.4"]["Data"] == "CIFAR-10"
-    improvements = {r["exp_id"]: r["improvement_test_accuracy"] for r in table.records if not r["published"]}
-    assert improvements["3.2"] == pytest.approx(0.03) and improvements["3.1"] == pytest.approx(0.08)
+    assert cells.loc["2.4", delta] == "— (no run of 2.3)" and cells.loc["2.4", "Acc test"] == "0.8200 ± 0.0283"
+    assert cells.loc["2.4", "Seeds"] == "2" and cells.loc["2.4", "Run"] == "2.4-1000, 2.4-2000"  # seeds ascending
+    assert cells.loc["3.0", delta] == "-0.1200" and cells.loc["3.1", delta] == "+0.0800"
+    assert cells.loc["3.2", delta] == "+0.0300"  # the latest 3.2, not the older one
+    assert cells.loc["3.2 (published)", "Acc test"] == "0.9341" and cells.loc["3.2 (published)", delta] == ""
+    assert cells.loc["2.4", "Wall time"] == "1 min 00 s" and cells.loc["2.4", "Data"] == "CIFAR-10"
+    ours = table.records[~table.records["published"]].set_index("exp_id")
+    assert ours.loc["3.2", "improvement_test_accuracy"] == pytest.approx(0.03)
+    assert ours.loc["3.1", "improvement_test_accuracy"] == pytest.approx(0.08)
+    assert ours.loc["2.4", "test_accuracy_std"] == pytest.approx(statistics.stdev([0.80, 0.84]))  # sample std
+    assert ours.loc["2.4", "seeds"] == "0;1" and ours.loc["2.4", "n_seeds"] == 2
+
+    # --best: the older 3.2 run has the higher val_accuracy
+    best = reporting.build_rows(frame, "best", catalogue).set_index("exp_id")
+    assert best.loc["3.2", "test_accuracy"] == pytest.approx(0.10)
+    assert best.loc["3.2", "run_ids"] == [run("3.2", 0.10, 0)["run_id"]]
+
+
+def test_finished_result_runs_is_the_search_runs_frame_without_failed_running_or_report_runs(filled) -> None:
+    frame = results.finished_result_runs(runs.ABLATION_EXPERIMENT)
+    assert set(frame["run_id"]) == {r.info.run_id for r in filled["runs"]}  # not b2 (FAILED), b3, b4 (report)
+    assert len(frame) == len(filled["runs"]) and frame["start_time"].is_monotonic_decreasing  # newest first
+    assert {"metrics.val_accuracy", "params.train.seed", "tags.exp_id", "tags.data_source"} <= set(frame.columns)
+    assert set(frame["status"]) == {"FINISHED"}
+
+
+def test_published_figures_are_metadata_of_their_own_experiment_file(filled, latest, tmp_path, monkeypatch) -> None:
+    assert cfg.resolve("b5").published.values() == {"val_accuracy": 0.667, "train_accuracy": 0.9596}
+    assert cfg.resolve("b6").published is None  # b6 extends b5: published figures are not inherited
+    for exp_id in ("2.4", "3.2", "b5"):  # not training settings: never params
+        assert not any(key.startswith("published") for key in cfg.resolve(exp_id).flat_params())
+    [b5_run] = runs_of(filled, "b5")
+    assert not any(key.startswith("published") for key in b5_run.data.params)
+    with pytest.raises(cfg.ConfigError, match=r"--set published.test_accuracy: experiment metadata cannot be"):
+        cfg.resolve("2.4", {"published.test_accuracy": 0.99})
+
+    # the report's published rows are the experiment files' blocks: study A's in a table of their own (no
+    # real-data run of it), study B's b0 beside our b0 on the real sample (b5 has no run there to stand by)
+    frame = reporting.csv_frame(latest)
+    published = frame[frame["published"]].set_index("exp_id")
+    assert published.loc["2.4", "test_f1_macro"] == 0.8874 and published.loc["b0", "val_accuracy"] == 0.5336
+    assert sorted(published.index) == ["2.4", "3.1", "3.2", "b0", *([] if SAMPLE_DIR.is_dir() else ["b5"])]
+
+    # validated like every other key, naming the file
+    folder = tmp_path / "experiments"
+    shutil.copytree(cfg.experiments_dir(), folder)
+    monkeypatch.setenv("CIFAR_MLOPS_EXPERIMENTS", str(folder))
+    text = (folder / "b0.yaml").read_text()
+    for block, message in (
+            ("{test_acc: 0.5}", "experiments/b0.yaml: published.test_acc: unknown key; known keys here: note, "),
+            ("{val_accuracy: 53.36}", "experiments/b0.yaml: published.val_accuracy: Input should be less than or "
+                                      "equal to 1"),
+            ("{note: no figures}", "experiments/b0.yaml: published: give at least one of train_accuracy")):
+        (folder / "b0.yaml").write_text(re.sub(r"(?ms)^published:.*", f"published: {block}\n", text))
+        with pytest.raises(cfg.ConfigError) as caught:
+            cfg.resolve("b0")
+        assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_csv_parses_with_one_row_per_table_row(filled, latest) -> None:
@@ -202,7 +264,8 @@ def test_csv_parses_with_one_row_per_table_row(filled, latest) -> None:
     assert set(ours["data_source"]) <= {"synthetic", "cifar10-partial"}
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+@pytest.mark.requires_service(available=CHROMIUM.exists(),  # skips on a laptop without it, fails in CI
+                              reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
 def test_html_opens_in_headless_chromium_with_tables_and_plots(filled, latest, tmp_path) -> None:
     from PIL import Image
 
@@ -248,7 +311,7 @@ def test_cli_report_is_logged_as_a_report_run_that_is_never_a_result(filled, tmp
     assert result.exit_code == 0, result.output
     assert out.read_text().startswith("<!DOCTYPE html>")
     client = MlflowClient()
-    reports = client.get_experiment_by_name(tracking.REPORT_EXPERIMENT)
+    reports = client.get_experiment_by_name(results.REPORT_EXPERIMENT)
     [run] = client.search_runs([reports.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["kind"] == "report"
     assert run.data.tags["selection"] == "best" and run.data.tags["report_of_experiment"] == "cifar10-ablation"
@@ -257,18 +320,18 @@ def test_cli_report_is_logged_as_a_report_run_that_is_never_a_result(filled, tmp
     assert any(n.startswith("report_b5_accuracy") and n.endswith(".png") for n in names)
 
     # `mlflow run -e report --experiment-name cifar10-ablation`: the adopted run lands among the results
-    ablation = client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT).experiment_id
+    ablation = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
     adopted = client.create_run(ablation, tags={"exp_id": "b6"}).info.run_id
     os.environ["MLFLOW_RUN_ID"] = adopted
     try:
         run_id, experiment = reporting.log(before)
     finally:
         del os.environ["MLFLOW_RUN_ID"]
-    assert run_id == adopted and experiment == tracking.ABLATION_EXPERIMENT
+    assert run_id == adopted and experiment == runs.ABLATION_EXPERIMENT
     assert client.get_run(adopted).info.status == "FINISHED"
     after = reporting.build()
     assert reporting.render_csv(after).count("\n") == reporting.render_csv(before).count("\n")
-    assert "b6" not in {r["exp_id"] for t in after.tables for r in t.records}
+    assert "b6" not in set(reporting.csv_frame(after)["exp_id"])
 
 
 def test_unknown_experiment_is_one_line_and_nonzero(filled) -> None:

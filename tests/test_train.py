@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar_mlops import config as cfg
-from cifar_mlops import tracking
+from cifar_mlops.tracking import runs
 from cifar_mlops.train import TrainingFailed, train
 from tests.conftest import SAMPLE_DIR, TRAINABLE, covering_experiments, needs_sample, tiny
 
@@ -21,7 +21,7 @@ FINAL_METRICS = [f"{split}_{name}" for split in ("train", "val", "test") for nam
 
 def ablation_runs() -> list:
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.ABLATION_EXPERIMENT)
+    experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT)
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
@@ -34,7 +34,7 @@ def test_every_experiment_builds_its_model_for_raw_images(exp_id: str) -> None:
     from cifar_mlops.models import create_model
 
     config = tiny(exp_id)
-    model = create_model(config.model)
+    model = create_model(config.model.name, **config.model.settings())
     assert model.input.dtype == "uint8" and tuple(model.input.shape) == (None, 32, 32, 3)
     assert model.output.shape[-1] == 10
 
@@ -114,7 +114,7 @@ def test_transfer_learning_warms_up_with_a_frozen_backbone_then_fine_tunes(store
 
     base = tiny("3.1", model__image_size=32)
     weights_file = tmp_path / "densenet_notop.weights.h5"
-    create_model(base.model).get_layer("backbone").save_weights(weights_file)
+    create_model(base.model.name, **base.model.settings()).get_layer("backbone").save_weights(weights_file)
     seen_trainable = []
 
     class RecordBackbone(keras.callbacks.Callback):
@@ -154,7 +154,7 @@ def test_failures_end_the_run_with_the_reason_and_register_nothing(store, callba
         train(tiny("smoke"), callbacks=[callback])
     [run] = ablation_runs()
     assert run.info.status == status
-    assert reason in run.data.tags[tracking.FAILURE_TAG]
+    assert reason in run.data.tags[runs.FAILURE_TAG]
     assert all_versions() == []
     assert mlflow.active_run() is None
 
@@ -166,7 +166,7 @@ def test_bad_data_fails_the_run_and_registers_nothing(store, tmp_path) -> None:
     with pytest.raises(DataError):
         train(config)
     [run] = ablation_runs()
-    assert run.info.status == "FAILED" and "DataError" in run.data.tags[tracking.FAILURE_TAG]
+    assert run.info.status == "FAILED" and "DataError" in run.data.tags[runs.FAILURE_TAG]
     assert all_versions() == []
 
 

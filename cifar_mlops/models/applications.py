@@ -1,10 +1,10 @@
 """Study A: MobileNetV2 and DenseNet-121 from `keras.applications`.
 
-Each model is: raw uint8 image -> (resize to `config.image_size`) -> the
+Each model is: raw uint8 image -> (resize to `image_size`) -> the
 backbone's own normalization -> the no-top backbone (a nested model named
 "backbone", which training freezes for warm-up) -> (dropout) -> softmax.
 
-`config.weights`:
+`weights`:
 - None: random initialization;
 - "imagenet": the Keras no-top file, taken from the Keras cache
   ($KERAS_HOME/models, default ~/.keras/models) when present, else downloaded
@@ -22,12 +22,11 @@ import hashlib
 import os
 from typing import TYPE_CHECKING
 
-from cifar_mlops.models import register_model
+from cifar_mlops.errors import UserError
+from cifar_mlops.models import ModelSettingError, register_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
-
-    from cifar_mlops.config import ModelConfig
 
 KERAS_APPLICATIONS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -39,64 +38,64 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DenseNet's "torch" preprocessing, on [0
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UserError):
     """Pretrained weights could not be found or downloaded; the message says what to put where."""
 
 
 @register_model("mobilenetv2", family="mobilenetv2")
-def mobilenetv2(config: "ModelConfig", num_classes: int) -> "keras.Model":
+def mobilenetv2(*, num_classes: int = 10, image_size: int = 32, interpolation: str = "bilinear",
+                width: float = 1.0, weights: str | None = None, dropout: float = 0.0) -> keras.Model:
     """MobileNetV2 (keras.applications), width = alpha, inputs scaled to [-1, 1]."""
     import keras
 
-    _reject(config, blocks=config.blocks is not None)
-    weights = None
-    if config.weights is not None:
-        if config.weights == "imagenet" and config.width not in MOBILENET_ALPHAS:
-            raise ValueError(
-                f"model.weights={config.weights!r} needs a published MobileNetV2 width "
-                f"{MOBILENET_ALPHAS}; got model.width={config.width} (use weights: null to train it from scratch)"
+    weights_path = None
+    if weights is not None:
+        if weights == "imagenet" and width not in MOBILENET_ALPHAS:
+            raise ModelSettingError(
+                f"model.weights={weights!r} needs a published MobileNetV2 width "
+                f"{MOBILENET_ALPHAS}; got model.width={width} (use weights: null to train it from scratch)"
             )
-        rows = config.image_size if config.image_size in MOBILENET_SIZES else 224
-        fname = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(config.width)}_{rows}_no_top.h5"
-        weights = _weights_file(config.weights, fname, f"{KERAS_APPLICATIONS_URL}mobilenet_v2/{fname}")
-    size = config.image_size
-    backbone = keras.applications.MobileNetV2(
-        input_shape=(size, size, 3), alpha=config.width, include_top=False, pooling="avg", weights=None, name="backbone"
-    )
+        rows = image_size if image_size in MOBILENET_SIZES else 224
+        fname = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(width)}_{rows}_no_top.h5"
+        weights_path = _weights_file(weights, fname, f"{KERAS_APPLICATIONS_URL}mobilenet_v2/{fname}")
+    backbone = keras.applications.MobileNetV2(input_shape=(image_size, image_size, 3), alpha=width,
+                                              include_top=False, pooling="avg", weights=None, name="backbone")
     normalize = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")
-    return _assemble(config, num_classes, backbone, normalize, weights)
+    return _assemble("mobilenetv2", backbone, normalize, weights_path, num_classes=num_classes,
+                     image_size=image_size, interpolation=interpolation, dropout=dropout)
 
 
 @register_model("densenet121", family="densenet121")
-def densenet121(config: "ModelConfig", num_classes: int) -> "keras.Model":
+def densenet121(*, num_classes: int = 10, image_size: int = 32, interpolation: str = "bilinear",
+                weights: str | None = None, blocks: tuple[int, ...] | None = None,
+                dropout: float = 0.0) -> keras.Model:
     """DenseNet-121 (keras.applications; `model.blocks` sets layers per dense block), ImageNet mean/std."""
     import keras
 
-    _reject(config, width=config.width != 1.0)
-    blocks = tuple(config.blocks or DENSENET121_BLOCKS)
-    weights = None
-    if config.weights is not None:
-        if config.weights == "imagenet" and blocks != DENSENET121_BLOCKS:
-            raise ValueError(
-                f"model.weights={config.weights!r} needs DenseNet-121's blocks {DENSENET121_BLOCKS}; "
+    blocks = tuple(blocks or DENSENET121_BLOCKS)
+    weights_path = None
+    if weights is not None:
+        if weights == "imagenet" and blocks != DENSENET121_BLOCKS:
+            raise ModelSettingError(
+                f"model.weights={weights!r} needs DenseNet-121's blocks {DENSENET121_BLOCKS}; "
                 f"got model.blocks={blocks} (use weights: null to train it from scratch)"
             )
         url = f"{KERAS_APPLICATIONS_URL}densenet/{DENSENET121_NOTOP}"
-        weights = _weights_file(config.weights, DENSENET121_NOTOP, url, md5=DENSENET121_NOTOP_MD5)
-    size = config.image_size
+        weights_path = _weights_file(weights, DENSENET121_NOTOP, url, md5=DENSENET121_NOTOP_MD5)
     # keras.applications exports only the fixed variants; DenseNet(blocks) is their common builder.
     from keras.src.applications.densenet import DenseNet
 
-    backbone = DenseNet(
-        list(blocks), include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg", name="backbone"
-    )
+    backbone = DenseNet(list(blocks), include_top=False, weights=None, input_shape=(image_size, image_size, 3),
+                        pooling="avg", name="backbone")
     normalize = keras.layers.Normalization(
         mean=[255 * m for m in IMAGENET_MEAN], variance=[(255 * s) ** 2 for s in IMAGENET_STD], name="normalize"
     )
-    return _assemble(config, num_classes, backbone, normalize, weights)
+    return _assemble("densenet121", backbone, normalize, weights_path, num_classes=num_classes,
+                     image_size=image_size, interpolation=interpolation, dropout=dropout)
 
 
-def _assemble(config, num_classes, backbone, normalize, weights_path) -> "keras.Model":
+def _assemble(name: str, backbone, normalize, weights_path: str | None, *, num_classes: int, image_size: int,
+              interpolation: str, dropout: float) -> keras.Model:
     """image -> (resize) -> normalize -> backbone (+ its weights) -> (dropout) -> probabilities."""
     import keras
     from keras import layers
@@ -105,23 +104,16 @@ def _assemble(config, num_classes, backbone, normalize, weights_path) -> "keras.
         try:
             backbone.load_weights(weights_path)
         except ValueError as err:
-            raise ValueError(f"{weights_path} does not fit the {config.name} backbone: {err}") from None
+            raise ModelSettingError(f"{weights_path} does not fit the {name} backbone: {err}") from None
     inputs = keras.Input(shape=(32, 32, 3), dtype="uint8", name="image")
     x = inputs
-    if config.image_size != 32:  # Resizing outputs float32 whatever the interpolation
-        x = layers.Resizing(config.image_size, config.image_size, interpolation=config.interpolation, name="resize")(x)
+    if image_size != 32:  # Resizing outputs float32 whatever the interpolation
+        x = layers.Resizing(image_size, image_size, interpolation=interpolation, name="resize")(x)
     x = backbone(normalize(x))
-    if config.dropout:
-        x = layers.Dropout(config.dropout, name="dropout")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=config.name)
-
-
-def _reject(config: "ModelConfig", **unused: bool) -> None:
-    """ValueError naming a knob set away from its default that this model does not use."""
-    for knob, is_set in unused.items():
-        if is_set:
-            raise ValueError(f"model.{knob}={getattr(config, knob)!r} is not used by {config.name}; remove it")
+    return keras.Model(inputs, outputs, name=name)
 
 
 def _weights_file(weights: str, fname: str, url: str, md5: str | None = None) -> str:
@@ -152,8 +144,5 @@ def _weights_file(weights: str, fname: str, url: str, md5: str | None = None) ->
 
 
 def _md5(path: str) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()

@@ -1,0 +1,15 @@
+"""Everything MLflow, one module per job; no other package module imports mlflow.
+
+- `store`: which store, checking it answers, creating its tables once (locks), where to look at it;
+- `runs`: starting, adopting (`mlflow run`), describing, logging in batches and ending runs; `TrainingRun`;
+- `registry`: registering versions, finding them by experiment id, alias or number, moving aliases;
+- `served`: logging trained models and ensembles, their image contract, loading them back;
+- `soft_voting`: the ensemble's code, both where it is evaluated and where it is served;
+- `studies`: tuning's parent and trial runs;
+- `results`: reading finished runs for reports, logging a report run.
+"""
+
+from cifar_mlops.tracking import store  # noqa: I001  (dependency order: each module imports only those above it)
+from cifar_mlops.tracking import registry, soft_voting, served, runs, studies, results
+
+__all__ = ["registry", "results", "runs", "served", "soft_voting", "store", "studies"]

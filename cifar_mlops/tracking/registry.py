@@ -1,0 +1,131 @@
+"""The model registry: registering versions, finding them (by experiment id, alias or number), aliases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from cifar_mlops.errors import UserError
+from cifar_mlops.tracking import store
+
+
+class RegistryError(UserError):
+    """An unknown model, version or alias, or a version that breaks the image contract."""
+
+    exit_code = 2
+
+
+def registered_model_name(family: str) -> str:
+    return f"cifar10-{family}"
+
+
+class RegisteredVersion:
+    """One registered model version, as the rest of the package sees it."""
+
+    def __init__(self, mv: Any, aliases: tuple[str, ...] | None = None) -> None:
+        self.name: str = mv.name
+        self.version = int(mv.version)
+        self.run_id: str = mv.run_id or ""
+        self.tags: dict[str, str] = dict(mv.tags or {})
+        self.aliases: tuple[str, ...] = tuple(sorted(aliases if aliases is not None else (mv.aliases or ())))
+        self.created_ms = int(mv.creation_timestamp or 0)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def exp_id(self) -> str:
+        return self.tags.get("exp_id", "?")
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def __repr__(self) -> str:
+        return f"RegisteredVersion({self})"
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> int:
+    """Register `model_uri` as a new version of `name` with `tags`; return its number."""
+    return int(mlflow.register_model(model_uri, name, tags=tags).version)
+
+
+def _registered_model(client: MlflowClient, name: str):
+    if not name or "'" in name:
+        raise RegistryError(f"{name!r} is not a registered model name")
+    try:
+        return client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none yet"
+        raise RegistryError(f"unknown registered model {name!r} (registered: {known})") from None
+
+
+def versions_of(client: MlflowClient, name: str) -> list[RegisteredVersion]:
+    """Every version of `name`, oldest first, with its aliases."""
+    model = _registered_model(client, name)
+    # search results carry no aliases: take them from the registered model (alias -> version)
+    aliases: dict[int, list[str]] = {}
+    for alias, number in (model.aliases or {}).items():
+        aliases.setdefault(int(number), []).append(alias)
+    found = client.search_model_versions(f"name = '{name}'")
+    return sorted((RegisteredVersion(mv, tuple(aliases.get(int(mv.version), ()))) for mv in found),
+                  key=lambda v: v.version)
+
+
+def alias_holder(name: str, alias: str) -> RegisteredVersion | None:
+    """The version of `name` holding `alias`, or None (the model itself must exist)."""
+    client = store.client()
+    model = _registered_model(client, name)
+    if alias not in (model.aliases or {}):
+        return None
+    return RegisteredVersion(client.get_model_version_by_alias(name, alias))
+
+
+def find_version(name: str, *, exp_id: str | None = None, alias: str | None = None,
+                 version: int | None = None) -> RegisteredVersion:
+    """The version of `name` holding `alias`, or numbered `version`, or the newest tagged `exp_id`."""
+    client = store.client()
+    try:
+        versions = versions_of(client, name)
+    except RegistryError as err:
+        if exp_id is not None:  # say how to make it exist
+            raise RegistryError(f"{err}; train experiment {exp_id} with `cifar-mlops train --exp {exp_id}`") from None
+        raise
+    if exp_id is not None:
+        tagged = [v for v in versions if v.tags.get("exp_id") == exp_id]
+        if not tagged:
+            raise RegistryError(f"{name} has no version of experiment {exp_id}; "
+                                f"train one with `cifar-mlops train --exp {exp_id}`")
+        return tagged[-1]
+    if alias is not None:
+        holder = alias_holder(name, alias)
+        if holder is None:
+            raise RegistryError(f"{name} has no version with alias @{alias}; "
+                                f"set one with `cifar-mlops promote {name} --version N --alias {alias}`")
+        return holder
+    chosen = next((v for v in versions if v.version == version), None)
+    if chosen is None:
+        have = ", ".join(str(v.version) for v in versions) or "none"
+        raise RegistryError(f"{name} has no version {version} (versions: {have})")
+    return chosen
+
+
+def list_registered() -> list[tuple[str, list[RegisteredVersion]]]:
+    """Every registered model with its versions (oldest first), models by name."""
+    client = store.client()
+    names = sorted(m.name for m in client.search_registered_models())
+    return [(name, versions_of(client, name)) for name in names]
+
+
+def set_version_tags(name: str, version: int, tags: dict[str, Any]) -> None:
+    """Tags of one model version (MLflow has no batch call for these)."""
+    client = store.client()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def set_alias(version: RegisteredVersion, alias: str) -> None:
+    """Point `alias` of the version's model at it (taking it from whichever version held it)."""
+    store.client().set_registered_model_alias(version.name, alias, str(version.version))

@@ -1,0 +1,130 @@
+"""Opening the MLflow store: which one, checking that it answers, creating its tables once."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from cifar_mlops.errors import StoreUnavailable, first_line, redact
+
+SCHEMA_LOCK_KEY = 0x63696661726D6C  # a PostgreSQL advisory lock id ("cifarml"): one store creation at a time
+
+
+def configure_store() -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif uri.startswith(("postgresql", "mysql")):
+        _check_database(uri)
+    mlflow.set_tracking_uri(uri)
+    open_store(uri)
+    return uri
+
+
+def client() -> MlflowClient:
+    """A client of the configured store (opened and checked first)."""
+    configure_store()
+    return MlflowClient()
+
+
+def where_to_look(uri: str) -> str:
+    """How to see the store's runs in MLflow's UI: a server's own URL, else the `mlflow ui` command that opens it."""
+    if uri.startswith(("http://", "https://")):
+        opening = f"open {redact(uri).rstrip('/')} in a browser"
+    else:
+        opening = f"run `mlflow ui --backend-store-uri {redact(uri)} --workers 1` and open http://127.0.0.1:5000"
+    return f"{opening} (training runs are under the \"Model training\" switch, top left)"
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow's info lines (registry chatter, emoji links) off the user's terminal."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def open_store(uri: str) -> None:
+    """Make MLflow create (or check) the store's tables and cache it for this process."""
+    import sqlalchemy  # MLflow's SQL stores raise its errors
+
+    try:
+        if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
+            _open_sqlite_store(uri)
+        elif uri.startswith("postgresql"):
+            _open_postgresql_store(uri)
+        else:
+            MlflowClient(uri)
+    except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
+        raise StoreUnavailable(f"the MLflow tracking store {redact(uri)} cannot be opened ({first_line(err)}); fix "
+                               "MLFLOW_TRACKING_URI, or unset it to use ./mlflow.db in a writable folder") from None
+
+
+@functools.cache
+def _open_sqlite_store(uri: str) -> None:
+    """Create (or check) a SQLite store's tables while holding an exclusive lock on its file.
+
+    Two processes opening a new store at once (two `train` commands in a fresh folder)
+    would both run MLflow's schema migrations and both fail; with the lock the second
+    finds the tables made. flock does not touch the POSIX locks SQLite itself uses.
+    """
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///"), "ab") as db:  # creates an empty file: SQLite takes it as a new store
+        fcntl.flock(db, fcntl.LOCK_EX)
+        MlflowClient(uri)  # MLflow caches the store per URI: later clients reuse it
+
+
+@functools.cache
+def _open_postgresql_store(uri: str) -> None:
+    """Create (or check) a PostgreSQL store's tables while holding a session-level advisory lock.
+
+    As for SQLite: processes started together on an empty database would all run MLflow's
+    migrations, and all but one fail ("duplicate key value violates unique constraint").
+    """
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as lock:  # released when this connection closes, however we leave
+            lock.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            MlflowClient(uri)
+    finally:
+        engine.dispose()
+
+
+@functools.cache
+def _check_server(uri: str) -> None:
+    """Fail fast on a server that does not answer: MLflow itself retries for minutes before giving up."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=10)
+    except requests.RequestException as err:
+        reason = type(err).__name__
+        raise StoreUnavailable(
+            f"the MLflow tracking server {uri} does not answer ({reason}); start it, fix MLFLOW_TRACKING_URI, "
+            "or unset it to use ./mlflow.db"
+        ) from None
+
+
+@functools.cache
+def _check_database(uri: str) -> None:
+    """Fail fast on a database that does not answer: MLflow itself retries for minutes before giving up."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        raise StoreUnavailable(
+            f"the MLflow tracking database {redact(uri)} cannot be used ({first_line(err)}); start it, "
+            "fix MLFLOW_TRACKING_URI, or unset it to use ./mlflow.db"
+        ) from None
+    finally:
+        engine.dispose()

@@ -1,0 +1,96 @@
+"""Tuning runs: one parent run per Optuna study, one nested run per trial."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+
+from cifar_mlops.tracking import store
+from cifar_mlops.tracking.runs import FAILURE_TAG, adopted_experiment, adopted_run_id, experiment_id, \
+    experiment_of, git_commit, log_batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+TUNING_EXPERIMENT = "cifar10-tuning"
+# An Optuna trial state -> the status of the trial's run (PRUNED: stopped early on purpose, not a failure)
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}
+
+
+def study_run(study_name: str, tags: dict[str, str], reuse_run_id: str | None = None) -> tuple[str, str]:
+    """The study's parent run, RUNNING: `mlflow run`'s own run, else `reuse_run_id` if it still exists,
+    else a new run in `cifar10-tuning`. Returns (run id, experiment name)."""
+    client = store.client()
+    run_id = adopted_run_id()
+    if run_id:
+        os.environ.pop("MLFLOW_RUN_ID", None)  # trials must start their own nested runs, not reopen this one
+        adopted_experiment(run_id, usual=TUNING_EXPERIMENT)
+    elif reuse_run_id:
+        try:
+            run = client.get_run(reuse_run_id)
+            run_id = reuse_run_id if run.info.lifecycle_stage == "active" else None
+        except mlflow.exceptions.MlflowException:
+            run_id = None
+    if run_id:
+        if client.get_run(run_id).info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id(client, TUNING_EXPERIMENT), run_name=study_name).info.run_id
+    log_batch(run_id, tags={**tags, "mlflow.runName": study_name, "git_commit": git_commit()})
+    return run_id, experiment_of(run_id)
+
+
+def delete_run(run_id: str) -> None:
+    store.client().delete_run(run_id)
+
+
+def tag_run(run_id: str, tags: dict[str, Any]) -> None:
+    store.configure_store()
+    log_batch(run_id, tags=tags)
+
+
+def end_trial_run(run_id: str, state: str, reason: str | None = None) -> None:
+    """Give a trial's nested run its final Optuna state: tag `state`, and a status that says the same.
+
+    COMPLETE -> FINISHED; PRUNED -> KILLED (stopped early on purpose: no failure_reason,
+    tag `pruned_at_epoch`); FAIL -> FAILED (with `failure_reason`)."""
+    client = store.client()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return
+    tags: dict[str, Any] = {"state": state}
+    if state == "PRUNED":
+        if FAILURE_TAG in run.data.tags:
+            client.delete_tag(run_id, FAILURE_TAG)
+        tags["pruned_at_epoch"] = (int(run.data.metrics.get("epochs_run", 0))
+                                   or len(client.get_metric_history(run_id, "epoch_val_accuracy")))
+    elif state != "COMPLETE" and FAILURE_TAG not in run.data.tags:
+        tags[FAILURE_TAG] = reason or f"trial ended {state}"
+    log_batch(run_id, tags=tags)
+    status = RUN_STATUS.get(state, "FAILED")
+    if run.info.status != status:
+        client.set_terminated(run_id, status)
+
+
+def running_child_runs(parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
+    """(run id, tags) of the parent's nested runs that are still RUNNING."""
+    client = store.client()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+    return [(r.info.run_id, dict(r.data.tags)) for r in runs]
+
+
+def finish_study_run(run_id: str, status: str, *, tags: dict[str, Any], metrics: dict[str, float],
+                     figures: dict[str, Figure], texts: dict[str, str]) -> None:
+    """Record the study's outcome on its parent run and end it with `status`."""
+    client = store.client()
+    log_batch(run_id, tags=tags, metrics=metrics)
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"{name}.png")
+    for name, text in texts.items():
+        client.log_text(run_id, text, name)
+    client.set_terminated(run_id, status)
