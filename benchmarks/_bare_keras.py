@@ -5,7 +5,7 @@ schedule (Adam or AdamW, constant or cosine), loss (with label smoothing), batch
 tf.data pipeline (data.make_dataset); then the same predictions on train, val and test and
 their accuracy. No MLflow, no figures, no model saving. Prints one JSON line.
 --freeze-imports: import TensorFlow/Keras with the garbage collector paused, then gc.freeze() them,
-as `cifar-mlops` does (cli.heavy_imports): the bare script with the same GC treatment.
+as `cifar-mlops` does (process.heavy_imports): the bare script with the same GC treatment.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
     splits = data.load_splits(config.data)
     cfg = config.train
     keras.utils.set_random_seed(cfg.seed)
-    model = create_model(config.model, splits.num_classes)
+    model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
     # the experiment's optimizer, schedule and loss, written as a notebook would (b5: AdamW, cosine, smoothing)
     learning_rate = cfg.learning_rate
     if cfg.lr_schedule == "cosine":

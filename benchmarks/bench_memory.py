@@ -46,7 +46,7 @@ def child(mode: str, images: int, batch_size: int, fit_steps: int) -> None:
     x = rng.integers(0, 256, size=(images, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, size=images)
     ds = data.make_dataset(x, y, batch_size=batch_size, num_classes=10, training=True, augment=config.augment, seed=0)
-    model = create_model(config.model, 10)
+    model = create_model(config.model.name, **config.model.settings())
     batches = 0
     started = time.perf_counter()
     if mode == "pipeline":

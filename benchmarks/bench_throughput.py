@@ -79,7 +79,7 @@ def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, j
     y = np.arange(images + 64) % 10
     keras.utils.set_random_seed(0)
     with train.building_with_policy(policy):
-        model = create_model(config.model, 10)
+        model = create_model(config.model.name, **config.model.settings())
     flops = count_forward_flops(model)
     epoch_times: list[float] = []
 

@@ -74,8 +74,8 @@ class ChoiceOf(click.Choice):
 
 def text_table(rows: list[dict], markdown: bool = False) -> str:
     """Rows as an aligned text table (GitHub markdown when `markdown`), cells printed as given."""
-    return pd.DataFrame(rows).to_markdown(index=False, tablefmt="github" if markdown else "plain",
-                                          disable_numparse=True)
+    return pd.DataFrame(rows).fillna("").to_markdown(index=False, tablefmt="github" if markdown else "plain",
+                                                     disable_numparse=True)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import mlflow
 import numpy as np
 import pytest
@@ -15,6 +16,18 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from cifar_mlops import cli, process
+from cifar_mlops.config import ConfigError
+from cifar_mlops.data import DataError
+from cifar_mlops.ensemble import EnsembleFailed
+from cifar_mlops.errors import StoreUnavailable, UserError
+from cifar_mlops.models import ModelSettingError, UnknownModel, WeightsUnavailable
+from cifar_mlops.process import MissingDependency
+from cifar_mlops.promote import PromotionError
+from cifar_mlops.report import ReportError
+from cifar_mlops.tracking.registry import RegistryError
+from cifar_mlops.tracking.results import ReportSourceError
+from cifar_mlops.train import TrainingFailed
+from cifar_mlops.tune import TuneError
 from cifar_mlops.tracking import runs
 from tests.conftest import REPO
 
@@ -286,3 +299,58 @@ def test_two_trainings_started_together_on_a_new_store_share_it(tmp_path, reques
     runs = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert sorted(int(v.version) for v in client.search_model_versions("name='cifar10-cnn'")) == [1, 2]
+
+
+def _boundary_raising(error: BaseException) -> click.Group:
+    """A command group with the CLI's error boundary whose one command raises `error`."""
+    @click.group(cls=cli._Commands)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def go() -> None:
+        raise error
+
+    return group
+
+
+def _noted(error: BaseException, note: str) -> BaseException:
+    error.add_note(note)
+    return error
+
+
+@pytest.mark.parametrize(("error", "code", "line"), [
+    (ConfigError("smoke.yaml: train.epochz: unknown key"), 2, "error: smoke.yaml: train.epochz: unknown key"),
+    (_noted(DataError("test_batch is truncated"), "run abc of b0 is marked FAILED; nothing was registered"), 1,
+     "error: test_batch is truncated (run abc of b0 is marked FAILED; nothing was registered)"),
+    (_noted(KeyboardInterrupt(), "run abc of b0 is marked KILLED"), 130, "error: interrupted (run abc of b0 is marked KILLED)"),
+])
+def test_the_error_boundary_turns_user_errors_and_ctrl_c_into_one_line(error, code, line) -> None:
+    result = CliRunner().invoke(_boundary_raising(error), ["go"])
+    assert result.exit_code == code
+    assert result.stderr.splitlines() == [line]
+
+
+def test_the_error_boundary_lets_a_bug_keep_its_traceback() -> None:
+    result = CliRunner().invoke(_boundary_raising(ValueError("a genuine bug")), ["go"])
+    assert isinstance(result.exception, ValueError) and result.exc_info[2] is not None  # not turned into a line
+    assert "error:" not in result.stderr
+
+
+@pytest.mark.parametrize("error", [ConfigError, DataError, TrainingFailed, EnsembleFailed, RegistryError,
+                                   PromotionError, TuneError, ReportError, ReportSourceError, StoreUnavailable,
+                                   WeightsUnavailable, ModelSettingError, UnknownModel, MissingDependency])
+def test_every_user_facing_error_is_a_user_error(error) -> None:
+    assert issubclass(error, UserError) and error.exit_code in (1, 2)
+
+
+def test_a_missing_tensorflow_is_one_line_naming_the_install_extra(tmp_path) -> None:
+    # an install without the cpu/gpu extra: `tensorflow` cannot be imported
+    (tmp_path / "tensorflow").mkdir()
+    (tmp_path / "tensorflow" / "__init__.py").write_text("raise ModuleNotFoundError(name='tensorflow')\n")
+    result = run_command([sys.executable, "-m", "cifar_mlops.cli", "train", "--exp", "smoke"], cwd=tmp_path,
+                         PYTHONPATH=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == ('error: TensorFlow is not installed; install the project with '
+                                              '`pip install -e ".[cpu]"` (or `".[gpu]"` on a machine with an NVIDIA GPU)')
+    assert "Traceback" not in result.stderr

@@ -163,11 +163,13 @@ def test_bad_data_fails_the_run_and_registers_nothing(store, tmp_path) -> None:
     from cifar_mlops.data import DataError
 
     config = cfg.resolve("b0", {"data.data_dir": str(tmp_path / "missing"), "train.epochs": 1})
-    with pytest.raises(DataError):
+    with pytest.raises(DataError) as raised:
         train(config)
     [run] = ablation_runs()
     assert run.info.status == "FAILED" and "DataError" in run.data.tags[runs.FAILURE_TAG]
     assert all_versions() == []
+    # what the CLI's one line adds to the message
+    assert raised.value.__notes__ == [f"run {run.info.run_id} of b0 is marked FAILED; nothing was registered"]
 
 
 def test_run_adopted_from_mlflow_run_in_another_experiment_says_where_it_is(store, monkeypatch, capsys) -> None:

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from cifar_mlops.config import Config, to_yaml
+from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, served, store
 
@@ -94,7 +95,7 @@ def run_text_artifact(run_id: str, path: str) -> str | None:
     store.configure_store()
     try:
         return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
-    except Exception:  # noqa: BLE001 - missing run, missing file, unreachable store: all "not there"
+    except (mlflow.exceptions.MlflowException, OSError):  # a missing run or file: not there
         return None
 
 
@@ -190,6 +191,8 @@ class TrainingRun:
         if tags:
             log_batch(self.run_id, tags=tags)
         mlflow.end_run(status)
+        if isinstance(exc, (UserError, KeyboardInterrupt)):  # what the one-line error tells the user
+            exc.add_note(f"run {self.run_id} of {self.config.exp_id} is marked {status}; nothing was registered")
         return False
 
     @property
