@@ -32,7 +32,7 @@ def main() -> None:
         gc.disable()
     import keras
     import numpy as np
-    import tensorflow as tf  # noqa: F401
+    import tensorflow as tf  # noqa: F401  (timed with the rest of the start-up, as the CLI pays it)
     if args.freeze_imports:
         gc.freeze()
         gc.enable()

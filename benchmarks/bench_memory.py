@@ -33,12 +33,11 @@ def child(mode: str, images: int, batch_size: int, fit_steps: int) -> None:
     import time
 
     import numpy as np
+    import tensorflow as tf
 
     from cifar_mlops import data, train
     from cifar_mlops.config import resolve
     from cifar_mlops.models import create_model
-
-    import tensorflow as tf
 
     config = resolve("1.1", {"model.image_size": 224, "model.interpolation": "bicubic",
                              "train.batch_size": batch_size, "data.source": "synthetic"})

@@ -49,7 +49,7 @@ def main() -> None:
         env = common.temp_env(tmp)
         before = common.load_snapshot()
         times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-        for name, argv in COMMANDS.items():  # warm-up: page cache, .pyc files
+        for argv in COMMANDS.values():  # warm-up: page cache, .pyc files
             common.timed_run([common.CLI, *argv], env=env, cwd=tmp)
         for _ in range(args.runs):
             for name, argv in COMMANDS.items():

@@ -85,7 +85,8 @@ def main() -> None:
             row[key] = mean_std([r.get(key) for r in rs])
         row["published_val"] = PUBLISHED.get(exp)
         summary.append(row)
-        pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}" if ms[0] is not None else "-"  # noqa: E731
+        def pct(ms):
+            return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}" if ms[0] is not None else "-"
         rows.append([exp, len(rs), pct(row["train_accuracy"]), pct(row["val_accuracy"]), pct(row["test_accuracy"]),
                      f"{row['cpu_s'][0] / 60:.1f}", f"{row['wall_s'][0] / 60:.1f}",
                      f"{100 * PUBLISHED[exp]:.2f}" if exp in PUBLISHED else ""])

@@ -70,7 +70,7 @@ def main() -> None:
     fit_ratio = a["fit"] / b["fit"]
     rows = [[name, f"{m['wall_s']:.1f}", f"{m['fit']:.1f}", f"{m['predict train/val/test']:.1f}",
              f"{m['import tensorflow']:.1f}"] for name, m in med.items()]
-    common.print_table(["median of %d runs" % args.pairs, "wall s", "fit s", "predict s", "import tf s"], rows)
+    common.print_table([f"median of {args.pairs} runs", "wall s", "fit s", "predict s", "import tf s"], rows)
     print(f"ratio of medians (wall): {ratio:.3f}x  (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)}); "
           f"fit-only ratio {fit_ratio:.3f}x; absolute overhead {a['wall_s'] - b['wall_s']:+.1f} s")
     print(f"against {FROZEN} (tracking's own cost): {frozen_ratio:.3f}x, {a['wall_s'] - c['wall_s']:+.1f} s")

@@ -320,8 +320,9 @@ def section_study_b(r: dict | None) -> list[str]:
             "| exp | seeds | train acc % | val acc % | test acc % (sample) | CPU min / run | wall min / run | published val % |",
             "|---|---|---|---|---|---|---|---|"]
     for s in r["summary"]:
-        pct = (lambda ms: "-" if not ms or ms[0] is None else f"{100 * ms[0]:.1f}" if s["seeds"] == 1  # noqa: E731
-               else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}")
+        def pct(ms, seeds=s["seeds"]):
+            return "-" if not ms or ms[0] is None else f"{100 * ms[0]:.1f}" if seeds == 1 else \
+                f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
         out.append(f"| {s['exp']} | {s['seeds']} | {pct(s['train_accuracy'])} | {pct(s['val_accuracy'])} | "
                    f"{pct(s['test_accuracy'])} | {s['cpu_s'][0] / 60:.1f} | {s['wall_s'][0] / 60:.1f} | "
                    f"{100 * s['published_val']:.2f} |" if s.get("published_val") else

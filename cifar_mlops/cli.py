@@ -298,7 +298,7 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
     """Tune an experiment with Optuna: one nested MLflow run per trial under one parent run per study."""
     with heavy_imports():
         if workers == 1:  # the trials run in this process; with more, only the workers train
-            import keras  # noqa: F401
+            import keras  # noqa: F401  (imported here, to be frozen)
         from cifar_mlops import tune as tuning
         from cifar_mlops.tracking import store
 
@@ -369,7 +369,7 @@ def report(experiment: str, fmt: str, out: str, latest: bool, log_run: bool) -> 
 def tune_worker(spec: str) -> None:
     """One worker process of `tune --workers K` (internal)."""
     with heavy_imports():
-        import keras  # noqa: F401
+        import keras  # noqa: F401  (the worker trains: imported here, to be frozen)
 
         from cifar_mlops import tune as tuning
 

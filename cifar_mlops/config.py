@@ -12,7 +12,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,7 +50,7 @@ class DataConfig(Strict):
     synthetic_test_pool: int = Field(500, ge=10)  # synthetic source only: generated test images
 
     @model_validator(mode="after")
-    def _data_dir_needs_real_source(self) -> "DataConfig":
+    def _data_dir_needs_real_source(self) -> DataConfig:
         if self.source == "synthetic" and self.data_dir:
             raise ValueError("data_dir is set but data.source is synthetic; add --set data.source=cifar10")
         return self
@@ -116,7 +116,7 @@ class TrainConfig(Strict):
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
 
     @model_validator(mode="after")
-    def _warmup_shorter_than_run(self) -> "TrainConfig":
+    def _warmup_shorter_than_run(self) -> TrainConfig:
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
         return self
@@ -128,7 +128,7 @@ class FloatRange(Strict):
     log: bool = False  # sample on a log scale (learning rates, weight decay)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "FloatRange":
+    def _ordered(self) -> FloatRange:
         if self.low > self.high:
             raise ValueError(f"low ({self.low:g}) must not exceed high ({self.high:g})")
         if self.log and self.low <= 0:
@@ -142,7 +142,7 @@ class IntRange(Strict):
     step: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "IntRange":
+    def _ordered(self) -> IntRange:
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         return self
@@ -185,7 +185,7 @@ class PublishedFigures(Strict):
     test_f1_macro: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _some_figure(self) -> "PublishedFigures":
+    def _some_figure(self) -> PublishedFigures:
         if not self.values():
             raise ValueError(f"give at least one of {', '.join(PUBLISHED_METRICS)}")
         return self
@@ -212,7 +212,7 @@ class ExperimentConfig(Strict):
     search: SearchSpace = SearchSpace()  # what `cifar-mlops tune` searches (not a training setting)
 
     @model_validator(mode="after")
-    def _transfer_learning_is_consistent(self) -> "ExperimentConfig":
+    def _transfer_learning_is_consistent(self) -> ExperimentConfig:
         if self.train.warmup_epochs and self.model.weights is None:
             raise ValueError("train.warmup_epochs needs pretrained model.weights (imagenet or a file)")
         return self
@@ -235,7 +235,7 @@ class EnsembleMember(Strict):
     weight: float = Field(1.0, ge=0)  # soft-voting weight
 
     @model_validator(mode="after")
-    def _one_selector(self) -> "EnsembleMember":
+    def _one_selector(self) -> EnsembleMember:
         chosen = [k for k in ("exp_id", "alias", "version") if getattr(self, k) is not None]
         if len(chosen) != 1:
             raise ValueError("give exactly one of exp_id, alias or version")
@@ -266,7 +266,7 @@ class EnsembleConfig(Strict):
         return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "published"}))
 
 
-Config = Union[ExperimentConfig, EnsembleConfig]
+Config = ExperimentConfig | EnsembleConfig
 
 
 # ---------------------------------------------------------------------------

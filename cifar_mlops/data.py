@@ -298,7 +298,7 @@ def fetch_cifar10(cache: str | os.PathLike, url: str = CIFAR10_URL, md5: str = C
         return target
     except DataError:
         raise
-    except Exception as err:  # get_file raises a bare Exception for network errors
+    except Exception as err:  # noqa: BLE001 - keras.utils.get_file raises a bare Exception for network errors
         raise _fetch_error(err, archive, url, md5, by_hand) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

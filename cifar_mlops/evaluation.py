@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
-import matplotlib
-
 matplotlib.use("Agg")  # files only: no screen needed
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
 
 
 def split_metrics(split: str, y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:

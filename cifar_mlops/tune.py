@@ -155,10 +155,11 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
         except Exception as err:  # noqa: BLE001 - a corrupt or unreadable file
             raise TuneError(f"cannot open journal storage {path}: {first_line(err)}") from None
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
         url = make_url(storage)
-    except Exception as err:  # noqa: BLE001
+    except ArgumentError as err:
         raise TuneError(f"malformed storage URL {redact(storage)!r}: {first_line(err)}") from None
     shown = redact(storage)
     engine_kwargs: dict[str, Any] = {}
@@ -325,7 +326,7 @@ class WorkerSpec:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "WorkerSpec":
+    def from_json(cls, text: str) -> WorkerSpec:
         return cls(**json.loads(text))
 
 

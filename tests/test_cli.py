@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 import mlflow
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -24,11 +23,11 @@ from cifar_mlops.models import ModelSettingError, UnknownModel, WeightsUnavailab
 from cifar_mlops.process import MissingDependency
 from cifar_mlops.promote import PromotionError
 from cifar_mlops.report import ReportError
+from cifar_mlops.tracking import runs
 from cifar_mlops.tracking.registry import RegistryError
 from cifar_mlops.tracking.results import ReportSourceError
 from cifar_mlops.train import TrainingFailed
 from cifar_mlops.tune import TuneError
-from cifar_mlops.tracking import runs
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -291,13 +290,13 @@ def test_two_trainings_started_together_on_a_new_store_share_it(tmp_path, reques
     processes = [subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
+    for child, (_, stderr) in zip(processes, outputs):
+        assert child.returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr
 
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    finished = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
+    assert sorted(r.info.status for r in finished) == ["FINISHED", "FINISHED"]
     assert sorted(int(v.version) for v in client.search_model_versions("name='cifar10-cnn'")) == [1, 2]
 
 

@@ -12,8 +12,7 @@ import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
 from cifar_mlops.config import ModelConfig
-from cifar_mlops.models import ModelSettingError, UnknownModel, applications, create_model, get_model_entry, \
-    list_models
+from cifar_mlops.models import ModelSettingError, UnknownModel, applications, create_model, get_model_entry, list_models
 from cifar_mlops.models.applications import WeightsUnavailable
 
 APPLICATIONS = ("mobilenetv2", "densenet121")

@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 from scipy.stats import binomtest
 
 from cifar_mlops import cli, data
-from cifar_mlops.tracking import served
 from cifar_mlops import promote as rule
+from cifar_mlops.tracking import served
 from cifar_mlops.train import train
 from tests.conftest import tiny, use_store
 
@@ -26,7 +26,7 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     """A store with three registered cifar10-cnn versions of `smoke`: name -> version number."""
     folder = tmp_path_factory.mktemp("promotion-registry")
     with pytest.MonkeyPatch.context() as patch:
-        uri = use_store(folder, patch)
+        use_store(folder, patch)
         numbers = {}
         for i, (name, overrides) in enumerate(TRAININGS.items(), start=1):
             train(tiny("smoke", **overrides))

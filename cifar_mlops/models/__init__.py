@@ -17,8 +17,9 @@ their functions, not at module level, so that listing the registry (and the
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from cifar_mlops.errors import UserError
 
@@ -88,6 +89,6 @@ def create_model(name: str, *, num_classes: int = 10, **settings: Any) -> keras.
     return entry.factory(num_classes=num_classes, **settings)
 
 
-# Importing the factory modules fills the registry.
+# Importing the factory modules fills the registry (last: they import register_model from here).
 from cifar_mlops.models import applications, cnn  # noqa: E402,F401
 from cifar_mlops.models.applications import WeightsUnavailable  # noqa: E402,F401  (re-exported for callers)

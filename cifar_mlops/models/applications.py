@@ -138,7 +138,7 @@ def _weights_file(weights: str, fname: str, url: str, md5: str | None = None) ->
 
     try:
         return keras.utils.get_file(fname, url, cache_subdir="models", cache_dir=cache_dir, file_hash=md5)
-    except Exception as err:  # offline, proxy, HTTP error, bad hash: all mean the same to the user
+    except Exception as err:  # noqa: BLE001 - get_file raises a bare Exception: offline, proxy, HTTP error, bad hash
         reason = (str(err).splitlines() or [type(err).__name__])[0].rsplit(" -- ", 1)[-1]  # drop the URL
         raise WeightsUnavailable(f"cannot download ImageNet weights {fname} ({reason}); {remedy}") from None
 

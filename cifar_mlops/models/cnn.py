@@ -50,7 +50,9 @@ def plain_cnn(
     from keras import layers
 
     kernels = (kernel,) * len(stages) if isinstance(kernel, int) else kernel
-    scale = lambda n: max(4, round(n * width))  # noqa: E731
+
+    def scale(n: int) -> int:
+        return max(4, round(n * width))
 
     inputs = keras.Input(shape=(32, 32, 3), dtype="uint8", name="image")
     x = inputs

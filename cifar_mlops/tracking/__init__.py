@@ -9,7 +9,6 @@
 - `results`: reading finished runs for reports, logging a report run.
 """
 
-from cifar_mlops.tracking import store  # noqa: I001  (dependency order: each module imports only those above it)
-from cifar_mlops.tracking import registry, soft_voting, served, runs, studies, results
+from cifar_mlops.tracking import registry, results, runs, served, soft_voting, store, studies
 
 __all__ = ["registry", "results", "runs", "served", "soft_voting", "store", "studies"]

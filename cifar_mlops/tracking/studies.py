@@ -8,8 +8,15 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import FAILURE_TAG, adopted_experiment, adopted_run_id, experiment_id, \
-    experiment_of, git_commit, log_batch
+from cifar_mlops.tracking.runs import (
+    FAILURE_TAG,
+    adopted_experiment,
+    adopted_run_id,
+    experiment_id,
+    experiment_of,
+    git_commit,
+    log_batch,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
