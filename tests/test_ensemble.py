@@ -130,32 +130,36 @@ def test_fitted_weights_never_score_worse_on_validation(registry) -> None:
     assert fitted["weight_0"] + fitted["weight_1"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("fit_weights", [False, True])
-def test_the_served_ensemble_predicts_exactly_what_was_evaluated(registry, fit_weights) -> None:
+def test_the_served_ensemble_predicts_exactly_what_was_evaluated(registry) -> None:
     # One soft-voting code path: the registered pyfunc, reloaded in a new process, reproduces the
-    # probabilities behind the run's metrics bit for bit (so the metrics themselves, exactly).
-    # fitting starts from weights far from the best ones, so the fitted ones are kept
+    # probabilities behind the run's metrics bit for bit (so the metrics themselves, exactly),
+    # with configured and with fitted weights. Fitting starts far from the best weights, so it is kept.
     members = "[{registered_model: cifar10-cnn, exp_id: smoke, weight: 1}, " \
               "{registered_model: cifar10-cnn, exp_id: smoke-wide, weight: 19}]"
-    config = tiny_ensemble(fit_weights=fit_weights, members=cfg.parse_overrides([f"x.members={members}"])["x.members"])
-    metrics = ensemble.build(config)
-    assert metrics["weights_fitted"] == float(fit_weights)
-    newest = max(int(v.version) for v in ensemble_versions())
+    members = cfg.parse_overrides([f"x.members={members}"])["x.members"]
+    logged = {}
+    for fit_weights in (False, True):
+        config = tiny_ensemble(fit_weights=fit_weights, members=members)
+        metrics = ensemble.build(config)
+        assert metrics["weights_fitted"] == float(fit_weights)
+        logged[max(int(v.version) for v in ensemble_versions())] = metrics
     code = ("import json, sys; import mlflow; from cifar_mlops import config, data, evaluation\n"
             "splits = data.load_splits(config.DataConfig.model_validate_json(sys.argv[1]))\n"
-            f"model = mlflow.pyfunc.load_model('models:/cifar10-ensemble/{newest}')\n"
             "scores = {}\n"
-            "for split in ('val', 'test'):\n"
-            "    x, y = splits.by_split()[split]\n"
-            "    scores.update(evaluation.split_metrics(split, y, model.predict(x)))\n"
+            "for version in sys.argv[2:]:\n"
+            "    model = mlflow.pyfunc.load_model(f'models:/cifar10-ensemble/{version}')\n"
+            "    for split in ('val', 'test'):\n"
+            "        x, y = splits.by_split()[split]\n"
+            "        scores.setdefault(version, {}).update(evaluation.split_metrics(split, y, model.predict(x)))\n"
             "print(json.dumps(scores))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=registry, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, "-c", code, config.data.model_dump_json()], env=env,
+    done = subprocess.run([sys.executable, "-c", code, config.data.model_dump_json(), *map(str, logged)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    served_scores = json.loads(done.stdout.strip().splitlines()[-1])
-    assert served_scores == {key: metrics[key] for key in served_scores}
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    for version, metrics in logged.items():
+        assert served[str(version)] == {key: metrics[key] for key in served[str(version)]}, version
 
 
 @pytest.mark.parametrize(
