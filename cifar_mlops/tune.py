@@ -356,11 +356,13 @@ def run_worker(spec: WorkerSpec) -> int:
         run_ids: list[str] = []
 
         def tag_run(run_id: str) -> None:
-            run_ids.append(run_id)
-            trial.set_user_attr("mlflow_run_id", run_id)
+            # the run's trial number first: a worker killed before the trial knows its run still
+            # leaves a run that the next process can match to the trial and close
             studies.tag_run(run_id, {"trial_number": trial.number, "optuna_study": spec.study_name,
                                      "state": "RUNNING", "worker": f"{host}:{pid}",
                                      "mlflow.runName": f"{spec.exp_id} trial {trial.number}"})
+            run_ids.append(run_id)
+            trial.set_user_attr("mlflow_run_id", run_id)
 
         try:
             metrics = train(trial_config, splits=splits, register=False, experiment=spec.experiment,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -13,13 +13,51 @@ from cifar_mlops import config as cfg
 from cifar_mlops.errors import first_line, redact
 
 REPO = Path(__file__).resolve().parent.parent
-# The real CIFAR-10 sample sits beside the project on developer machines; a
-# fresh clone elsewhere does not have it, and tests that need it skip.
+# The real CIFAR-10 sample sits beside the project on developer machines and in CI; a fresh clone
+# elsewhere does not have it, and tests that need it skip, everywhere, CI included: it is data, not a
+# service that CI could start. The session header says whether it was found (and `-ra` lists the skips).
 SAMPLE_DIR = Path(os.environ.get("CIFAR10_SAMPLE_DIR", REPO.parent / "shared/data/cifar10-sample/cifar-10-batches-py"))
 needs_sample = pytest.mark.skipif(not SAMPLE_DIR.is_dir(), reason=f"real CIFAR-10 sample not found at {SAMPLE_DIR}")
 
-# PostgreSQL runs on every developer and CI machine; a user's laptop may have none, and those tests skip.
+# PostgreSQL runs on every developer and CI machine; a user's laptop may have none, and those tests skip
+# there. In CI they fail instead (see `skip_or_fail`).
 PG_URL = os.environ.get("CIFAR_MLOPS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def in_ci() -> bool:
+    """CI runs .ci/run with CI=true (most CI systems set CI=true or CI=1)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """For a test that needs a service (PostgreSQL, headless Chromium): skip where it is missing, on a
+    laptop, but fail in CI, which provides every service (.ci/run): a skip there would hide that the
+    test proved nothing."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: CI must provide it, see .ci/run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`@pytest.mark.requires_service(available=..., reason=...)`: skipped unless available, outside CI."""
+    for item in items:
+        for mark in item.iter_markers("requires_service"):
+            if not mark.kwargs["available"] and not in_ci():
+                item.add_marker(pytest.mark.skip(reason=mark.kwargs["reason"]))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """... and failed in CI, before any fixture is set up."""
+    for mark in item.iter_markers("requires_service"):
+        if not mark.kwargs["available"]:
+            skip_or_fail(mark.kwargs["reason"])
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    found = "found" if SAMPLE_DIR.is_dir() else "NOT FOUND: the tests that need it skip"
+    return [f"real CIFAR-10 sample ({'$CIFAR10_SAMPLE_DIR' if 'CIFAR10_SAMPLE_DIR' in os.environ else 'default'}): "
+            f"{SAMPLE_DIR}: {found}", f"CI: {'yes: a missing service fails its tests' if in_ci() else 'no'}"]
+
 
 TRAINABLE = [e for e in cfg.list_experiments() if cfg.resolve(e).kind == "train"]
 
@@ -35,9 +73,8 @@ def covering_experiments() -> list[str]:
     chosen = []
     for experiments in by_model.values():
         missing = set().union(*experiments.values())
-        picked = [next(iter(experiments))]
-        missing -= experiments[picked[0]]
-        while missing:
+        picked: list[str] = []
+        while missing or not picked:  # at least one per model; each pick the one adding most (ties: catalogue order)
             best = max(experiments, key=lambda e: len(experiments[e] & missing))
             picked.append(best)
             missing -= experiments[best]
@@ -45,11 +82,50 @@ def covering_experiments() -> list[str]:
     return sorted(set(chosen), key=TRAINABLE.index)
 
 
+_EMPTY_STORE: list[Path] = []  # the session's template, made on first use
+
+
+def _empty_store_template() -> Path:
+    """An MLflow SQLite file with every table created and nothing in it, made once per session: MLflow's
+    migrations cost ~1 s per new store, a copy of the file ~10 ms. The copy is what a first connection
+    would have made, except for the `Default` experiment's artifact folder, which `copy_empty_store` moves."""
+    if not _EMPTY_STORE:
+        import atexit
+        import shutil
+        import tempfile
+
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        folder = Path(tempfile.mkdtemp(prefix="cifar-mlops-empty-store-"))
+        atexit.register(shutil.rmtree, folder, True)
+        SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlruns")).engine.dispose()
+        _EMPTY_STORE.append(folder / "mlflow.db")
+    return _EMPTY_STORE[0]
+
+
+def copy_empty_store(db: Path) -> None:
+    """Put an empty, migrated MLflow store at `db` (an SQLite file path), its artifacts beside it in mlruns/."""
+    import sqlite3
+
+    template = _empty_store_template()
+    source, target = sqlite3.connect(template), sqlite3.connect(db)
+    try:
+        source.backup(target)
+        with target:
+            target.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                           (str(template.parent), str(db.parent)))
+    finally:
+        source.close()
+        target.close()
+
+
 def use_store(folder: Path, patch: pytest.MonkeyPatch) -> str:
     """Make `folder` the working directory and an empty SQLite file in it the MLflow store."""
     import mlflow
 
     patch.chdir(folder)
+    if not (folder / "mlflow.db").exists():
+        copy_empty_store(folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR10_DIR"):
@@ -108,9 +184,12 @@ def postgres_url() -> str:
     import sqlalchemy
 
     schema = f"cifar_mlops_test_{uuid.uuid4().hex[:10]}"
+    unreachable = None
     try:
         _postgres(f"CREATE SCHEMA {schema}")
     except sqlalchemy.exc.OperationalError as err:
-        pytest.skip(f"no PostgreSQL server answers at {redact(PG_URL)}: {first_line(err)}")
+        unreachable = first_line(err)
+    if unreachable is not None:  # outside the `except`: the message alone, not the driver's traceback
+        skip_or_fail(f"no PostgreSQL server answers at {redact(PG_URL)}: {unreachable}")
     yield f"{PG_URL}?options=-csearch_path%3D{schema}"
     _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from cifar_mlops import cli
-from cifar_mlops.tracking import results, runs
 from cifar_mlops import config as cfg
 from cifar_mlops import report as reporting
+from cifar_mlops.tracking import results, runs
 from cifar_mlops.train import train
 from tests.conftest import SAMPLE_DIR, tiny, use_store
 

@@ -19,7 +19,6 @@ from optuna.trial import TrialState
 
 from cifar_mlops import cli, tune
 from cifar_mlops.tracking import runs, studies
-from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 # smoke shrunk: a trial takes ~1-3 s once TensorFlow is loaded
@@ -302,14 +301,3 @@ def test_a_study_belongs_to_one_experiment(store: str) -> None:
     optuna.create_study(study_name="mine", storage=tune.open_storage(None)).set_user_attr("exp_id", "smoke")
     with pytest.raises(tune.TuneError, match="study 'mine' tunes experiment smoke, not b0"):
         tune.tune("b0", 1, study_name="mine")
-
-
-def test_mlproject_has_a_tune_entry_point_mirroring_the_command() -> None:
-    import yaml
-
-    entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["tune"]
-    options = {p.opts[0].lstrip("-").replace("-", "_") for p in cli.tune.params if p.opts[0].startswith("--")}
-    assert set(entry["parameters"]) == options - {"set", "help"}  # --set: the `overrides` string instead
-    assert entry["command"].startswith("cifar-mlops tune ")
-    for name in entry["parameters"]:
-        assert f"--{name.replace('_', '-')}" in entry["command"] and f"{{{name}}}" in entry["command"]
