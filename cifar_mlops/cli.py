@@ -142,9 +142,12 @@ def _experiment_options(exp_help: str, set_example: str, register_help: str):
 @main.command()
 @_experiment_options("Experiment id from the catalogue, e.g. 2.4 or smoke.", "train.epochs=5",
                      "Register the trained model as a new version of cifar10-<family>.")
-def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
+@click.option("--seeds", default="", metavar="N|S,S,...",
+              help="Train once per seed (train.seed): 0..N-1, or a list (default: the experiment's own seed).")
+def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool, seeds: str) -> None:
     """Train, evaluate, track and register one experiment."""
-    _run_experiment("train", exp_id, [*cfg.split_overrides(overrides), *set_pairs], data_dir, register)
+    _run_experiment("train", exp_id, [*cfg.split_overrides(overrides), *set_pairs], data_dir, register,
+                    cfg.parse_seeds(seeds) if seeds.strip() else None)
 
 
 @main.command()
@@ -155,13 +158,17 @@ def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: 
     _run_experiment("ensemble", exp_id, [*cfg.split_overrides(overrides), *set_pairs], data_dir, register)
 
 
-def _run_experiment(kind: str, exp_id: str, pairs: list[str], data_dir: str, register: bool) -> None:
-    """Resolve the experiment (a bad one fails before anything heavy is imported), run it, print its metrics."""
+def _run_experiment(kind: str, exp_id: str, pairs: list[str], data_dir: str, register: bool,
+                    seeds: list[int] | None = None) -> None:
+    """Resolve the experiment (a bad one fails before anything heavy is imported), run it (once per seed
+    when `seeds`), print its metrics."""
     values = _ensemble_overrides(pairs) if kind == "ensemble" else cfg.parse_overrides(pairs)
     if data_dir:
         values.setdefault("data.data_dir", data_dir)
-    config = cfg.resolve(exp_id, values)
-    cfg.check_kind(config, kind)
+    configs = [cfg.resolve(exp_id, values if seeds is None else {**values, "train.seed": seed})
+               for seed in (seeds or [None])]
+    for config in configs:
+        cfg.check_kind(config, kind)
 
     with heavy_imports():
         import keras  # noqa: F401  (imported here, to be frozen, not later while loading data)
@@ -173,9 +180,11 @@ def _run_experiment(kind: str, exp_id: str, pairs: list[str], data_dir: str, reg
             from cifar_mlops.ensemble import build as run
 
     store.quiet_mlflow()
-    metrics = run(config, register=register)
     shown = ("val_", "test_", "ensemble_gain_") if kind == "ensemble" else ("val_", "test_")
-    click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(shown)))
+    for config in configs:
+        metrics = run(config, register=register)
+        seed = f"seed {config.train.seed}: " if seeds is not None else ""
+        click.echo(seed + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(shown)))
 
 
 ENSEMBLE_TOP_LEVEL = ("members", "voting", "fit_weights", "batch_size")
@@ -324,6 +333,53 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
     if result.worker_failures:
         lost = f"; trials {', '.join(map(str, result.failed_dead))} marked FAIL" if result.failed_dead else ""
         raise UserError(f"{'; '.join(result.worker_failures)}{lost}; rerun the same command to continue the study")
+
+
+@main.command()
+@click.option("--exp", "exp_id", required=True, help="Experiment id from the catalogue, e.g. 2.4 or b5.")
+@click.option("--design", type=ChoiceOf("cifar_mlops.ablate", "DESIGNS"), default="leave-one-out", show_default=True,
+              help="leave-one-out: without each enhancement; add-one: the parent plus each one it lacks; "
+                   "path: the chain of parents; variants: --variants against --exp.")
+@click.option("--seeds", default="3", show_default=True, metavar="N|S,S,...",
+              help="Seeds 0..N-1, or a list; seed k is the same for every variant (paired).")
+@click.option("--enhancements", default="", metavar="A,B",
+              help="Only these enhancements (leave-one-out: to remove; add-one: to add). Default: all.")
+@click.option("--variants", default="", metavar="ID,ID",
+              help="With --design variants: the experiments compared with --exp.")
+@click.option("--alpha", default=0.05, show_default=True, type=float,
+              help="Significance level of the verdicts (Holm-corrected across the changes).")
+@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting of every variant, e.g. --set train.epochs=5 (repeatable).")
+@click.option("--overrides", default="", metavar="'K=V K=V'",
+              help="The same overrides as one space- or comma-separated string (the MLproject parameter).")
+@click.option("--data-dir", default="", type=click.Path(file_okay=False),
+              help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache).")
+@click.option("--register/--no-register", default=False, show_default=True,
+              help="Also register every variant's model (off: an ablation's runs are measurements).")
+def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float,
+           set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
+    """Did each enhancement help? Train variants of an experiment over paired seeds and test the effects."""
+    with heavy_imports():
+        import keras  # noqa: F401  (the variants train here: imported here, to be frozen)
+
+        from cifar_mlops import ablate as ablation
+        from cifar_mlops.tracking import store
+
+    values = cfg.parse_overrides([*cfg.split_overrides(overrides), *set_pairs])
+    if data_dir:
+        values.setdefault("data.data_dir", data_dir)
+    names = [n.strip() for n in enhancements.split(",") if n.strip()]
+    result = ablation.ablate(exp_id, design, cfg.parse_seeds(seeds), enhancements=names,
+                             variants=[v.strip() for v in variants.split(",") if v.strip()], overrides=values,
+                             alpha=alpha, register=register)
+    click.echo(f"\nAblation {result.design.name}: {result.trained} runs trained, {result.reused} reused\n")
+    click.echo(ablation.variants_markdown(result.summary))
+    click.echo("")
+    click.echo(ablation.ablation_stats.effects_markdown(result.effects))
+    for line in result.design.skipped:
+        click.echo(line)
+    click.echo(f"\nparent run {result.parent_run_id} in MLflow experiment {result.experiment!r} (forest plot, "
+               f"tables as markdown and CSV); to see it, {store.where_to_look(result.tracking_uri)}")
 
 
 @main.command()

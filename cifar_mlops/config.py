@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -392,9 +393,21 @@ def split_overrides(text: str | None) -> list[str]:
     return [item for item in re.split(r"[\s,]+", text or "") if item]
 
 
-def resolve(exp_id: str, overrides: dict[str, Any] | None = None) -> Config:
-    """Resolve experiment `exp_id` with optional `--set` overrides into a validated config."""
-    layered, meta, kind = _layer_experiment(exp_id, seen=())
+def resolve(exp_id: str, overrides: dict[str, Any] | None = None, *,
+            enhancements: Sequence[str] | None = None) -> Config:
+    """Resolve experiment `exp_id` with optional `--set` overrides into a validated config.
+
+    `enhancements` replaces the experiment's own list (inherited ones included): those it drops are not
+    applied at any level of `extends:`, those it adds are applied after the inherited ones, before the
+    file's own sections. Ablations build their variants this way.
+    """
+    if enhancements is not None:
+        known = load_enhancements()
+        unknown = [name for name in enhancements if name not in known]
+        if unknown:
+            raise ConfigError(f"unknown enhancement {unknown[0]!r}; known: {', '.join(known)}")
+    layered, meta, kind = _layer_experiment(exp_id, seen=(), wanted=None if enhancements is None
+                                            else tuple(enhancements))
     for dotted, value in (overrides or {}).items():
         if dotted.split(".")[0] in META_KEYS + ("exp_id",):
             raise ConfigError(f"--set {dotted}: experiment metadata cannot be overridden")
@@ -407,7 +420,8 @@ def resolve(exp_id: str, overrides: dict[str, Any] | None = None) -> Config:
         raise ConfigError(_describe(err, layered, schema, _show(_experiment_path(exp_id)))) from None
 
 
-def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dict[str, Any], str]:
+def _layer_experiment(exp_id: str, seen: tuple[str, ...],
+                      wanted: tuple[str, ...] | None = None) -> tuple[_Layered, dict[str, Any], str]:
     if exp_id in seen:
         raise ConfigError(f"experiments {' -> '.join(seen + (exp_id,))}: `extends` forms a cycle")
     path = _experiment_path(exp_id)
@@ -428,7 +442,7 @@ def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dic
         base_path = experiments_dir() / "bases" / f"{extends}.yaml"
         layered.merge(_read_yaml(base_path), _show(base_path))
     else:
-        layered, extended_meta, extended_kind = _layer_experiment(extends, seen + (exp_id,))
+        layered, extended_meta, extended_kind = _layer_experiment(extends, seen + (exp_id,), wanted)
         if extended_kind != kind:
             raise ConfigError(f"{where}: extends: {extends} is a {extended_kind} experiment, this one a {kind}")
         inherited = extended_meta["enhancements"]
@@ -436,6 +450,10 @@ def _layer_experiment(exp_id: str, seen: tuple[str, ...]) -> tuple[_Layered, dic
     enhancements = raw.get("enhancements") or []
     if not isinstance(enhancements, list) or not all(isinstance(e, str) for e in enhancements):
         raise ConfigError(f"{where}: enhancements: must be a list of enhancement names")
+    if wanted is not None:  # an ablation variant: drop what is not wanted; the top level adds the rest
+        enhancements = [e for e in enhancements if e in wanted]
+        if not seen:
+            enhancements += [e for e in wanted if e not in inherited and e not in enhancements]
     if enhancements:
         catalogue = load_enhancements()
         for name in enhancements:
@@ -489,6 +507,17 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 3` -> [0, 1, 2]; `--seeds 0,3,7` -> [0, 3, 7] (values of `train.seed`)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts or not all(re.fullmatch(r"-?\d+", p) for p in parts):
+        raise ConfigError(f"--seeds takes a count (3) or a list (0,3,7), not {text!r}")
+    seeds = list(range(int(parts[0]))) if len(parts) == 1 else [int(p) for p in parts]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text}: give at least one seed, each once")
+    return seeds
 
 
 def check_kind(config: Config, kind: str) -> None:

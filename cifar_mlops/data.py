@@ -60,6 +60,7 @@ class Splits:
     location: str  # folder read, or "synthetic(seed=..)"
     source_checksum: str  # sha256 of the source files (synthetic: of the generated arrays)
     fingerprint: str  # sha256 of source_checksum + split kind/seed + chosen indices
+    test_indices: np.ndarray  # int64 (N_test,): position of each test image in the source's test set
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +99,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         x_val=x_pool[val_idx], y_val=y_pool[val_idx],
         x_test=x_test[test_idx], y_test=y_test[test_idx],
         class_names=tuple(class_names), source=source, location=location,
-        source_checksum=checksum, fingerprint=fingerprint.hexdigest(),
+        source_checksum=checksum, fingerprint=fingerprint.hexdigest(), test_indices=test_idx,
     )
 
 

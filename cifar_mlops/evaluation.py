@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
 matplotlib.use("Agg")  # files only: no screen needed
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
+
+TEST_PREDICTIONS = "test_predictions.csv"
 
 
 def split_metrics(split: str, y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
@@ -25,11 +28,16 @@ def split_metrics(split: str, y_true: np.ndarray, probabilities: np.ndarray) -> 
 def evaluate(splits, probabilities: dict[str, np.ndarray], exp_id: str) -> tuple[dict[str, float], dict[str, str],
                                                                                   dict[str, Figure]]:
     """What every evaluated run logs, from its probabilities per split: the metrics of each split,
-    the per-class report and the confusion matrix of the test split."""
+    the per-class report, the confusion matrix and the predicted label of each image of the test split
+    (`test_predictions.csv`: test_index in the source's test set, label, predicted; paired tests across
+    runs compare these image by image)."""
     metrics: dict[str, float] = {}
     for split, (_, y) in splits.by_split().items():
         metrics.update(split_metrics(split, y, probabilities[split]))
-    texts = {"classification_report.txt": per_class_report(splits.y_test, probabilities["test"], splits.class_names)}
+    predicted = pd.DataFrame({"test_index": splits.test_indices, "label": splits.y_test,
+                              "predicted": probabilities["test"].argmax(axis=1)})
+    texts = {"classification_report.txt": per_class_report(splits.y_test, probabilities["test"], splits.class_names),
+             TEST_PREDICTIONS: predicted.to_csv(index=False)}
     figures = {"confusion_matrix": confusion_matrix_figure(splits.y_test, probabilities["test"], splits.class_names,
                                                            f"{exp_id}: test confusion matrix")}
     return metrics, texts, figures

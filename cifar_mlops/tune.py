@@ -628,7 +628,7 @@ def _run_worker_processes(specs: list[WorkerSpec], tracking_uri: str) -> list[st
 
 def _finish(study: optuna.Study, storage: optuna.storages.BaseStorage, result: TuneResult, status: str) -> None:
     """Fail trials of dead workers, close their runs, and record the study on the parent run."""
-    from cifar_mlops.tracking import studies
+    from cifar_mlops.tracking import runs, studies
 
     result.failed_dead += fail_dead_trials(study, storage)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -660,7 +660,7 @@ def _finish(study: optuna.Study, storage: optuna.storages.BaseStorage, result: T
         tags["failure_reason"] = "; ".join(result.worker_failures)
     figures = study_figures(study)
     try:
-        studies.finish_study_run(result.parent_run_id, status, tags=tags, metrics=metrics, figures=figures,
+        runs.finish_run(result.parent_run_id, status, tags=tags, metrics=metrics, figures=figures,
                                   texts=texts)
     finally:
         from matplotlib import pyplot as plt

@@ -353,3 +353,16 @@ def test_a_missing_tensorflow_is_one_line_naming_the_install_extra(tmp_path) -> 
     assert result.stderr.splitlines()[-1] == ('error: TensorFlow is not installed; install the project with '
                                               '`pip install -e ".[cpu]"` (or `".[gpu]"` on a machine with an NVIDIA GPU)')
     assert "Traceback" not in result.stderr
+
+
+def test_train_seeds_trains_once_per_seed(store) -> None:
+    tiny = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+            "data.synthetic_test_pool=40", "--set", "train.epochs=1"]
+    result = CliRunner().invoke(cli.main, ["train", "--exp", "smoke", "--seeds", "0,5", "--no-register", *tiny])
+    assert result.exit_code == 0, result.output
+    # (Keras's per-epoch lines go to stdout too)
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("seed")] == ["seed 0", "seed 5"]
+    client = MlflowClient()
+    finished = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
+    assert sorted(r.data.params["train.seed"] for r in finished) == ["0", "5"]
+    assert {r.info.status for r in finished} == {"FINISHED"}

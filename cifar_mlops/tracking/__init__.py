@@ -6,9 +6,10 @@
 - `served`: logging trained models and ensembles, their image contract, loading them back;
 - `soft_voting`: the ensemble's code, both where it is evaluated and where it is served;
 - `studies`: tuning's parent and trial runs;
-- `results`: reading finished runs for reports, logging a report run.
+- `results`: reading finished runs for reports, logging a report run;
+- `ablations`: an ablation's parent run and its (variant, seed) runs.
 """
 
-from cifar_mlops.tracking import registry, results, runs, served, soft_voting, store, studies
+from cifar_mlops.tracking import ablations, registry, results, runs, served, soft_voting, store, studies
 
-__all__ = ["registry", "results", "runs", "served", "soft_voting", "store", "studies"]
+__all__ = ["ablations", "registry", "results", "runs", "served", "soft_voting", "store", "studies"]

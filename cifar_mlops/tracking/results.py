@@ -18,7 +18,7 @@ REPORT_EXPERIMENT = "cifar10-reports"
 REPORT_KIND = "report"  # tag `kind` of a report run: never a result row
 # Columns every frame of result runs has, even when no run carries them (e.g. an empty experiment)
 RESULT_COLUMNS = ("run_id", "experiment_id", "status", "start_time", "end_time", "tags.exp_id", "tags.kind",
-                  "tags.data_source")
+                  "tags.data_source", "tags.ablation")
 
 
 class ReportSourceError(UserError):
@@ -28,7 +28,8 @@ class ReportSourceError(UserError):
 
 
 def finished_result_runs(experiment: str) -> pd.DataFrame:
-    """Every FINISHED, active run of `experiment` that has an `exp_id` tag and is not a report run,
+    """Every FINISHED, active run of `experiment` that has an `exp_id` tag and is neither a report run
+    nor an ablation's variant run,
     newest first: `mlflow.search_runs`' frame (run_id, experiment_id, status, start_time, end_time as UTC
     timestamps, `metrics.*`, `params.*`, `tags.*`), with the columns `tags.exp_id`, `tags.kind` and
     `tags.data_source` always present (missing values: NaN)."""
@@ -44,7 +45,9 @@ def finished_result_runs(experiment: str) -> pd.DataFrame:
                               run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"],
                               output_format="pandas")
     runs = runs.reindex(columns=[*runs.columns, *(c for c in RESULT_COLUMNS if c not in runs.columns)])
-    results = runs[runs["tags.exp_id"].notna() & (runs["tags.exp_id"] != "") & (runs["tags.kind"] != REPORT_KIND)]
+    # an ablation's variant runs are not the iteration's results (a variant may lack an enhancement)
+    results = runs[runs["tags.exp_id"].notna() & (runs["tags.exp_id"] != "") & (runs["tags.kind"] != REPORT_KIND)
+                   & runs["tags.ablation"].isna()]
     return results.reset_index(drop=True)
 
 

@@ -99,6 +99,18 @@ def run_text_artifact(run_id: str, path: str) -> str | None:
         return None
 
 
+def finish_run(run_id: str, status: str, *, tags: dict[str, Any], metrics: dict[str, float],
+               figures: dict[str, Figure], texts: dict[str, str]) -> None:
+    """Record a parent run's outcome (a tuning study's, an ablation's) and end it with `status`."""
+    client = store.client()
+    log_batch(run_id, tags=tags, metrics=metrics)
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"{name}.png")
+    for name, text in texts.items():
+        client.log_text(run_id, text, name)
+    client.set_terminated(run_id, status)
+
+
 # ---------------------------------------------------------------------------
 # The run `mlflow run` created for this process
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 
@@ -17,9 +17,6 @@ from cifar_mlops.tracking.runs import (
     git_commit,
     log_batch,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.figure import Figure
 
 TUNING_EXPERIMENT = "cifar10-tuning"
 # An Optuna trial state -> the status of the trial's run (PRUNED: stopped early on purpose, not a failure)
@@ -89,15 +86,3 @@ def running_child_runs(parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
     runs = client.search_runs([parent.info.experiment_id], filter_string=(
         f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"))
     return [(r.info.run_id, dict(r.data.tags)) for r in runs]
-
-
-def finish_study_run(run_id: str, status: str, *, tags: dict[str, Any], metrics: dict[str, float],
-                     figures: dict[str, Figure], texts: dict[str, str]) -> None:
-    """Record the study's outcome on its parent run and end it with `status`."""
-    client = store.client()
-    log_batch(run_id, tags=tags, metrics=metrics)
-    for name, figure in figures.items():
-        client.log_figure(run_id, figure, f"{name}.png")
-    for name, text in texts.items():
-        client.log_text(run_id, text, name)
-    client.set_terminated(run_id, status)

@@ -1,0 +1,242 @@
+"""Ablations: variants generated from the catalogue, trained over paired seeds, effects with statistics.
+
+`ablate(exp_id, design, seeds)` builds the design's variants, never written by hand:
+
+- `leave-one-out`: the experiment, and the experiment without each of its enhancements;
+- `add-one`: the experiment's `parent`, and the parent plus each enhancement of its study it lacks;
+- `path`: the chain of iterations as the `parent:` links run (b0 -> ... -> b5), model refinements included;
+- `variants`: the experiment and an explicit list of experiment ids, each compared with it.
+
+Every (variant, seed) is an ordinary run of the same `train()`, nested under one parent run per
+ablation in `cifar10-ablation`; seed k sets `train.seed = k` for every variant (same split, same
+initialisation and shuffling), so differences pair by seed. A (variant, seed) already FINISHED with
+the same resolved config is reused, never retrained, so rerunning the command resumes it. The effect
+of a change is metric(with it) - metric(without it); `ablation_stats` tests it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cifar_mlops import ablation_stats, evaluation
+from cifar_mlops import config as cfg
+from cifar_mlops.ablation_stats import Comparison
+from cifar_mlops.errors import UserError
+from cifar_mlops.progress import log
+
+DESIGNS = ("leave-one-out", "add-one", "path", "variants")
+COMPARED_METRICS = ("test_accuracy", "test_f1_macro", "val_accuracy", "val_f1_macro")
+
+
+class AblationError(UserError):
+    """An ablation that cannot be built as asked (no variants, an unknown enhancement, an ensemble, ...)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of an ablation: an experiment, with its own enhancements or another list of them."""
+
+    id: str  # e.g. "2.4", "2.4 -adamw", "2.3 +adamw", "b3"
+    exp_id: str
+    enhancements: tuple[str, ...] | None = None  # None: the experiment's own
+    removed: str = ""
+    added: str = ""
+
+    def config(self, overrides: dict[str, Any], seed: int) -> cfg.ExperimentConfig:
+        config = cfg.resolve(self.exp_id, {**overrides, "train.seed": seed}, enhancements=self.enhancements)
+        cfg.check_kind(config, "train")
+        return config
+
+
+@dataclass
+class Design:
+    name: str  # what the ablation is called in its tags, e.g. "2.4 leave-one-out"
+    variants: list[Variant]
+    comparisons: list[Comparison]
+    skipped: list[str] = field(default_factory=list)  # changes that could not be made, with the reason
+
+
+def build_design(exp_id: str, design: str, *, enhancements: Sequence[str] = (), variants: Sequence[str] = (),
+                 overrides: dict[str, Any] | None = None) -> Design:
+    """The variants and comparisons of `design` on experiment `exp_id`, each checked to resolve."""
+    overrides = overrides or {}
+    if design not in DESIGNS:
+        raise AblationError(f"unknown design {design!r}; choose one of {', '.join(DESIGNS)}")
+    reference = Variant(exp_id, exp_id)
+    cfg.check_kind(cfg.resolve(exp_id, overrides), "train")  # an ensemble's members are trained apart
+    config = reference.config(overrides, 0)
+    named = list(enhancements)
+    catalogue = cfg.load_enhancements()
+    unknown = [name for name in named if name not in catalogue]
+    if unknown:
+        raise AblationError(f"unknown enhancement {unknown[0]!r}; known: {', '.join(catalogue)}")
+
+    if design == "leave-one-out":
+        foreign = [name for name in named if name not in config.enhancements]
+        if foreign:
+            raise AblationError(f"{exp_id} does not use enhancement {foreign[0]!r} (it uses "
+                                f"{', '.join(config.enhancements) or 'none'}): there is nothing to leave out")
+        candidates = [Variant(f"{exp_id} -{name}", exp_id, tuple(e for e in config.enhancements if e != name),
+                              removed=name) for name in (named or config.enhancements)]
+        comparisons = [Comparison(v.removed, reference.id, v.id) for v in candidates]
+        arms = [reference, *candidates]
+    elif design == "add-one":
+        if not config.parent:
+            raise AblationError(f"{exp_id} has no parent: add-one adds enhancements to the iteration it builds on")
+        base = Variant(config.parent, config.parent)
+        parent = base.config(overrides, 0)
+        study = [name for name, entry in catalogue.items() if config.study in entry.get("studies", [])]
+        added = named or [name for name in study if name not in parent.enhancements]
+        candidates = [Variant(f"{parent.exp_id} +{name}", parent.exp_id, (*parent.enhancements, name), added=name)
+                      for name in added if name not in parent.enhancements]
+        comparisons = [Comparison(v.added, v.id, base.id) for v in candidates]
+        arms = [base, *candidates]
+    elif design == "path":
+        chain = [exp_id]
+        while (parent_id := cfg.resolve(chain[0]).parent) is not None and parent_id not in chain:
+            chain.insert(0, parent_id)
+        arms = [Variant(step, step) for step in chain]
+        comparisons = [Comparison(f"{before.id} -> {after.id}", after.id, before.id)
+                       for before, after in zip(arms, arms[1:])]
+    else:  # variants
+        candidates = [Variant(other, other) for other in variants if other != exp_id]
+        comparisons = [Comparison(f"{v.id} vs {exp_id}", v.id, exp_id) for v in candidates]
+        arms = [reference, *candidates]
+
+    skipped, usable = [], []
+    for variant in arms:
+        try:
+            variant.config(overrides, 0)
+            usable.append(variant)
+        except cfg.ConfigError as err:
+            change = variant.removed or variant.added or variant.id
+            skipped.append(f"{change}: skipped, the variant {variant.id!r} does not resolve ({err})")
+    ids = {v.id for v in usable}
+    comparisons = [c for c in comparisons if c.with_ in ids and c.without in ids]
+    if not comparisons:
+        reason = "; ".join(skipped) or f"{exp_id} has {'no enhancements' if design != 'path' else 'no parent'}"
+        raise AblationError(f"the {design} design of {exp_id} has no variants to compare ({reason})")
+    return Design(f"{exp_id} {design}", usable, comparisons, skipped)
+
+
+@dataclass
+class AblationResult:
+    design: Design
+    parent_run_id: str
+    experiment: str
+    tracking_uri: str
+    summary: pd.DataFrame  # one row per variant: mean and std over seeds
+    effects: pd.DataFrame  # one row per (comparison, metric): ablation_stats.effects
+    trained: int = 0
+    reused: int = 0
+
+
+def config_digest(config: cfg.ExperimentConfig) -> str:
+    """What says two runs trained the same thing: the resolved config, as it is logged."""
+    return hashlib.sha256(cfg.to_yaml(config).encode()).hexdigest()
+
+
+def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequence[str] = (),
+           variants: Sequence[str] = (), overrides: dict[str, Any] | None = None, alpha: float = 0.05,
+           register: bool = False) -> AblationResult:
+    """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect."""
+    from cifar_mlops.tracking import ablations, runs, store
+    from cifar_mlops.train import train
+
+    overrides = overrides or {}
+    ablation_stats.check_seeds(seeds)
+    if not 0 < alpha < 1:
+        raise AblationError(f"--alpha must be in (0, 1), got {alpha}")
+    plan = build_design(exp_id, design, enhancements=enhancements, variants=variants, overrides=overrides)
+    for line in plan.skipped:
+        log(line)
+    store.quiet_mlflow()
+    parent_run_id, experiment = ablations.ablation_run(plan.name, {
+        "ablation_of": exp_id, "design": design, "seeds": ",".join(map(str, seeds)),
+        "variants": " | ".join(v.id for v in plan.variants),
+        "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "none"})
+    done = {(c["tags"].get("variant"), c["tags"].get("seed"), c["tags"].get("config_sha256")): c
+            for c in ablations.finished_children(parent_run_id)}
+    total = len(seeds) * len(plan.variants)
+    log(f"ablation {plan.name!r}: {len(plan.variants)} variants x {len(seeds)} seeds = {total} runs; "
+        f"parent run {parent_run_id} in MLflow experiment {experiment!r}")
+
+    rows, predictions, labels, trained, reused = [], {}, None, 0, 0
+    try:
+        for seed in seeds:  # seed-major: an interrupted ablation leaves whole pairs behind
+            for variant in plan.variants:
+                config = variant.config(overrides, seed)
+                digest = config_digest(config)
+                found = done.get((variant.id, str(seed), digest))
+                if found is None:
+                    tags = {"ablation": plan.name, "variant": variant.id, "seed": seed, "config_sha256": digest,
+                            "mlflow.runName": f"{variant.id} seed {seed}",
+                            **({"removed": variant.removed} if variant.removed else {}),
+                            **({"added": variant.added} if variant.added else {})}
+                    holder: list[str] = []
+
+                    def tag(run_id: str, tags=tags, holder=holder) -> None:
+                        holder.append(run_id)
+                        runs.log_batch(run_id, tags=tags)
+
+                    metrics = train(config, register=register, parent_run_id=parent_run_id, on_run_start=tag)
+                    run_id, trained = holder[0], trained + 1
+                else:
+                    run_id, metrics, reused = found["run_id"], found["metrics"], reused + 1
+                table = ablations.csv_artifact(run_id, evaluation.TEST_PREDICTIONS)
+                if table is None:
+                    raise AblationError(f"run {run_id} ({variant.id} seed {seed}) has no {evaluation.TEST_PREDICTIONS}; "
+                                        "delete it and rerun the ablation to retrain it")
+                table = table.sort_values("test_index")
+                if labels is None:
+                    labels = table[["test_index", "label"]].to_numpy()
+                elif not np.array_equal(labels, table[["test_index", "label"]].to_numpy()):
+                    raise AblationError(f"{variant.id} seed {seed} was tested on other images than the first run; "
+                                        "an ablation pairs runs on the same test images (same data settings)")
+                predictions[(variant.id, seed)] = table["predicted"].to_numpy()
+                rows.append({"variant": variant.id, "seed": seed, "run_id": run_id,
+                             **{key: float(metrics[key]) for key in COMPARED_METRICS}})
+                left = total - len(rows)
+                log(f"[{len(rows)}/{total}] {variant.id} seed {seed}: test_accuracy={metrics['test_accuracy']:.4f}"
+                    f"{' (reused)' if found else ''}; {left} run{'s' if left != 1 else ''} left")
+    except BaseException as err:
+        status, reason = runs.failure(err)
+        runs.finish_run(parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
+        raise
+
+    frame = pd.DataFrame(rows)
+    summary = ablation_stats.variant_summary(frame)
+    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels[:, 1], alpha=alpha)
+    figure = ablation_stats.forest_plot(effects)
+    document = "\n\n".join([f"# Ablation {plan.name}", variants_markdown(summary),
+                            ablation_stats.effects_markdown(effects), *plan.skipped])
+    try:
+        runs.finish_run(parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused},
+                        metrics={}, figures={"forest_plot": figure},
+                        texts={"ablation.md": document + "\n", "ablation_effects.csv": effects.to_csv(index=False),
+                               "ablation_runs.csv": frame.to_csv(index=False),
+                               "ablation_variants.csv": summary.to_csv(index=False)})
+    finally:
+        evaluation.close({"forest_plot": figure})
+    return AblationResult(plan, parent_run_id, experiment, store.configure_store(), summary, effects,
+                          trained=trained, reused=reused)
+
+
+def variants_markdown(summary: pd.DataFrame) -> str:
+    """Each variant's mean ± std over seeds (percent), as a markdown table."""
+    def cell(row: pd.Series, metric: str) -> str:
+        mean, std = row[f"{metric}_mean"] * 100, row[f"{metric}_std"] * 100
+        return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+    table = pd.DataFrame({"variant": summary["variant"], "seeds": summary["n_seeds"],
+                          **{f"{metric} %": [cell(row, metric) for _, row in summary.iterrows()]
+                             for metric in COMPARED_METRICS}})
+    return table.to_markdown(index=False, disable_numparse=True)

@@ -1,0 +1,60 @@
+"""Ablation runs: one parent run per ablation in `cifar10-ablation`, one nested run per (variant, seed)."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import pandas as pd
+
+from cifar_mlops.tracking import store
+from cifar_mlops.tracking.runs import (
+    ABLATION_EXPERIMENT,
+    adopted_experiment,
+    adopted_run_id,
+    experiment_id,
+    experiment_of,
+    git_commit,
+    log_batch,
+    run_text_artifact,
+)
+
+ABLATION_TAG = "ablation"  # on the parent and on every (variant, seed) run: which ablation it belongs to
+ABLATION_KIND = "ablation"  # tag `kind` of a parent run: never a result row of the report
+
+
+def ablation_run(name: str, tags: dict[str, Any]) -> tuple[str, str]:
+    """The ablation's parent run, RUNNING: `mlflow run`'s own run, else the one tagged `ablation=name`
+    in `cifar10-ablation` (a rerun continues it), else a new one. Returns (run id, experiment name)."""
+    client = store.client()
+    run_id = adopted_run_id()
+    if run_id:
+        os.environ.pop("MLFLOW_RUN_ID", None)  # the variants start their own nested runs, not this one
+        adopted_experiment(run_id, usual=ABLATION_EXPERIMENT)
+    else:
+        experiment = experiment_id(client, ABLATION_EXPERIMENT)
+        found = client.search_runs([experiment], filter_string=(
+            f"tags.{ABLATION_TAG} = '{name}' and tags.kind = '{ABLATION_KIND}'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+        run_id = found[0].info.run_id if found else client.create_run(experiment).info.run_id
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    log_batch(run_id, tags={**tags, "kind": ABLATION_KIND, ABLATION_TAG: name,
+                            "mlflow.runName": f"ablation {name}", "git_commit": git_commit()})
+    return run_id, experiment_of(run_id)
+
+
+def finished_children(parent_run_id: str) -> list[dict[str, Any]]:
+    """The parent's FINISHED nested runs: {"run_id", "tags", "metrics"} each."""
+    client = store.client()
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'"), max_results=5000)
+    return [{"run_id": r.info.run_id, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)} for r in found]
+
+
+def csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a DataFrame (e.g. its test predictions), None when it is missing."""
+    text = run_text_artifact(run_id, path)
+    return None if text is None else pd.read_csv(io.StringIO(text))

@@ -1,0 +1,197 @@
+"""Ablations: variants from the catalogue, paired seeds, nested runs, resumption, and effects that are
+scipy's and statsmodels' own numbers recomputed from what the runs logged."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
+
+from cifar_mlops import ablate, cli
+from cifar_mlops import config as cfg
+from cifar_mlops.tracking import runs
+from tests.conftest import use_store
+
+# Two planted enhancements on a smoke-sized experiment: one that ruins training (a learning rate 1000x
+# too low: the model stays near chance), one that changes nothing (SGD's momentum, which Adam ignores).
+PLANTED = {
+    "planted_too_low_lr": {"label": "Planted: learning rate 1000x too low", "studies": ["smoke"],
+                           "description": "Harmful on purpose.", "set": {"train.learning_rate": 3.0e-6}},
+    "planted_noop": {"label": "Planted: changes nothing", "studies": ["smoke"],
+                     "description": "A no-op on purpose.", "set": {"train.momentum": 0.9}},
+}
+PLANTED_EXPERIMENT = {"description": "smoke with two planted enhancements", "study": "smoke", "extends": "smoke",
+                      "parent": "smoke", "enhancements": ["planted_noop", "planted_too_low_lr"]}
+TINY = ("data.synthetic_train_pool=800 data.val_size=200 data.synthetic_test_pool=100 "
+        "train.epochs=4 train.batch_size=32")
+SEEDS = [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory):
+    """The project's catalogue plus the planted enhancements and an experiment `planted` using both."""
+    folder = tmp_path_factory.mktemp("catalogue") / "experiments"
+    shutil.copytree(cfg.experiments_dir(), folder)
+    enhancements = yaml.safe_load((folder / "enhancements.yaml").read_text())
+    (folder / "enhancements.yaml").write_text(yaml.safe_dump({**enhancements, **PLANTED}, sort_keys=False))
+    (folder / "planted.yaml").write_text(yaml.safe_dump(PLANTED_EXPERIMENT, sort_keys=False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIFAR_MLOPS_EXPERIMENTS", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def ablation(catalogue, tmp_path_factory: pytest.TempPathFactory):
+    """`cifar-mlops ablate --exp planted --seeds 3` as a user runs it; (CLI result, store URI)."""
+    with pytest.MonkeyPatch.context() as patch:
+        uri = use_store(tmp_path_factory.mktemp("ablation-store"), patch)
+        result = CliRunner().invoke(cli.main, ["ablate", "--exp", "planted", "--seeds", "3", "--overrides", TINY])
+        yield result, uri
+        while mlflow.active_run():
+            mlflow.end_run()
+
+
+def children(parent_run_id: str) -> list:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def parent_run():
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
+    [parent] = client.search_runs([experiment], filter_string="tags.kind = 'ablation'")
+    return parent
+
+
+def logged_effects(parent) -> pd.DataFrame:
+    text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/ablation_effects.csv")
+    return pd.read_csv(io.StringIO(text)).set_index(["effect", "metric"])
+
+
+def test_every_variant_and_seed_runs_once_nested_and_tagged(ablation) -> None:
+    result, _ = ablation
+    assert result.exit_code == 0, result.output
+    parent = parent_run()
+    assert parent.info.status == "FINISHED" and parent.data.tags["ablation"] == "planted leave-one-out"
+    nested = children(parent.info.run_id)
+    seen = sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in nested)
+    variants = ["planted", "planted -planted_noop", "planted -planted_too_low_lr"]
+    assert seen == sorted((v, s) for v in variants for s in SEEDS)  # each exactly once
+    for run in nested:
+        assert run.info.status == "FINISHED" and run.data.tags["ablation"] == "planted leave-one-out"
+        assert run.data.params["train.seed"] == run.data.tags["seed"]  # seed k is train.seed k in every variant
+        removed = run.data.tags.get("removed")
+        assert removed == (run.data.tags["variant"].split(" -")[1] if " -" in run.data.tags["variant"] else None)
+    assert MlflowClient().search_model_versions() == []  # not registered without --register
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"ablation.md", "ablation_effects.csv", "ablation_variants.csv", "forest_plot.png"} <= artifacts
+    assert "planted_too_low_lr" in result.stdout and "hurts" in result.stdout
+
+
+def test_the_planted_harm_hurts_and_the_no_op_never_helps(ablation) -> None:
+    effects = logged_effects(parent_run())
+    assert effects.loc[("planted_too_low_lr", "test_accuracy"), "verdict"] == "hurts"
+    assert effects.loc[("planted_too_low_lr", "test_accuracy"), "mean_diff"] < -0.3
+    assert effects.loc[("planted_noop", "test_accuracy"), "verdict"] != "helps"
+    assert effects.loc[("planted_noop", "test_f1_macro"), "verdict"] != "helps"
+
+
+def test_reported_statistics_are_scipys_and_statsmodels_on_the_logged_runs(ablation) -> None:
+    parent = parent_run()
+    effects = logged_effects(parent)
+    by_key = {(r.data.tags["variant"], int(r.data.tags["seed"])): r for r in children(parent.info.run_id)}
+
+    def predictions(variant: str, seed: int) -> pd.DataFrame:
+        run_id = by_key[(variant, seed)].info.run_id
+        return pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/test_predictions.csv")))
+
+    for removed in ("planted_noop", "planted_too_low_lr"):
+        with_it = [by_key[("planted", s)].data.metrics["test_accuracy"] for s in SEEDS]
+        without = [by_key[(f"planted -{removed}", s)].data.metrics["test_accuracy"] for s in SEEDS]
+        diffs = np.subtract(with_it, without)
+        row = effects.loc[(removed, "test_accuracy")]
+        assert row["mean_diff"] == pytest.approx(diffs.mean())
+        if diffs.std() > 0:
+            low, high = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+            assert row["t_p"] == pytest.approx(stats.ttest_rel(with_it, without).pvalue)
+        per_seed = []
+        for seed in SEEDS:
+            a, b = predictions("planted", seed), predictions(f"planted -{removed}", seed)
+            assert (a["test_index"] == b["test_index"]).all()  # paired on the same images
+            right_a, right_b = a["predicted"] == a["label"], b["predicted"] == b["label"]
+            table = [[int((right_a & right_b).sum()), int((right_a & ~right_b).sum())],
+                     [int((~right_a & right_b).sum()), int((~right_a & ~right_b).sum())]]
+            per_seed.append(mcnemar(table, exact=True).pvalue)
+        logged = [float(p) for p in str(row["mcnemar_p"]).split(";")]
+        assert logged == pytest.approx(per_seed)
+
+
+def test_a_rerun_trains_nothing_and_a_killed_run_is_rerun_alone(ablation) -> None:
+    overrides = cfg.parse_overrides(TINY.split())
+    again = ablate.ablate("planted", "leave-one-out", SEEDS, overrides=overrides)
+    assert (again.trained, again.reused) == (0, 9)
+    parent = parent_run()
+    victim = next(r for r in children(parent.info.run_id) if r.data.tags["variant"] == "planted -planted_noop")
+    MlflowClient().set_terminated(victim.info.run_id, "KILLED")  # as a Ctrl-C mid-run leaves it
+    resumed = ablate.ablate("planted", "leave-one-out", SEEDS, overrides=overrides)
+    assert (resumed.trained, resumed.reused) == (1, 8)
+    rerun = [r for r in children(parent.info.run_id)
+             if (r.data.tags["variant"], r.data.tags["seed"]) == ("planted -planted_noop", victim.data.tags["seed"])]
+    assert sorted(r.info.status for r in rerun) == ["FINISHED", "KILLED"]
+
+
+def test_ablation_runs_are_not_report_rows(ablation) -> None:
+    from cifar_mlops.tracking import results
+
+    assert results.finished_result_runs(runs.ABLATION_EXPERIMENT).empty
+
+
+def test_designs_are_generated_from_the_catalogue(catalogue) -> None:
+    loo = ablate.build_design("2.4", "leave-one-out")
+    assert [v.id for v in loo.variants] == ["2.4", "2.4 -increased_epochs", "2.4 -increased_batch_size", "2.4 -adamw"]
+    assert [(c.effect, c.with_, c.without) for c in loo.comparisons][-1] == ("adamw", "2.4", "2.4 -adamw")
+    assert cfg.resolve("2.4").train.optimizer == "adamw"
+    assert loo.variants[-1].config({}, 0).train.optimizer == "adam"  # the enhancement is really gone
+
+    add = ablate.build_design("2.4", "add-one", enhancements=["adamw"])
+    assert [v.id for v in add.variants] == ["2.3", "2.3 +adamw"]
+    assert add.comparisons[0].with_ == "2.3 +adamw" and add.comparisons[0].without == "2.3"
+
+    path = ablate.build_design("b5", "path")
+    assert [v.id for v in path.variants] == ["b0", "b1", "b2", "b3", "b4", "b5"]
+    assert path.comparisons[0].effect == "b0 -> b1"  # model refinements take part
+
+    explicit = ablate.build_design("b5", "variants", variants=["b6", "b7"])
+    assert [c.effect for c in explicit.comparisons] == ["b6 vs b5", "b7 vs b5"]
+
+
+BAD_INPUT = [
+    (["--exp", "planted", "--enhancements", "nope"], "unknown enhancement 'nope'"),
+    (["--exp", "smoke"], "the leave-one-out design of smoke has no variants to compare"),
+    (["--exp", "planted", "--seeds", "1"], "needs at least 2 seeds"),
+    (["--exp", "3.2"], "3.2 is an ensemble experiment"),
+    (["--exp", "planted", "--seeds", "0,x"], "--seeds takes a count (3) or a list (0,3,7)"),
+    (["--exp", "smoke", "--design", "add-one", "--enhancements", "planted_noop", "--seeds", "2"],
+     "smoke has no parent"),
+]
+
+
+def test_bad_input_is_one_line_and_tracks_nothing(catalogue, store) -> None:
+    for args, message in BAD_INPUT:
+        result = CliRunner().invoke(cli.main, ["ablate", *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
+        experiment = MlflowClient().get_experiment_by_name(runs.ABLATION_EXPERIMENT)
+        assert experiment is None or MlflowClient().search_runs([experiment.experiment_id]) == [], args
