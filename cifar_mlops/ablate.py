@@ -230,13 +230,17 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
                           trained=trained, reused=reused)
 
 
-def variants_markdown(summary: pd.DataFrame) -> str:
-    """Each variant's mean ± std over seeds (percent), as a markdown table."""
+def variants_text(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each variant's mean ± std over seeds (percent), as text cells."""
     def cell(row: pd.Series, metric: str) -> str:
         mean, std = row[f"{metric}_mean"] * 100, row[f"{metric}_std"] * 100
         return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
-    table = pd.DataFrame({"variant": summary["variant"], "seeds": summary["n_seeds"],
-                          **{f"{metric} %": [cell(row, metric) for _, row in summary.iterrows()]
-                             for metric in COMPARED_METRICS}})
-    return table.to_markdown(index=False, disable_numparse=True)
+    return pd.DataFrame({"variant": summary["variant"], "seeds": summary["n_seeds"].astype(str),
+                         **{f"{metric} %": [cell(row, metric) for _, row in summary.iterrows()]
+                            for metric in COMPARED_METRICS}})
+
+
+def variants_markdown(summary: pd.DataFrame) -> str:
+    """`variants_text` as a markdown table."""
+    return variants_text(summary).to_markdown(index=False, disable_numparse=True)

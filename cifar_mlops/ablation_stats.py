@@ -307,8 +307,8 @@ def _p_text(p: float) -> str:
     return "" if pd.isna(p) else f"{p:.3g}"
 
 
-def effects_markdown(table: pd.DataFrame) -> str:
-    """The effects table as compact markdown: effect, metric, mean difference ± the 95 % CI half-width and
+def effects_text(table: pd.DataFrame) -> pd.DataFrame:
+    """The effects table as text cells: effect, metric, mean difference ± the 95 % CI half-width and
     mde_seeds in percentage points, t_p, holm_p, cmh_p (blank for F1), verdict."""
     half_width = (table["ci_high"] - table["ci_low"]) / 2  # the t-interval is symmetric about the mean
     compact = pd.DataFrame({
@@ -321,8 +321,13 @@ def effects_markdown(table: pd.DataFrame) -> str:
         "mde_seeds, pp": table["mde_seeds"].map(lambda m: "" if pd.isna(m) else f"{100 * m:.2f}"),
         "verdict": table["verdict"],
     })
+    return compact
+
+
+def effects_markdown(table: pd.DataFrame) -> str:
+    """`effects_text` as a markdown table."""
     # disable_numparse: tabulate would otherwise reformat the already formatted numbers
-    return compact.to_markdown(index=False, disable_numparse=True)
+    return effects_text(table).to_markdown(index=False, disable_numparse=True)
 
 
 def forest_plot(table: pd.DataFrame, metric: str = "test_accuracy") -> Figure:

@@ -432,6 +432,28 @@ def _curves_figure(row: dict[str, Any], published: dict[str, float],
                           f"{label}, runs {', '.join(r[:8] for r in row['run_ids'])}", png=buffer.getvalue())
 
 
+def _ablations(experiment: str) -> Section:
+    """Every finished `cifar-mlops ablate` of the experiment: its variants, its effects and their forest plot,
+    as the ablation's parent run logged them."""
+    from cifar_mlops import ablate, ablation_stats
+    from cifar_mlops.tracking import ablations
+
+    section = Section("Ablations (`cifar-mlops ablate`): did each change help?")
+    for i, found in enumerate(ablations.finished_ablations(experiment)):
+        tags = found["tags"]
+        section.blocks.append(f"Ablation {found['name']}: seeds {tags.get('seeds', '?')}, parent run "
+                              f"{found['run_id'][:8]}; effect = metric with the change minus without it, paired by "
+                              "seed; verdicts from the paired t-test across seeds, Holm-corrected.")
+        empty = pd.DataFrame()  # the report's CSV holds results rows; the ablation's own CSVs are on its run
+        section.blocks.append(Table(f"{found['name']}: variants (mean ± std over seeds)",
+                                    ablate.variants_text(found["variants"]), empty))
+        section.blocks.append(Table(f"{found['name']}: effects", ablation_stats.effects_text(found["effects"]), empty))
+        if found["forest_png"]:
+            section.blocks.append(Figure(f"ablation_{i}_forest", f"{found['name']}: each change's effect on test "
+                                         "accuracy with its 95% interval", found["forest_png"]))
+    return section
+
+
 def _source_order(source: str) -> tuple:
     return (SOURCE_ORDER.index(source) if source in SOURCE_ORDER else len(SOURCE_ORDER), source)
 
@@ -483,6 +505,9 @@ def build(experiment: str = ABLATION_EXPERIMENT, selection: str = "latest", *,
         if study in FINAL_ITERATION and not (study_rows["exp_id"] == FINAL_ITERATION[study]).any():
             section.blocks.append(f"No finished run of {FINAL_ITERATION[study]} (the final iteration): no curves.")
         sections.append(section)
+    ablation_section = _ablations(experiment)
+    if ablation_section.blocks:
+        sections.append(ablation_section)
     return Report(title="CIFAR-10 ablation report", header=header, sections=sections, experiment=experiment,
                   selection=selection)
 

@@ -151,10 +151,19 @@ def test_a_rerun_trains_nothing_and_a_killed_run_is_rerun_alone(ablation) -> Non
     assert sorted(r.info.status for r in rerun) == ["FINISHED", "KILLED"]
 
 
-def test_ablation_runs_are_not_report_rows(ablation) -> None:
+def test_the_report_shows_each_ablation_but_never_its_runs_as_results(ablation) -> None:
+    from cifar_mlops import report
     from cifar_mlops.tracking import results
 
-    assert results.finished_result_runs(runs.ABLATION_EXPERIMENT).empty
+    assert results.finished_result_runs(runs.ABLATION_EXPERIMENT).empty  # a variant is not its iteration
+    document = report.build(runs.ABLATION_EXPERIMENT)
+    [section] = [s for s in document.sections if s.title.startswith("Ablations")]
+    effects = next(b for b in section.blocks if isinstance(b, report.Table) and b.title.endswith("effects"))
+    verdicts = dict(zip(effects.frame["effect"] + " " + effects.frame["metric"], effects.frame["verdict"]))
+    assert verdicts["planted_too_low_lr test_accuracy"] == "hurts"
+    assert any(isinstance(b, report.Figure) and b.png.startswith(b"\x89PNG") for b in section.blocks)
+    markdown = report.render(document, "markdown")
+    assert "## Ablations" in markdown and "planted leave-one-out: effects" in markdown
 
 
 def test_designs_are_generated_from_the_catalogue(catalogue) -> None:

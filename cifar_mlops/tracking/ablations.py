@@ -58,3 +58,34 @@ def csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
     """A CSV artifact of a run as a DataFrame (e.g. its test predictions), None when it is missing."""
     text = run_text_artifact(run_id, path)
     return None if text is None else pd.read_csv(io.StringIO(text))
+
+
+def finished_ablations(experiment: str) -> list[dict[str, Any]]:
+    """Every FINISHED ablation parent run of `experiment`, oldest first, with what it logged:
+    {"run_id", "name", "tags", "variants" and "effects" (DataFrames), "forest_png" (bytes or None)}."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    client = store.client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    parents = client.search_runs([found.experiment_id], filter_string=(
+        f"tags.kind = '{ABLATION_KIND}' and attributes.status = 'FINISHED'"), order_by=["attributes.start_time ASC"])
+    ablations = []
+    for run in parents:
+        variants = csv_artifact(run.info.run_id, "ablation_variants.csv")
+        effects = csv_artifact(run.info.run_id, "ablation_effects.csv")
+        if variants is None or effects is None:
+            continue  # finished before it logged its tables: nothing to show
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                png = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="forest_plot.png",
+                                                               dst_path=folder)).read_bytes()
+            except (mlflow.exceptions.MlflowException, OSError):
+                png = None
+        ablations.append({"run_id": run.info.run_id, "name": run.data.tags.get(ABLATION_TAG, run.info.run_id),
+                          "tags": dict(run.data.tags), "variants": variants, "effects": effects, "forest_png": png})
+    return ablations
