@@ -210,6 +210,9 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
     except BaseException as err:
         status, reason = runs.failure(err)
         runs.finish_run(parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
+        if isinstance(err, (UserError, KeyboardInterrupt)):
+            err.add_note(f"ablation {plan.name!r}: {len(rows)} of {total} runs done; rerun the same command to "
+                         "resume it (finished runs are reused)")
         raise
 
     frame = pd.DataFrame(rows)

@@ -118,25 +118,44 @@ def _settings_row(c: cfg.Config) -> dict[str, str]:
             "data": f"{d.source} {d.split} {d.train_size or 'rest'}/{d.val_size}", "description": c.description}
 
 
-def _experiment_options(exp_help: str, set_example: str, register_help: str):
-    """The options `train` and `ensemble` share (the MLproject entry points mirror them)."""
-    options = [
-        click.option("--exp", "exp_id", required=True, help=exp_help),
-        click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
-                     help=f"Override a setting, e.g. --set {set_example} (repeatable; wins over the experiment file)."),
-        click.option("--overrides", default="", metavar="'K=V K=V'",
-                     help="The same overrides as one space- or comma-separated string (the MLproject parameter)."),
-        click.option("--data-dir", default="", type=click.Path(file_okay=False),
-                     help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache)."),
-        click.option("--register/--no-register", default=True, show_default=True, help=register_help),
-    ]
-
+def _options(*options):
+    """Several click options as one decorator, in the order given."""
     def decorate(command):
         for option in reversed(options):
             command = option(command)
         return command
 
     return decorate
+
+
+def _override_options(set_example: str):
+    """`--set`, `--overrides` and `--data-dir`: how every command that resolves experiments changes them
+    (the MLproject entry points take `overrides` and `data_dir`)."""
+    return _options(
+        click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+                     help=f"Override a setting, e.g. --set {set_example} (repeatable; wins over the experiment file)."),
+        click.option("--overrides", default="", metavar="'K=V K=V'",
+                     help="The same overrides as one space- or comma-separated string (the MLproject parameter)."),
+        click.option("--data-dir", default="", type=click.Path(file_okay=False),
+                     help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache)."),
+    )
+
+
+def _override_values(set_pairs: tuple[str, ...], overrides: str, data_dir: str) -> dict:
+    """What `_override_options` say, as dotted overrides."""
+    values = cfg.parse_overrides([*cfg.split_overrides(overrides), *set_pairs])
+    if data_dir:
+        values.setdefault("data.data_dir", data_dir)
+    return values
+
+
+def _experiment_options(exp_help: str, set_example: str, register_help: str):
+    """The options `train` and `ensemble` share (the MLproject entry points mirror them)."""
+    return _options(
+        click.option("--exp", "exp_id", required=True, help=exp_help),
+        _override_options(set_example),
+        click.option("--register/--no-register", default=True, show_default=True, help=register_help),
+    )
 
 
 @main.command()
@@ -293,12 +312,7 @@ def models_command(names: tuple[str, ...]) -> None:
 @click.option("--pruner", type=ChoiceOf("cifar_mlops.tune", "PRUNERS"), default="median", show_default=True,
               help="Stops unpromising trials early on per-epoch val_accuracy.")
 @click.option("--seed", default="", metavar="INT", help="Sampler seed (default: random).")
-@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting for every trial, e.g. --set data.val_size=1000 (repeatable).")
-@click.option("--overrides", default="", metavar="'K=V K=V'",
-              help="The same overrides as one space- or comma-separated string (the MLproject parameter).")
-@click.option("--data-dir", default="", type=click.Path(file_okay=False),
-              help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache).")
+@_override_options("data.val_size=1000 (every trial)")
 @click.option("--register-best", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               metavar="[true|false]", help="Retrain the best trial's configuration once and register it.")
 def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, timeout: float, sampler: str,
@@ -311,9 +325,7 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
         from cifar_mlops import tune as tuning
         from cifar_mlops.tracking import store
 
-    values = cfg.parse_overrides([*cfg.split_overrides(overrides), *set_pairs])
-    if data_dir:
-        values.setdefault("data.data_dir", data_dir)
+    values = _override_values(set_pairs, overrides, data_dir)
     if seed.strip() and not seed.strip().lstrip("-").isdigit():
         raise tuning.TuneError(f"--seed must be an integer (got {seed!r})")
     result = tuning.tune(exp_id, trials, study_name=study_name or None, storage=storage or None,
@@ -348,12 +360,7 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
               help="With --design variants: the experiments compared with --exp.")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="Significance level of the verdicts (Holm-corrected across the changes).")
-@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting of every variant, e.g. --set train.epochs=5 (repeatable).")
-@click.option("--overrides", default="", metavar="'K=V K=V'",
-              help="The same overrides as one space- or comma-separated string (the MLproject parameter).")
-@click.option("--data-dir", default="", type=click.Path(file_okay=False),
-              help="An existing cifar-10-batches-py folder (default: $CIFAR10_DIR, else download and cache).")
+@_override_options("train.epochs=5 (every variant)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
 def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float,
@@ -365,9 +372,7 @@ def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: st
         from cifar_mlops import ablate as ablation
         from cifar_mlops.tracking import store
 
-    values = cfg.parse_overrides([*cfg.split_overrides(overrides), *set_pairs])
-    if data_dir:
-        values.setdefault("data.data_dir", data_dir)
+    values = _override_values(set_pairs, overrides, data_dir)
     names = [n.strip() for n in enhancements.split(",") if n.strip()]
     result = ablation.ablate(exp_id, design, cfg.parse_seeds(seeds), enhancements=names,
                              variants=[v.strip() for v in variants.split(",") if v.strip()], overrides=values,

@@ -28,6 +28,8 @@ PLANTED = {
                            "description": "Harmful on purpose.", "set": {"train.learning_rate": 3.0e-6}},
     "planted_noop": {"label": "Planted: changes nothing", "studies": ["smoke"],
                      "description": "A no-op on purpose.", "set": {"train.momentum": 0.9}},
+    "planted_bad_split": {"label": "Planted: a split that does not fit", "studies": ["smoke"],
+                          "description": "Fails when the data loads.", "set": {"data.test_size": 100000}},
 }
 PLANTED_EXPERIMENT = {"description": "smoke with two planted enhancements", "study": "smoke", "extends": "smoke",
                       "parent": "smoke", "enhancements": ["planted_noop", "planted_too_low_lr"]}
@@ -44,6 +46,8 @@ def catalogue(tmp_path_factory: pytest.TempPathFactory):
     enhancements = yaml.safe_load((folder / "enhancements.yaml").read_text())
     (folder / "enhancements.yaml").write_text(yaml.safe_dump({**enhancements, **PLANTED}, sort_keys=False))
     (folder / "planted.yaml").write_text(yaml.safe_dump(PLANTED_EXPERIMENT, sort_keys=False))
+    broken = {**PLANTED_EXPERIMENT, "enhancements": ["planted_noop", "planted_bad_split"]}
+    (folder / "broken.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CIFAR_MLOPS_EXPERIMENTS", str(folder))
         yield folder
@@ -204,3 +208,14 @@ def test_bad_input_is_one_line_and_tracks_nothing(catalogue, store) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
         experiment = MlflowClient().get_experiment_by_name(runs.ABLATION_EXPERIMENT)
         assert experiment is None or MlflowClient().search_runs([experiment.experiment_id]) == [], args
+
+
+def test_a_run_that_fails_ends_the_ablation_failed_with_one_line_saying_how_to_resume(catalogue, store) -> None:
+    result = CliRunner().invoke(cli.main, ["ablate", "--exp", "broken", "--seeds", "2", "--overrides", TINY])
+    assert result.exit_code == 1, result.output
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "data.test_size (100000)" in line and "rerun the same command to resume it" in line, line
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
+    statuses = {r.data.tags.get("kind", "variant"): r.info.status for r in client.search_runs([experiment])}
+    assert statuses == {"ablation": "FAILED", "variant": "FAILED"}  # nothing left RUNNING

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
 from typing import Any
 
 import pandas as pd
+from mlflow import MlflowClient
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import (
-    ABLATION_EXPERIMENT,
-    adopted_experiment,
-    adopted_run_id,
-    experiment_id,
-    experiment_of,
-    git_commit,
-    log_batch,
-    run_text_artifact,
-)
+from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, open_parent_run, run_text_artifact
 
 ABLATION_TAG = "ablation"  # on the parent and on every (variant, seed) run: which ablation it belongs to
 ABLATION_KIND = "ablation"  # tag `kind` of a parent run: never a result row of the report
@@ -27,22 +18,14 @@ ABLATION_KIND = "ablation"  # tag `kind` of a parent run: never a result row of 
 def ablation_run(name: str, tags: dict[str, Any]) -> tuple[str, str]:
     """The ablation's parent run, RUNNING: `mlflow run`'s own run, else the one tagged `ablation=name`
     in `cifar10-ablation` (a rerun continues it), else a new one. Returns (run id, experiment name)."""
-    client = store.client()
-    run_id = adopted_run_id()
-    if run_id:
-        os.environ.pop("MLFLOW_RUN_ID", None)  # the variants start their own nested runs, not this one
-        adopted_experiment(run_id, usual=ABLATION_EXPERIMENT)
-    else:
-        experiment = experiment_id(client, ABLATION_EXPERIMENT)
-        found = client.search_runs([experiment], filter_string=(
+    def earlier(client: MlflowClient, experiment_id: str) -> str | None:
+        found = client.search_runs([experiment_id], filter_string=(
             f"tags.{ABLATION_TAG} = '{name}' and tags.kind = '{ABLATION_KIND}'"),
             order_by=["attributes.start_time DESC"], max_results=1)
-        run_id = found[0].info.run_id if found else client.create_run(experiment).info.run_id
-    if client.get_run(run_id).info.status != "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    log_batch(run_id, tags={**tags, "kind": ABLATION_KIND, ABLATION_TAG: name,
-                            "mlflow.runName": f"ablation {name}", "git_commit": git_commit()})
-    return run_id, experiment_of(run_id)
+        return found[0].info.run_id if found else None
+
+    return open_parent_run(ABLATION_EXPERIMENT, f"ablation {name}", {**tags, "kind": ABLATION_KIND, ABLATION_TAG: name},
+                           earlier)
 
 
 def finished_children(parent_run_id: str) -> list[dict[str, Any]]:

@@ -99,6 +99,26 @@ def run_text_artifact(run_id: str, path: str) -> str | None:
         return None
 
 
+def open_parent_run(experiment: str, name: str, tags: dict[str, Any],
+                    earlier: Callable[[MlflowClient, str], str | None]) -> tuple[str, str]:
+    """A parent run (a tuning study's, an ablation's), RUNNING: `mlflow run`'s own run, else the one
+    `earlier(client, experiment id)` finds (a rerun continues it), else a new run in `experiment`.
+    Returns (run id, experiment name)."""
+    client = store.client()
+    run_id = adopted_run_id()
+    if run_id:
+        os.environ.pop("MLFLOW_RUN_ID", None)  # its children start their own nested runs, not this one
+        adopted_experiment(run_id, usual=experiment)
+    else:
+        run_id = earlier(client, experiment_id(client, experiment))
+    if run_id is None:
+        run_id = client.create_run(experiment_id(client, experiment), run_name=name).info.run_id
+    elif client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    log_batch(run_id, tags={**tags, "mlflow.runName": name, "git_commit": git_commit()})
+    return run_id, experiment_of(run_id)
+
+
 def finish_run(run_id: str, status: str, *, tags: dict[str, Any], metrics: dict[str, float],
                figures: dict[str, Figure], texts: dict[str, str]) -> None:
     """Record a parent run's outcome (a tuning study's, an ablation's) and end it with `status`."""

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import mlflow
+from mlflow import MlflowClient
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import (
-    FAILURE_TAG,
-    adopted_experiment,
-    adopted_run_id,
-    experiment_id,
-    experiment_of,
-    git_commit,
-    log_batch,
-)
+from cifar_mlops.tracking.runs import FAILURE_TAG, log_batch, open_parent_run
 
 TUNING_EXPERIMENT = "cifar10-tuning"
 # An Optuna trial state -> the status of the trial's run (PRUNED: stopped early on purpose, not a failure)
@@ -26,24 +18,15 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}
 def study_run(study_name: str, tags: dict[str, str], reuse_run_id: str | None = None) -> tuple[str, str]:
     """The study's parent run, RUNNING: `mlflow run`'s own run, else `reuse_run_id` if it still exists,
     else a new run in `cifar10-tuning`. Returns (run id, experiment name)."""
-    client = store.client()
-    run_id = adopted_run_id()
-    if run_id:
-        os.environ.pop("MLFLOW_RUN_ID", None)  # trials must start their own nested runs, not reopen this one
-        adopted_experiment(run_id, usual=TUNING_EXPERIMENT)
-    elif reuse_run_id:
+    def earlier(client: MlflowClient, experiment_id: str) -> str | None:
+        if not reuse_run_id:
+            return None
         try:
-            run = client.get_run(reuse_run_id)
-            run_id = reuse_run_id if run.info.lifecycle_stage == "active" else None
+            return reuse_run_id if client.get_run(reuse_run_id).info.lifecycle_stage == "active" else None
         except mlflow.exceptions.MlflowException:
-            run_id = None
-    if run_id:
-        if client.get_run(run_id).info.status != "RUNNING":
-            client.update_run(run_id, status="RUNNING")
-    else:
-        run_id = client.create_run(experiment_id(client, TUNING_EXPERIMENT), run_name=study_name).info.run_id
-    log_batch(run_id, tags={**tags, "mlflow.runName": study_name, "git_commit": git_commit()})
-    return run_id, experiment_of(run_id)
+            return None
+
+    return open_parent_run(TUNING_EXPERIMENT, study_name, tags, earlier)
 
 
 def delete_run(run_id: str) -> None:
