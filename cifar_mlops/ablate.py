@@ -17,8 +17,9 @@ of a change is metric(with it) - metric(without it); `ablation_stats` tests it.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -144,93 +145,184 @@ def config_digest(config: cfg.ExperimentConfig) -> str:
     return hashlib.sha256(cfg.to_yaml(config).encode()).hexdigest()
 
 
+@dataclass
+class AblationSpec:
+    """What a run of the ablation is: the command's arguments (also what a worker process is given)."""
+
+    exp_id: str
+    design: str
+    seeds: list[int]
+    enhancements: list[str] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    register: bool = False
+    storage: str | None = None  # the queue's storage (None: this process runs every task itself)
+    parent_run_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> AblationSpec:
+        return cls(**json.loads(text))
+
+
+class Ablation:
+    """The (variant, seed) tasks of one ablation, and training the ones not yet FINISHED in its parent run."""
+
+    def __init__(self, spec: AblationSpec, plan: Design) -> None:
+        self.spec, self.plan = spec, plan
+        self.tasks = {f"{v.id}|{seed}": (v, seed) for seed in spec.seeds for v in plan.variants}  # seed-major
+
+    def config(self, task: str) -> cfg.ExperimentConfig:
+        variant, seed = self.tasks[task]
+        return variant.config(self.spec.overrides, seed)
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """task -> its FINISHED run (tags, metrics), for the tasks whose run trained the same resolved config."""
+        from cifar_mlops.tracking import ablations
+
+        by_key = {(c["tags"].get("variant"), c["tags"].get("seed"), c["tags"].get("config_sha256")): c
+                  for c in ablations.finished_children(self.spec.parent_run_id)}
+        found = {}
+        for task, (variant, seed) in self.tasks.items():
+            child = by_key.get((variant.id, str(seed), config_digest(self.config(task))))
+            if child is not None:
+                found[task] = child
+        return found
+
+    def is_done(self, task: str) -> bool:
+        return task in self.finished()
+
+    def work(self, task: str) -> None:
+        """Train `task` as a nested run of the ablation, unless another process has meanwhile."""
+        from cifar_mlops.tracking import runs
+        from cifar_mlops.train import train
+
+        if self.is_done(task):
+            return
+        variant, seed = self.tasks[task]
+        config = self.config(task)
+        tags = {"ablation": self.plan.name, "variant": variant.id, "seed": seed, "config_sha256": config_digest(config),
+                "mlflow.runName": f"{variant.id} seed {seed}",
+                **({"removed": variant.removed} if variant.removed else {}),
+                **({"added": variant.added} if variant.added else {})}
+        metrics = train(config, register=self.spec.register, parent_run_id=self.spec.parent_run_id,
+                        on_run_start=lambda run_id: runs.log_batch(run_id, tags=tags))
+        left = len(self.tasks) - len(self.finished())
+        log(f"[{len(self.tasks) - left}/{len(self.tasks)}] {variant.id} seed {seed}: "
+            f"test_accuracy={metrics['test_accuracy']:.4f}; {left} run{'s' if left != 1 else ''} left")
+
+    def results(self) -> tuple[pd.DataFrame, dict[tuple[str, int], np.ndarray], np.ndarray]:
+        """Every task's metrics (one row each), its predicted label per test image, and the images' labels."""
+        from cifar_mlops.tracking import ablations
+
+        finished = self.finished()
+        missing = [task for task in self.tasks if task not in finished]
+        if missing:
+            raise AblationError(f"{len(missing)} run(s) of ablation {self.plan.name!r} did not finish "
+                                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                                "rerun the same command to run them")
+        rows, predictions, labels = [], {}, None
+        for task, (variant, seed) in self.tasks.items():
+            child = finished[task]
+            table = ablations.csv_artifact(child["run_id"], evaluation.TEST_PREDICTIONS)
+            if table is None:
+                raise AblationError(f"run {child['run_id']} ({variant.id} seed {seed}) has no "
+                                    f"{evaluation.TEST_PREDICTIONS}; delete it and rerun the ablation to retrain it")
+            table = table.sort_values("test_index")
+            pairs = table[["test_index", "label"]].to_numpy()
+            if labels is None:
+                labels = pairs
+            elif not np.array_equal(labels, pairs):
+                raise AblationError(f"{variant.id} seed {seed} was tested on other images than the first run; "
+                                    "an ablation pairs runs on the same test images (same data settings)")
+            predictions[(variant.id, seed)] = table["predicted"].to_numpy()
+            rows.append({"variant": variant.id, "seed": seed, "run_id": child["run_id"],
+                         **{key: float(child["metrics"][key]) for key in COMPARED_METRICS}})
+        return pd.DataFrame(rows), predictions, labels[:, 1]
+
+
 def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequence[str] = (),
            variants: Sequence[str] = (), overrides: dict[str, Any] | None = None, alpha: float = 0.05,
-           register: bool = False) -> AblationResult:
-    """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect."""
-    from cifar_mlops.tracking import ablations, runs, store
-    from cifar_mlops.train import train
+           register: bool = False, workers: int = 1, storage: str | None = None) -> AblationResult:
+    """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect.
 
-    overrides = overrides or {}
-    ablation_stats.check_seeds(seeds)
+    With `workers` > 1 or a `storage`, the runs go through a queue (`tune.run_queue`) that worker
+    processes on this machine, and the same command on other machines, share."""
+    from cifar_mlops.tracking import ablations, runs, store
+
+    spec = AblationSpec(exp_id, design, list(seeds), list(enhancements), list(variants), dict(overrides or {}),
+                        register, storage)
+    ablation_stats.check_seeds(spec.seeds)
     if not 0 < alpha < 1:
         raise AblationError(f"--alpha must be in (0, 1), got {alpha}")
-    plan = build_design(exp_id, design, enhancements=enhancements, variants=variants, overrides=overrides)
+    if workers < 1:
+        raise AblationError(f"--workers must be at least 1 (got {workers})")
+    plan = build_design(exp_id, design, enhancements=enhancements, variants=variants, overrides=spec.overrides)
     for line in plan.skipped:
         log(line)
     store.quiet_mlflow()
-    parent_run_id, experiment = ablations.ablation_run(plan.name, {
+    spec.parent_run_id, experiment = ablations.ablation_run(plan.name, {
         "ablation_of": exp_id, "design": design, "seeds": ",".join(map(str, seeds)),
         "variants": " | ".join(v.id for v in plan.variants),
-        "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "none"})
-    done = {(c["tags"].get("variant"), c["tags"].get("seed"), c["tags"].get("config_sha256")): c
-            for c in ablations.finished_children(parent_run_id)}
-    total = len(seeds) * len(plan.variants)
-    log(f"ablation {plan.name!r}: {len(plan.variants)} variants x {len(seeds)} seeds = {total} runs; "
-        f"parent run {parent_run_id} in MLflow experiment {experiment!r}")
-
-    rows, predictions, labels, trained, reused = [], {}, None, 0, 0
+        "overrides": " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "none"})
+    ablation = Ablation(spec, plan)
+    pending = [task for task in ablation.tasks if not ablation.is_done(task)]
+    reused = len(ablation.tasks) - len(pending)
+    log(f"ablation {plan.name!r}: {len(plan.variants)} variants x {len(seeds)} seeds = {len(ablation.tasks)} runs, "
+        f"{reused} already finished; parent run {spec.parent_run_id} in MLflow experiment {experiment!r}")
     try:
-        for seed in seeds:  # seed-major: an interrupted ablation leaves whole pairs behind
-            for variant in plan.variants:
-                config = variant.config(overrides, seed)
-                digest = config_digest(config)
-                found = done.get((variant.id, str(seed), digest))
-                if found is None:
-                    tags = {"ablation": plan.name, "variant": variant.id, "seed": seed, "config_sha256": digest,
-                            "mlflow.runName": f"{variant.id} seed {seed}",
-                            **({"removed": variant.removed} if variant.removed else {}),
-                            **({"added": variant.added} if variant.added else {})}
-                    holder: list[str] = []
+        if workers == 1 and storage is None:
+            for task in pending:
+                ablation.work(task)
+        else:
+            from cifar_mlops import tune
 
-                    def tag(run_id: str, tags=tags, holder=holder) -> None:
-                        holder.append(run_id)
-                        runs.log_batch(run_id, tags=tags)
+            def worker_args(index: int) -> list[str]:
+                return ["ablate-worker", "--spec", spec.to_json()]
 
-                    metrics = train(config, register=register, parent_run_id=parent_run_id, on_run_start=tag)
-                    run_id, trained = holder[0], trained + 1
-                else:
-                    run_id, metrics, reused = found["run_id"], found["metrics"], reused + 1
-                table = ablations.csv_artifact(run_id, evaluation.TEST_PREDICTIONS)
-                if table is None:
-                    raise AblationError(f"run {run_id} ({variant.id} seed {seed}) has no {evaluation.TEST_PREDICTIONS}; "
-                                        "delete it and rerun the ablation to retrain it")
-                table = table.sort_values("test_index")
-                if labels is None:
-                    labels = table[["test_index", "label"]].to_numpy()
-                elif not np.array_equal(labels, table[["test_index", "label"]].to_numpy()):
-                    raise AblationError(f"{variant.id} seed {seed} was tested on other images than the first run; "
-                                        "an ablation pairs runs on the same test images (same data settings)")
-                predictions[(variant.id, seed)] = table["predicted"].to_numpy()
-                rows.append({"variant": variant.id, "seed": seed, "run_id": run_id,
-                             **{key: float(metrics[key]) for key in COMPARED_METRICS}})
-                left = total - len(rows)
-                log(f"[{len(rows)}/{total}] {variant.id} seed {seed}: test_accuracy={metrics['test_accuracy']:.4f}"
-                    f"{' (reused)' if found else ''}; {left} run{'s' if left != 1 else ''} left")
+            failures = tune.run_queue(f"ablation {plan.name}", storage, pending, ablation.work, ablation.is_done,
+                                      workers=workers, worker_args=worker_args, tracking_uri=store.configure_store())
+            for failure in failures:
+                log(f"{failure}; its run was picked up by another process")
+        frame, predictions, labels = ablation.results()
     except BaseException as err:
         status, reason = runs.failure(err)
-        runs.finish_run(parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
+        runs.finish_run(spec.parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
         if isinstance(err, (UserError, KeyboardInterrupt)):
-            err.add_note(f"ablation {plan.name!r}: {len(rows)} of {total} runs done; rerun the same command to "
-                         "resume it (finished runs are reused)")
+            err.add_note(f"ablation {plan.name!r}: rerun the same command to resume it (finished runs are reused)")
         raise
 
-    frame = pd.DataFrame(rows)
     summary = ablation_stats.variant_summary(frame)
-    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels[:, 1], alpha=alpha)
+    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha)
     figure = ablation_stats.forest_plot(effects)
     document = "\n\n".join([f"# Ablation {plan.name}", variants_markdown(summary),
                             ablation_stats.effects_markdown(effects), *plan.skipped])
+    trained = len(pending)
     try:
-        runs.finish_run(parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused},
+        runs.finish_run(spec.parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused},
                         metrics={}, figures={"forest_plot": figure},
                         texts={"ablation.md": document + "\n", "ablation_effects.csv": effects.to_csv(index=False),
                                "ablation_runs.csv": frame.to_csv(index=False),
                                "ablation_variants.csv": summary.to_csv(index=False)})
     finally:
         evaluation.close({"forest_plot": figure})
-    return AblationResult(plan, parent_run_id, experiment, store.configure_store(), summary, effects,
+    return AblationResult(plan, spec.parent_run_id, experiment, store.configure_store(), summary, effects,
                           trained=trained, reused=reused)
+
+
+def run_worker(spec: AblationSpec) -> int:
+    """One worker process of `ablate --workers K`: run the ablation's queued tasks; return how many."""
+    from cifar_mlops import tune
+    from cifar_mlops.tracking import store
+
+    store.quiet_mlflow()
+    plan = build_design(spec.exp_id, spec.design, enhancements=spec.enhancements, variants=spec.variants,
+                        overrides=spec.overrides)
+    ablation = Ablation(spec, plan)
+    study, storage = tune.open_queue(f"ablation {plan.name}", spec.storage)
+    return tune.drain_queue(study, storage, ablation.work)
 
 
 def variants_text(summary: pd.DataFrame) -> pd.DataFrame:

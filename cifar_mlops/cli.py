@@ -360,11 +360,16 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
               help="With --design variants: the experiments compared with --exp.")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="Significance level of the verdicts (Holm-corrected across the changes).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine sharing the runs (one GPU each when GPUs are visible).")
+@click.option("--storage", default="", metavar="URL",
+              help="The runs' queue, shared by every process and machine running this ablation: postgresql://..., "
+                   "or a journal file (default with --workers: ./optuna.journal).")
 @_override_options("train.epochs=5 (every variant)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
-def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float,
-           set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
+def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float, workers: int,
+           storage: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
     """Did each enhancement help? Train variants of an experiment over paired seeds and test the effects."""
     with heavy_imports():
         import keras  # noqa: F401  (the variants train here: imported here, to be frozen)
@@ -376,7 +381,7 @@ def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: st
     names = [n.strip() for n in enhancements.split(",") if n.strip()]
     result = ablation.ablate(exp_id, design, cfg.parse_seeds(seeds), enhancements=names,
                              variants=[v.strip() for v in variants.split(",") if v.strip()], overrides=values,
-                             alpha=alpha, register=register)
+                             alpha=alpha, register=register, workers=workers, storage=storage or None)
     click.echo(f"\nAblation {result.design.name}: {result.trained} runs trained, {result.reused} reused\n")
     click.echo(ablation.variants_markdown(result.summary))
     click.echo("")
@@ -440,6 +445,18 @@ def tune_worker(spec: str) -> None:
     except (UserError, KeyboardInterrupt) as err:
         err.add_note(f"worker {worker.index}")
         raise
+
+
+@main.command("ablate-worker", hidden=True)
+@click.option("--spec", required=True, help="JSON from the coordinating `ablate` process.")
+def ablate_worker(spec: str) -> None:
+    """One worker process of `ablate --workers K` (internal)."""
+    with heavy_imports():
+        import keras  # noqa: F401  (the worker trains: imported here, to be frozen)
+
+        from cifar_mlops import ablate as ablation
+
+    ablation.run_worker(ablation.AblationSpec.from_json(spec))
 
 
 if __name__ == "__main__":

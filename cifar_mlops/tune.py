@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -568,7 +569,8 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
         if workers == 1:
             run_worker(specs[0])
         else:
-            result.worker_failures = _run_worker_processes(specs, result.tracking_uri)
+            result.worker_failures = _run_worker_processes(
+                [(f"{s.trials} trials", ["tune-worker", "--spec", s.to_json()]) for s in specs], result.tracking_uri)
             if result.worker_failures:
                 status = "FAILED"
     except KeyboardInterrupt:
@@ -593,28 +595,28 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
     return result
 
 
-def _run_worker_processes(specs: list[WorkerSpec], tracking_uri: str) -> list[str]:
-    """Start one `cifar-mlops tune-worker` process per spec (own GPU each, if any); wait for all."""
+def _run_worker_processes(workers: list[tuple[str, list[str]]], tracking_uri: str) -> list[str]:
+    """Start one `cifar-mlops ARGS` process per (what it does, ARGS), each on its own GPU if there are
+    any; wait for all; return what went wrong with them."""
     gpus = gpu_ids()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     processes = []
-    for spec in specs:
+    for index, (what, args) in enumerate(workers):
         worker_env = dict(env)
         if gpus:
-            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[spec.index % len(gpus)]
-        command = [sys.executable, "-m", "cifar_mlops.cli", "tune-worker", "--spec", spec.to_json()]
-        processes.append(subprocess.Popen(command, env=worker_env))
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        processes.append(subprocess.Popen([sys.executable, "-m", "cifar_mlops.cli", *args], env=worker_env))
         where = f" on GPU {worker_env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
-        log(f"worker {spec.index}: pid {processes[-1].pid}, {spec.trials} trials{where}")
+        log(f"worker {index}: pid {processes[-1].pid}, {what}{where}")
     failures = []
     try:
-        for spec, process in zip(specs, processes):
+        for index, process in enumerate(processes):
             code = process.wait()
             if code != 0:
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                failures.append(f"worker {spec.index} (pid {process.pid}) {how}")
+                failures.append(f"worker {index} (pid {process.pid}) {how}")
     except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them end their runs
         for process in processes:
             try:
@@ -735,3 +737,96 @@ def _fmt4(value: Any) -> str:
 
 def _cell(value: Any) -> str:
     return "" if pd.isna(value) else _fmt(value)
+
+
+# ---------------------------------------------------------------------------
+# A queue of fixed tasks (an ablation's (variant, seed) runs): one enqueued trial each, nothing searched.
+# The same storages, dead-worker checks and worker processes as tuning; processes on many machines
+# share a queue through a database storage.
+
+QUEUE_POLL_SECONDS = 5  # how often a process whose own tasks are done looks at the others' again
+
+
+def open_queue(name: str, storage: str | None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    """The queue `name` (a study, created if missing) and its storage, dead local workers' tasks failed."""
+    opened = open_storage(storage)
+    try:
+        study = optuna.create_study(study_name=name, storage=opened, load_if_exists=True,
+                                    sampler=optuna.samplers.RandomSampler(), pruner=optuna.pruners.NopPruner())
+    except Exception as err:  # noqa: BLE001 - e.g. the database went away
+        raise TuneError(f"cannot open queue {name!r} in {redact(storage) or DEFAULT_JOURNAL}: "
+                        f"{first_line(err)}") from None
+    fail_dead_trials(study, opened)
+    return study, opened
+
+
+def enqueue(study: optuna.Study, tasks: list[str]) -> None:
+    """Queue each task that no WAITING or RUNNING trial holds yet."""
+    held = {t.user_attrs.get("task") for t in study.get_trials(
+        deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
+    for task in tasks:
+        if task not in held:
+            study.enqueue_trial({}, user_attrs={"task": task})
+
+
+def _take_waiting_trial(study: optuna.Study, storage: optuna.storages.BaseStorage) -> optuna.Trial | None:
+    """The oldest WAITING trial, now RUNNING in this process, or None when none is left.
+
+    `study.ask()` pops a waiting trial, but on an empty queue it creates a new one instead of saying
+    so, and Optuna has no public "pop or nothing": this is its `Study._pop_waiting_trial_id` written
+    with the storage's own calls. The storage's state change is atomic, so two processes never win
+    the same trial."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return optuna.trial.Trial(study, trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def drain_queue(study: optuna.Study, storage: optuna.storages.BaseStorage, work: Callable[[str], None]) -> int:
+    """Run `work(task)` for queued tasks until none is waiting; return how many this process ran.
+    A task whose work raises is told FAIL and the error goes on (the next command queues it again)."""
+    host, pid = socket.gethostname(), os.getpid()
+    started = _process_start(pid)
+    ran = 0
+    while (trial := _take_waiting_trial(study, storage)) is not None:
+        for key, value in {"worker_host": host, "worker_pid": pid, "worker_start": started}.items():
+            trial.set_user_attr(key, value)  # how `fail_dead_trials` tells a dead worker's task
+        try:
+            work(trial.user_attrs["task"])
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        study.tell(trial, 0.0)
+        ran += 1
+    return ran
+
+
+def run_queue(name: str, storage: str | None, tasks: list[str], work: Callable[[str], None],
+              is_done: Callable[[str], bool], *, workers: int = 1,
+              worker_args: Callable[[int], list[str]] | None = None, tracking_uri: str = "") -> list[str]:
+    """Queue `tasks` and run them all: in this process, or in `workers` processes `cifar-mlops
+    worker_args(i)` (each draining the same queue), with any process of another machine on the same
+    storage. A task lost with a dead worker is queued again and run here; returns what went wrong
+    with the worker processes. `work` must skip a task that `is_done` (another process finished it)."""
+    study, opened = open_queue(name, storage)
+    enqueue(study, tasks)
+    failures: list[str] = []
+    if workers > 1 and worker_args is not None:
+        failures = _run_worker_processes([(f"tasks of queue {name!r}", worker_args(i)) for i in range(workers)],
+                                         tracking_uri)
+    while True:
+        drain_queue(study, opened, work)
+        fail_dead_trials(study, opened)
+        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            time.sleep(QUEUE_POLL_SECONDS)  # another process is still on a task
+            continue
+        left = [task for task in tasks if not is_done(task)]
+        if not left:
+            return failures
+        log(f"queue {name!r}: {len(left)} task(s) lost with a worker; running them here")
+        enqueue(study, left)

@@ -4,10 +4,12 @@ scipy's and statsmodels' own numbers recomputed from what the runs logged."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -219,3 +221,20 @@ def test_a_run_that_fails_ends_the_ablation_failed_with_one_line_saying_how_to_r
     experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
     statuses = {r.data.tags.get("kind", "variant"): r.info.status for r in client.search_runs([experiment])}
     assert statuses == {"ablation": "FAILED", "variant": "FAILED"}  # nothing left RUNNING
+
+
+def test_two_worker_processes_share_one_ablation_on_postgresql(catalogue, store, postgres_url) -> None:
+    result = CliRunner().invoke(cli.main, ["ablate", "--exp", "planted", "--seeds", "2", "--workers", "2",
+                                           "--storage", postgres_url, "--overrides", TINY])
+    assert result.exit_code == 0, result.output
+    parent = parent_run()
+    nested = children(parent.info.run_id)
+    seen = sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in nested)
+    variants = ["planted", "planted -planted_noop", "planted -planted_too_low_lr"]
+    assert seen == sorted((v, s) for v in variants for s in (0, 1))  # every (variant, seed) exactly once
+    assert {r.info.status for r in nested} == {"FINISHED"}
+    assert parent.info.status == "FINISHED" and parent.data.tags["runs_trained"] == "6"
+    queue = optuna.load_study(study_name="ablation planted leave-one-out", storage=postgres_url)
+    complete = [t for t in queue.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["task"] for t in complete) == sorted(f"{v}|{s}" for v in variants for s in (0, 1))
+    assert os.getpid() not in {t.user_attrs["worker_pid"] for t in complete}  # the worker processes ran them

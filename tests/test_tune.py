@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -301,3 +302,20 @@ def test_a_study_belongs_to_one_experiment(store: str) -> None:
     optuna.create_study(study_name="mine", storage=tune.open_storage(None)).set_user_attr("exp_id", "smoke")
     with pytest.raises(tune.TuneError, match="study 'mine' tunes experiment smoke, not b0"):
         tune.tune("b0", 1, study_name="mine")
+
+
+def test_a_queue_runs_each_task_once_and_picks_up_a_dead_workers_task(tmp_path) -> None:
+    # A queue of fixed tasks (what `ablate --workers` runs): one task was taken by a worker that died.
+    storage = str(tmp_path / "queue.journal")
+    study, opened = tune.open_queue("q", storage)
+    study.enqueue_trial({}, user_attrs={"task": "b"})
+    gone = subprocess.Popen(["true"])  # a worker process that has ended
+    gone.wait()
+    taken = study.ask()  # it took task b, then died
+    for key, value in {"worker_host": socket.gethostname(), "worker_pid": gone.pid, "worker_start": ""}.items():
+        taken.set_user_attr(key, value)
+    done: list[str] = []
+    failures = tune.run_queue("q", storage, ["a", "b", "c"], done.append, lambda task: task in done)
+    assert failures == [] and sorted(done) == ["a", "b", "c"]  # each once, b picked up again
+    states = {t.number: t.state for t in optuna.load_study(study_name="q", storage=tune.open_storage(storage)).trials}
+    assert states[taken.number] == TrialState.FAIL
