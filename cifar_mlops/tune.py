@@ -24,6 +24,7 @@ Nested run states: COMPLETE -> FINISHED, PRUNED -> KILLED (tag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -769,8 +771,9 @@ def enqueue(study: optuna.Study, tasks: list[str]) -> None:
             study.enqueue_trial({}, user_attrs={"task": task})
 
 
-def _take_waiting_trial(study: optuna.Study, storage: optuna.storages.BaseStorage) -> optuna.Trial | None:
-    """The oldest WAITING trial, now RUNNING in this process, or None when none is left.
+def _take_waiting_trial(study: optuna.Study,
+                        storage: optuna.storages.BaseStorage) -> tuple[optuna.Trial, int] | None:
+    """The oldest WAITING trial, now RUNNING in this process, and its storage id; None when none is left.
 
     `study.ask()` pops a waiting trial, but on an empty queue it creates a new one instead of saying
     so, and Optuna has no public "pop or nothing": this is its `Study._pop_waiting_trial_id` written
@@ -781,7 +784,7 @@ def _take_waiting_trial(study: optuna.Study, storage: optuna.storages.BaseStorag
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.trial.Trial(study, trial_id)
+                return optuna.trial.Trial(study, trial_id), trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
@@ -793,17 +796,42 @@ def drain_queue(study: optuna.Study, storage: optuna.storages.BaseStorage, work:
     host, pid = socket.gethostname(), os.getpid()
     started = _process_start(pid)
     ran = 0
-    while (trial := _take_waiting_trial(study, storage)) is not None:
+    while (taken := _take_waiting_trial(study, storage)) is not None:
+        trial, trial_id = taken
         for key, value in {"worker_host": host, "worker_pid": pid, "worker_start": started}.items():
             trial.set_user_attr(key, value)  # how `fail_dead_trials` tells a dead worker's task
         try:
-            work(trial.user_attrs["task"])
+            with _heartbeat(storage, trial_id):
+                work(trial.user_attrs["task"])
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
         study.tell(trial, 0.0)
         ran += 1
     return ran
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int):
+    """While inside, a database storage hears from this trial every HEARTBEAT_SECONDS, as in
+    `study.optimize`; a process on another machine fails it after GRACE_SECONDS without one."""
+    if not (isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval()):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(trial_id)
+            stop.wait(HEARTBEAT_SECONDS)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_queue(name: str, storage: str | None, tasks: list[str], work: Callable[[str], None],
