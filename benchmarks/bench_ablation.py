@@ -1,0 +1,74 @@
+"""Issue 14's benchmark: ablations on the real CIFAR-10 sample, effects with intervals and verdicts, and their cost.
+
+    .venv/bin/python benchmarks/bench_ablation.py [--ablations b5:leave-one-out,b5:path] [--seeds 3] [--epochs N]
+
+Each ablation is `cifar-mlops ablate --exp EXP --design DESIGN --seeds SEEDS --data-dir SAMPLE --set
+data.train_size=3336 --set data.val_size=834 [--set train.epochs=N]` in a fresh subprocess (throwaway MLflow
+store), as a user runs it. Recorded: the command's variants and effects tables (its stdout), and the wall and
+CPU minutes of the whole ablation (user + sys CPU of the subprocess and its children: both cores count).
+`--epochs` shortens every variant's training (the full ablations at their own epochs take about two CPU hours
+here); a shortened run measures the machinery and the order of the effects, not the studies' final numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+
+import common
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tables(stdout: str) -> list[list[str]]:
+    """The markdown tables the command printed, each as its lines."""
+    found, current = [], []
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found.append(current)
+            current = []
+    return found + ([current] if current else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ablations", default="b5:leave-one-out,b5:path", help="EXP:DESIGN,...")
+    parser.add_argument("--seeds", default="3")
+    parser.add_argument("--epochs", type=int, default=0, help="0: each variant's own train.epochs")
+    parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
+    args = parser.parse_args()
+
+    before = common.load_snapshot()
+    results = []
+    with common.tempdir("ablation") as tmp:
+        env = common.temp_env(tmp)
+        for item in args.ablations.split(","):
+            exp, design = item.split(":")
+            sets = {**common.SAMPLE_SPLIT, **({"train.epochs": args.epochs} if args.epochs else {})}
+            cmd = [common.CLI, "ablate", "--exp", exp, "--design", design, "--seeds", args.seeds,
+                   "--data-dir", args.data_dir, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+            cpu0 = cpu_seconds()
+            wall, proc = common.timed_run(cmd, env=env, cwd=tmp)
+            cpu = cpu_seconds() - cpu0
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{exp} {design} failed (exit {proc.returncode})")
+            found = tables(proc.stdout)
+            results.append({"exp": exp, "design": design, "wall_min": round(wall / 60, 1), "cpu_min": round(cpu / 60, 1),
+                            "variants_table": found[0] if found else [], "effects_table": found[1] if len(found) > 1 else []})
+            print(f"{exp} {design}: {wall / 60:.1f} wall min, {cpu / 60:.1f} CPU min", file=sys.stderr)
+            print("\n".join(results[-1]["variants_table"] + [""] + results[-1]["effects_table"]))
+    common.write_result("ablation", {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
+                                     "split": common.SAMPLE_SPLIT, "seeds": args.seeds,
+                                     "epochs_override": args.epochs or None, "ablations": results,
+                                     "load_before": before, "load_after": common.load_snapshot()})
+
+
+if __name__ == "__main__":
+    main()
