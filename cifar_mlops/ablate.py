@@ -108,6 +108,8 @@ def build_design(exp_id: str, design: str, *, enhancements: Sequence[str] = (), 
         comparisons = [Comparison(f"{before.id} -> {after.id}", after.id, before.id)
                        for before, after in zip(arms, arms[1:])]
     else:  # variants
+        if not variants:
+            raise AblationError("--design variants compares --exp with the experiments of --variants ID,ID; give some")
         candidates = [Variant(other, other) for other in variants if other != exp_id]
         comparisons = [Comparison(f"{v.id} vs {exp_id}", v.id, exp_id) for v in candidates]
         arms = [reference, *candidates]
@@ -125,7 +127,9 @@ def build_design(exp_id: str, design: str, *, enhancements: Sequence[str] = (), 
     if not comparisons:
         reason = "; ".join(skipped) or f"{exp_id} has {'no enhancements' if design != 'path' else 'no parent'}"
         raise AblationError(f"the {design} design of {exp_id} has no variants to compare ({reason})")
-    return Design(f"{exp_id} {design}", usable, comparisons, skipped)
+    # the name finds the parent run again on a rerun: it says which changes were asked for
+    chosen = ",".join(variants if design == "variants" else named)
+    return Design(f"{exp_id} {design}{f' {chosen}' if chosen else ''}", usable, comparisons, skipped)
 
 
 @dataclass

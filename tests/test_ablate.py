@@ -189,6 +189,7 @@ def test_designs_are_generated_from_the_catalogue(catalogue) -> None:
 
     explicit = ablate.build_design("b5", "variants", variants=["b6", "b7"])
     assert [c.effect for c in explicit.comparisons] == ["b6 vs b5", "b7 vs b5"]
+    assert explicit.name == "b5 variants b6,b7" and add.name == "2.4 add-one adamw"  # another list, another ablation
 
 
 BAD_INPUT = [
@@ -199,6 +200,7 @@ BAD_INPUT = [
     (["--exp", "planted", "--seeds", "0,x"], "--seeds takes a count (3) or a list (0,3,7)"),
     (["--exp", "smoke", "--design", "add-one", "--enhancements", "planted_noop", "--seeds", "2"],
      "smoke has no parent"),
+    (["--exp", "b5", "--design", "variants"], "--design variants compares --exp with the experiments of --variants"),
 ]
 
 
