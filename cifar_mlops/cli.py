@@ -296,6 +296,35 @@ def models_command(names: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--model", "model_uri", required=True, metavar="URI",
+              help="A logged model: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model.")
+@click.option("--out", default="", metavar="FILE", help="Write a .csv or .jsonl file (default: CSV on stdout).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+              help="Give the K most probable classes (label, probability, label_2, probability_2, ...) "
+                   "instead of every class's probability; 0: every class.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Files decoded and predicted at a time.")
+def predict(paths: tuple[str, ...], model_uri: str, out: str, top_k: int, batch_size: int) -> None:
+    """Predict image files (PNG, JPEG, ... of any size) and every file under folders: one row per file."""
+    with heavy_imports():
+        from cifar_mlops import predict as predicting
+        from cifar_mlops.tracking import store
+
+    store.quiet_mlflow()
+    if out:
+        predicting.output_format(out)  # a bad name fails before any work
+    table = predicting.predict(model_uri, paths, batch_size=batch_size, top_k=top_k)
+    failed = int((table[predicting.ERROR] != "").sum())
+    if out:
+        predicting.write(table, out)
+    else:
+        click.echo(table.to_csv(index=False), nl=False)
+    click.echo(f"{len(table) - failed} of {len(table)} files predicted" + (f" into {out}" if out else "")
+               + (f"; {failed} could not be read (see their error column)" if failed else ""), err=True)
+
+
+@main.command()
 @click.option("--exp", "exp_id", required=True, help="Experiment id from the catalogue, e.g. 2.4 or smoke.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
               help="Trials to add to the study in this invocation (shared out among the workers).")

@@ -20,7 +20,7 @@ from cifar_mlops.config import EnsembleConfig, check_kind
 from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, runs, served
-from cifar_mlops.tracking.soft_voting import normalized, predict_in_batches, soft_vote
+from cifar_mlops.tracking.image_model import normalized, soft_vote
 from cifar_mlops.train import tracked_splits
 
 
@@ -115,10 +115,10 @@ def build(config: EnsembleConfig, *, register: bool = True, splits: data.Splits 
         member_probabilities: dict[str, list[np.ndarray]] = {split: [] for split in splits.by_split()}
         for i, member in enumerate(members):
             log(f"member {i}: loading {member.version} and predicting train, val and test")
-            model = served.load_model(member.version.uri)  # each member is loaded once
+            probabilities_of = served.load_probabilities(member.version.uri, config.batch_size)  # loaded once
             for split, (x, _) in splits.by_split().items():
-                member_probabilities[split].append(predict_in_batches(model.predict, x, config.batch_size))
-            del model
+                member_probabilities[split].append(probabilities_of(x))
+            del probabilities_of
 
         weights = normalized([m.weight for m in members])
         fitted = False
@@ -142,7 +142,7 @@ def build(config: EnsembleConfig, *, register: bool = True, splits: data.Splits 
         evaluation.close(figures)
 
         log("logging the ensemble model (members' files copied in)")
-        model_uri = served.log_ensemble_model([m.version for m in members], list(weights), splits.num_classes,
+        model_uri = served.log_ensemble_model([m.version for m in members], list(weights), splits.class_names,
                                               config.batch_size)
         if register:
             version = run.register(model_uri, metrics, tags={

@@ -25,7 +25,6 @@ from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, runs, served
 from cifar_mlops.tracking.registry import RegisteredVersion
-from cifar_mlops.tracking.soft_voting import predict_in_batches
 
 METRICS = ("test_accuracy", "test_f1_macro", "test_loss")  # test_loss: lower is better
 PREVIOUS_ALIAS = "previous"  # the old @champion; the old holder of another alias X becomes @X-previous
@@ -192,7 +191,7 @@ def _compare(decision: Decision, exp_id: str | None, data_dir: str | None, batch
         if classes != splits.num_classes:
             raise PromotionError(f"{version} outputs {classes} classes but the test data has {splits.num_classes}")
         log(f"{role} {version}: predicting {len(y)} test images")
-        probabilities[role] = predict_in_batches(served.load_model(version.uri).predict, x, batch_size)
+        probabilities[role] = served.load_probabilities(version.uri, batch_size)(x)
     split_key = decision.metric.removeprefix("test_")
     value = {role: evaluation.split_metrics("test", y, p)[f"test_{split_key}"] for role, p in probabilities.items()}
     decision.candidate_value = value["candidate"]

@@ -20,7 +20,7 @@ from cifar_mlops.errors import UserError
 from cifar_mlops.models import create_model
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, runs
-from cifar_mlops.tracking.soft_voting import predict_in_batches
+from cifar_mlops.tracking.image_model import predict_in_batches
 
 
 class TrainingFailed(UserError):
@@ -180,7 +180,7 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         run.log_results(metrics, texts, figures)
         evaluation.close(figures)
 
-        model_uri = run.log_keras_model(model, splits.num_classes, example=splits.x_test[:2])
+        model_uri = run.log_trained_model(model, splits.class_names, config.train.batch_size)
         if register:
             version = run.register(model_uri, metrics)
             log(f"registered {registry.registered_model_name(config.family)} version {version}")

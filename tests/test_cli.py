@@ -209,7 +209,7 @@ def test_mlflow_run_entry_point_adopts_its_run(tmp_path) -> None:
 
     # The registered model predicts raw uint8 images in a fresh process.
     code = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/cifar10-cnn/1'); "
-            "p = np.asarray(m.predict(np.zeros((3, 32, 32, 3), np.uint8))); print(p.shape, round(float(p.sum()), 3))")
+            "p = m.predict(np.zeros((3, 32, 32, 3), np.uint8)).iloc[:, 2:].to_numpy(); print(p.shape, round(float(p.sum()), 3))")
     loaded = run_command([sys.executable, "-c", code], cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert "(3, 10) 3.0" in loaded.stdout

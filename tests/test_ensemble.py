@@ -82,10 +82,12 @@ def test_registered_ensemble_is_the_mean_of_its_members_and_tracked_like_a_run(r
     batch = splits.x_test[:12]
     member_uris = version.tags["members"].split(",")
     assert len(member_uris) == 2
-    members = [served.load_model(f"models:/{uri}").predict(batch) for uri in member_uris]
-    voted = served.load_model(f"models:/cifar10-ensemble/{version.version}").predict(batch)
+    members = [served.load_probabilities(f"models:/{uri}", 16)(batch) for uri in member_uris]
+    table = served.load_model(f"models:/cifar10-ensemble/{version.version}").predict(batch)
+    voted = table[list(splits.class_names)].to_numpy()
     assert voted.shape == (12, 10) and voted.dtype == np.float32
     np.testing.assert_allclose(voted, np.mean(members, axis=0), atol=1e-6)
+    assert list(table["label"]) == [splits.class_names[i] for i in voted.argmax(axis=1)]
 
     run = MlflowClient().get_run(version.tags["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke-ensemble"
@@ -100,8 +102,7 @@ def test_registered_ensemble_is_the_mean_of_its_members_and_tracked_like_a_run(r
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {"classification_report.txt", "confusion_matrix.png", "config.yaml"} <= artifacts
     info = mlflow.models.get_model_info(f"models:/cifar10-ensemble/{version.version}")
-    assert info.signature.inputs.inputs[0].shape == (-1, 32, 32, 3)
-    assert info.signature.inputs.inputs[0].type == np.dtype(np.uint8)
+    assert info.signature == served.image_signature(splits.class_names)
     assert info.metadata["member_uris"] == [f"models:/{uri}" for uri in member_uris]
 
 
@@ -150,7 +151,8 @@ def test_the_served_ensemble_predicts_exactly_what_was_evaluated(registry) -> No
             "    model = mlflow.pyfunc.load_model(f'models:/cifar10-ensemble/{version}')\n"
             "    for split in ('val', 'test'):\n"
             "        x, y = splits.by_split()[split]\n"
-            "        scores.setdefault(version, {}).update(evaluation.split_metrics(split, y, model.predict(x)))\n"
+            "        p = model.predict(x)[list(splits.class_names)].to_numpy()\n"
+            "        scores.setdefault(version, {}).update(evaluation.split_metrics(split, y, p))\n"
             "print(json.dumps(scores))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=registry, TF_CPP_MIN_LOG_LEVEL="2")
@@ -212,7 +214,7 @@ def _register_foreign_models() -> None:
     contracts = {
         "cifar10-odd": ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 64))]),
                                       Schema([TensorSpec(np.dtype(np.float32), (-1, 10))])),
-        "cifar10-five": served.image_signature(5),
+        "cifar10-five": served.pixel_signature(5),
     }
     for name, signature in contracts.items():
         if name in existing:
@@ -252,7 +254,7 @@ def test_ensemble_command_then_reload_in_a_fresh_process_without_its_members(reg
     code = ("import mlflow, numpy as np; "
             f"m = mlflow.pyfunc.load_model('models:/cifar10-ensemble/{newest}'); "
             "x = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8); "
-            "p = m.predict(x); print(p.shape, p.dtype, round(float(p.sum()), 3))")
+            "p = m.predict(x).iloc[:, 2:].to_numpy(); print(p.shape, p.dtype, round(float(p.sum()), 3))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=registry, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(REPO).parent, env=env, capture_output=True,

@@ -137,7 +137,7 @@ def test_mcnemar_p_value_matches_a_binomial_reference(versions) -> None:
     reset(champion=versions["weak"])
     decision = rule.decide(MODEL, versions["strong"], alpha=0.05, dry_run=True)
     splits = data.load_splits(tiny("smoke").data)
-    predictions = {name: served.load_model(f"models:/{MODEL}/{versions[name]}").predict(splits.x_test).argmax(1)
+    predictions = {name: served.load_probabilities(f"models:/{MODEL}/{versions[name]}", 64)(splits.x_test).argmax(1)
                    for name in ("weak", "strong")}
     right_strong, right_weak = predictions["strong"] == splits.y_test, predictions["weak"] == splits.y_test
     b, c = int(np.sum(right_strong & ~right_weak)), int(np.sum(~right_strong & right_weak))

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar_mlops import config as cfg
+from cifar_mlops import data
 from cifar_mlops.tracking import runs
 from cifar_mlops.train import TrainingFailed, train
 from tests.conftest import SAMPLE_DIR, TRAINABLE, covering_experiments, needs_sample, tiny
@@ -99,12 +100,15 @@ def test_run_holds_curves_reports_config_and_a_loadable_model(store) -> None:
 
     model = mlflow.pyfunc.load_model("models:/cifar10-cnn/1")
     signature = model.metadata.signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 32, 32, 3)}, "name": "image"}]
+    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "object", "shape": (-1,)}, "name": "image"}]
+    assert signature.outputs.input_names() == ["label", "probability", *data.SYNTHETIC_CLASS_NAMES]
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    probabilities = np.asarray(model.predict(images))
+    table = model.predict(images)
+    probabilities = table[list(data.SYNTHETIC_CLASS_NAMES)].to_numpy()
     assert probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert model.metadata.saved_input_example_info["type"] == "ndarray"
+    assert list(table["label"]) == [data.SYNTHETIC_CLASS_NAMES[i] for i in probabilities.argmax(axis=1)]
+    np.testing.assert_array_equal(table["probability"], probabilities.max(axis=1))
     assert metrics["test_accuracy"] > 0.2, "three epochs on learnable synthetic data should beat chance"
 
 
@@ -211,9 +215,11 @@ def test_precision_auto_follows_the_device_and_mixed_float16_trains_and_reloads(
     assert mixed_run.info.status == "FINISHED" and mixed_run.data.params["train.dtype_policy"] == "mixed_float16"
     assert keras.config.dtype_policy().name == "float32"  # the global default is restored for the next model
 
-    model = mlflow.keras.load_model(f"runs:/{mixed_run.info.run_id}/model")
+    served_model = mlflow.pyfunc.load_model(f"runs:/{mixed_run.info.run_id}/model")
+    [member] = served_model.unwrap_python_model().member_models
+    model = member.get_raw_model()
     assert model.get_layer("conv1").compute_dtype == "float16" and model.output.dtype == "float32"
     images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
-    probabilities = mlflow.pyfunc.load_model(f"runs:/{mixed_run.info.run_id}/model").predict(images)
+    probabilities = served_model.unwrap_python_model().probabilities(images)
     assert probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-3)

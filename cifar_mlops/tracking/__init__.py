@@ -4,12 +4,13 @@
 - `runs`: starting, adopting (`mlflow run`), describing, logging in batches and ending runs; `TrainingRun`;
 - `registry`: registering versions, finding them by experiment id, alias or number, moving aliases;
 - `served`: logging trained models and ensembles, their image contract, loading them back;
-- `soft_voting`: the ensemble's code, both where it is evaluated and where it is served;
+- `image_model`: every logged model's code (images in, class names and probabilities out, soft voting
+  over members), both where it is evaluated and where it is served;
 - `studies`: tuning's parent and trial runs;
 - `results`: reading finished runs for reports, logging a report run;
 - `ablations`: an ablation's parent run and its (variant, seed) runs.
 """
 
-from cifar_mlops.tracking import ablations, registry, results, runs, served, soft_voting, store, studies
+from cifar_mlops.tracking import ablations, image_model, registry, results, runs, served, store, studies
 
-__all__ = ["ablations", "registry", "results", "runs", "served", "soft_voting", "store", "studies"]
+__all__ = ["ablations", "image_model", "registry", "results", "runs", "served", "store", "studies"]

@@ -12,7 +12,7 @@ import os
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,6 @@ from cifar_mlops.tracking import registry, served, store
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
-    import numpy as np
     from matplotlib.figure import Figure
 
     from cifar_mlops.data import Splits
@@ -278,8 +277,8 @@ class TrainingRun:
         for name, figure in figures.items():
             mlflow.log_figure(figure, f"{name}.png")
 
-    def log_keras_model(self, model: keras.Model, num_classes: int, example: np.ndarray) -> str:
-        return served.log_keras_model(model, num_classes, example)
+    def log_trained_model(self, model: keras.Model, class_names: Sequence[str], batch_size: int) -> str:
+        return served.log_trained_model(model, class_names, batch_size)
 
     def register(self, model_uri: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> int:
         """Register `model_uri` as a new version of `cifar10-<family>`; return the version number."""
