@@ -321,7 +321,11 @@ def predict(paths: tuple[str, ...], model_uri: str, out: str, top_k: int, batch_
     else:
         click.echo(table.to_csv(index=False), nl=False)
     click.echo(f"{len(table) - failed} of {len(table)} files predicted" + (f" into {out}" if out else "")
-               + (f"; {failed} could not be read (see their error column)" if failed else ""), err=True)
+               + (f"; {failed} could not be read or decoded (see their error column)" if failed else ""), err=True)
+    if out:
+        logged_in = predicting.log_to_adopted_run(out, model_uri, paths, top_k)
+        if logged_in:
+            click.echo(f"logged {out} as an artifact of run {logged_in}", err=True)
 
 
 @main.command()

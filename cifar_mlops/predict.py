@@ -17,7 +17,7 @@ import pandas as pd
 
 from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
-from cifar_mlops.tracking import image_model, served
+from cifar_mlops.tracking import image_model, runs, served
 
 PATH, ERROR = "path", "error"
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -133,3 +133,9 @@ def write(table: pd.DataFrame, out: str) -> None:
     except OSError as err:
         Path(partial).unlink(missing_ok=True)
         raise PredictError(f"cannot write {out}: {err.strerror or err}") from None
+
+
+def log_to_adopted_run(out: str, model_uri: str, paths: Sequence[str], top_k: int) -> str | None:
+    """Under `mlflow run`, the table becomes an artifact of its run; return the run id (None otherwise)."""
+    return runs.log_to_adopted_run(out, params={"model": model_uri, "paths": " ".join(paths), "top_k": top_k},
+                                   tags={"kind": "prediction"})

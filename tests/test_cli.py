@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import mlflow
+import PIL.Image
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -253,6 +254,16 @@ def test_every_other_entry_point_runs_through_mlflow_run_in_the_run_it_is_given(
     assert sorted(t.data.tags["trial_number"] for t in trials) == ["0", "1"]
     assert run.data.tags["best_trial"] in {"0", "1"} and "best_val_accuracy" in run.data.metrics
     assert "add --experiment-name cifar10-tuning to `mlflow run`" in result.stderr
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, size in (("a.png", (40, 30)), ("b.jpg", (64, 64))):
+        PIL.Image.new("RGB", size, (200, 30, 30)).save(photos / name)
+    run, _ = mlflow_run("predict", "model=models:/cifar10-cnn@champion", f"paths={photos}", "top_k=2",
+                        f"out={tmp_path / 'predictions.csv'}")
+    assert run.data.tags["kind"] == "prediction" and run.data.params["model"] == "models:/cifar10-cnn@champion"
+    logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/predictions.csv")
+    assert logged == (tmp_path / "predictions.csv").read_text() and len(logged.splitlines()) == 3
 
     run, _ = mlflow_run("report", "format=html", f"out={tmp_path / 'report.html'}")  # runs in the project folder
     assert run.data.tags["kind"] == "report" and (tmp_path / "report.html").is_file()

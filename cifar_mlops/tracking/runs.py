@@ -159,6 +159,17 @@ def fail_adopted_run(reason: str) -> None:
         client.set_terminated(run_id, "FAILED")
 
 
+def log_to_adopted_run(file: str | Path, params: dict[str, Any], tags: dict[str, Any]) -> str | None:
+    """Under `mlflow run`: log `file` as an artifact of the run it created for us, with params and tags;
+    return that run's id (None, and nothing logged, when there is no such run)."""
+    run_id = adopted_run_id()
+    if run_id is not None:
+        store.configure_store()
+        log_batch(run_id, params=params, tags=tags)
+        store.client().log_artifact(run_id, str(file))
+    return run_id
+
+
 def annotate_adopted_run(tags: dict[str, Any]) -> None:
     """Record tags on the run `mlflow run` created for this process, if any."""
     run_id = adopted_run_id()
