@@ -41,7 +41,7 @@ def main() -> None:
     run.__exit__ = timed("end run", run.__exit__)
     run.log_data = timed("log datasets (mlflow.data)", run.log_data)
     run.log_results = timed("log metrics, report, figures", run.log_results)
-    run.log_keras_model = timed("log model", run.log_keras_model)
+    run.log_trained_model = timed("log model", run.log_trained_model)
     run.register = timed("register model version", run.register)
     evaluation.confusion_matrix_figure = timed("build figures", evaluation.confusion_matrix_figure)
     evaluation.learning_curves_figure = timed("build figures", evaluation.learning_curves_figure)
