@@ -28,6 +28,7 @@ from cifar_mlops.tracking.registry import RegisteredVersion
 
 METRICS = ("test_accuracy", "test_f1_macro", "test_loss")  # test_loss: lower is better
 PREVIOUS_ALIAS = "previous"  # the old @champion; the old holder of another alias X becomes @X-previous
+COPIED_FROM = "copied_from"  # tag of a served version copied from a candidates model: which version
 
 
 def previous_alias(alias: str) -> str:
@@ -60,12 +61,20 @@ class Decision:
     num_images: int = 0
     data_description: str = ""
     notes: list[str] = field(default_factory=list)
+    served: str = ""  # the model whose alias it is: the candidate's own, or the served model of a candidates model
+    promoted_as: RegisteredVersion | None = None  # the candidate's copy in `served`, once promoted from candidates
+
+    @property
+    def holds(self) -> bool:
+        """Does the holder already stand for the candidate (it, or its copy)?"""
+        holder, candidate = self.holder, self.candidate
+        return holder is not None and (str(holder) == str(candidate) or holder.tags.get(COPIED_FROM) == str(candidate))
 
     @property
     def outcome(self) -> str:
         if self.promote:
             return "forced" if self.forced else "promoted"
-        return "unchanged" if self.holder is not None and self.holder.version == self.candidate.version else "refused"
+        return "unchanged" if self.holds else "refused"
 
     def tags(self) -> dict[str, str]:
         """What is written to the candidate version's tags."""
@@ -101,7 +110,10 @@ class Decision:
         prefix = "dry run, nothing changed; would be: " if self.dry_run else ""
         out.append(f"decision: {prefix}{self.outcome}: {self.reason}")
         if self.promote:
-            moved = f"{self.candidate} {'would take' if self.dry_run else 'now holds'} @{self.alias}"
+            winner = (f"{self.promoted_as} (a copy of {self.candidate})" if self.promoted_as else
+                      f"{self.candidate}" if self.candidate.name == self.served else
+                      f"{self.candidate}, copied into {self.served},")
+            moved = f"{winner} {'would take' if self.dry_run else 'now holds'} @{self.alias}"
             if self.holder is not None:
                 moved += f"; {self.holder} {'would become' if self.dry_run else 'is now'} @{previous_alias(self.alias)}"
             out.append(moved)
@@ -153,15 +165,16 @@ def decide(name: str, version: int, *, alias: str = "champion", metric: str = "t
     if alias == PREVIOUS_ALIAS or alias.endswith(f"-{PREVIOUS_ALIAS}"):
         raise PromotionError(f"@{PREVIOUS_ALIAS} is set by promotion itself; promote to another alias")
     candidate = registry.find_version(name, version=version)
-    holder = registry.alias_holder(name, alias)
-    decision = Decision(candidate, holder, alias, metric, min_delta, alpha, dry_run=dry_run)
+    served = registry.served_name(name)  # a candidates model's versions compete for its served model's alias
+    holder = registry.alias_holder(served, alias) if served == name or registry.exists(served) else None
+    decision = Decision(candidate, holder, alias, metric, min_delta, alpha, dry_run=dry_run, served=served)
 
-    if holder is not None and holder.version == candidate.version:
-        decision.reason = f"{candidate} already holds @{alias}"
+    if holder is not None and decision.holds:
+        decision.reason = f"{candidate} already holds @{alias}" + (f" (as {holder})" if holder.name != name else "")
         return decision
     if holder is None and not force:
         decision.promote = True
-        decision.reason = f"{name} has no @{alias} yet: the first candidate takes it"
+        decision.reason = f"{served} has no @{alias} yet: the first candidate takes it"
     else:
         _compare(decision, exp_id, data_dir, batch_size)
         if force and not decision.promote:
@@ -225,14 +238,28 @@ def _compare(decision: Decision, exp_id: str | None, data_dir: str | None, batch
 
 
 def _act(decision: Decision) -> None:
+    """Move the aliases first, tag after: a refused move (a team server's permissions) leaves no tag behind."""
     candidate, holder = decision.candidate, decision.holder
     if decision.outcome == "unchanged":
         return
-    registry.set_version_tags(candidate.name, candidate.version, decision.tags())
     if not decision.promote:
+        registry.set_version_tags(candidate.name, candidate.version, decision.tags())
         return
-    registry.set_alias(candidate, decision.alias)
+    winner = candidate
+    if candidate.name != decision.served:  # from a candidates model: its copy in the served model takes the alias
+        winner = registry.copy_version(candidate, decision.served)
+        try:
+            registry.set_alias(winner, decision.alias)
+        except BaseException:
+            registry.delete_version(winner)  # no copy is left behind without the alias it was made for
+            raise
+        decision.promoted_as = winner
+    else:
+        registry.set_alias(winner, decision.alias)
     if holder is not None:
         registry.set_alias(holder, previous_alias(decision.alias))
         registry.set_version_tags(holder.name, holder.version, {
-            "promotion_replaced_by": str(candidate), "promotion_replaced_alias": decision.alias})
+            "promotion_replaced_by": str(winner), "promotion_replaced_alias": decision.alias})
+    if winner is not candidate:
+        registry.set_version_tags(winner.name, winner.version, {**decision.tags(), COPIED_FROM: str(candidate)})
+    registry.set_version_tags(candidate.name, candidate.version, decision.tags())

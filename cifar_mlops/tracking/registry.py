@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlflow
@@ -17,8 +18,37 @@ class RegistryError(UserError):
     exit_code = 2
 
 
+CANDIDATES_SUFFIX = "-candidates"
+# Where `train`, `ensemble` and `tune --register-best` register new versions: `served` (cifar10-<family>)
+# or `candidates` (cifar10-<family>-candidates: trainers on a team server, see tracking/team.py).
+REGISTER_INTO = "CIFAR_MLOPS_REGISTER_INTO"
+
+
 def registered_model_name(family: str) -> str:
+    """The served model of `family`, whose aliases (`@champion`) are what is served."""
     return f"cifar10-{family}"
+
+
+def candidates_name(served: str) -> str:
+    return f"{served}{CANDIDATES_SUFFIX}"
+
+
+def is_candidates(name: str) -> bool:
+    return name.endswith(CANDIDATES_SUFFIX)
+
+
+def served_name(name: str) -> str:
+    """The served model that a candidates model feeds (a served model's own name)."""
+    return name.removesuffix(CANDIDATES_SUFFIX)
+
+
+def registration_name(family: str) -> str:
+    """The registered model a new version of `family` goes to, as $CIFAR_MLOPS_REGISTER_INTO says."""
+    target = os.environ.get(REGISTER_INTO) or "served"
+    if target not in ("served", "candidates"):
+        raise RegistryError(f"{REGISTER_INTO}={target!r}: choose served or candidates")
+    served = registered_model_name(family)
+    return candidates_name(served) if target == "candidates" else served
 
 
 class RegisteredVersion:
@@ -49,7 +79,8 @@ class RegisteredVersion:
 
 def register(model_uri: str, name: str, tags: dict[str, str]) -> int:
     """Register `model_uri` as a new version of `name` with `tags`; return its number."""
-    return int(mlflow.register_model(model_uri, name, tags=tags).version)
+    with store.permission_checked(f"register a version of {name}", "EDIT", f"registered model {name}"):
+        return int(mlflow.register_model(model_uri, name, tags=tags).version)
 
 
 def _registered_model(client: MlflowClient, name: str):
@@ -72,6 +103,10 @@ def versions_of(client: MlflowClient, name: str) -> list[RegisteredVersion]:
     found = client.search_model_versions(f"name = '{name}'")
     return sorted((RegisteredVersion(mv, tuple(aliases.get(int(mv.version), ()))) for mv in found),
                   key=lambda v: v.version)
+
+
+def exists(name: str) -> bool:
+    return bool(store.client().search_registered_models(filter_string=f"name = '{name}'"))
 
 
 def alias_holder(name: str, alias: str) -> RegisteredVersion | None:
@@ -122,10 +157,24 @@ def list_registered() -> list[tuple[str, list[RegisteredVersion]]]:
 def set_version_tags(name: str, version: int, tags: dict[str, Any]) -> None:
     """Tags of one model version (MLflow has no batch call for these)."""
     client = store.client()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, str(value))
+    with store.permission_checked(f"tag {name}/{version}", "EDIT", f"registered model {name}"):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value))
 
 
 def set_alias(version: RegisteredVersion, alias: str) -> None:
     """Point `alias` of the version's model at it (taking it from whichever version held it)."""
-    store.client().set_registered_model_alias(version.name, alias, str(version.version))
+    with store.permission_checked(f"move @{alias} of {version.name}", "EDIT", f"registered model {version.name}"):
+        store.client().set_registered_model_alias(version.name, alias, str(version.version))
+
+
+def copy_version(version: RegisteredVersion, name: str) -> RegisteredVersion:
+    """Copy `version` (its files, tags and lineage) as a new version of registered model `name`."""
+    client = store.client()
+    with store.permission_checked(f"copy {version} into {name}", "EDIT", f"registered model {name}"):
+        copied = client.copy_model_version(version.uri, name)
+    return RegisteredVersion(client.get_model_version(name, copied.version))
+
+
+def delete_version(version: RegisteredVersion) -> None:
+    store.client().delete_model_version(version.name, str(version.version))

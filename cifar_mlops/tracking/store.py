@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 
-from cifar_mlops.errors import StoreUnavailable, first_line, redact
+from cifar_mlops.errors import StoreUnavailable, UserError, first_line, redact
 
 SCHEMA_LOCK_KEY = 0x63696661726D6C  # a PostgreSQL advisory lock id ("cifarml"): one store creation at a time
 
@@ -128,3 +130,30 @@ def _check_database(uri: str) -> None:
         ) from None
     finally:
         engine.dispose()
+
+
+class PermissionDenied(UserError):
+    """A team server refused an action: who asked, the permission missing, who can grant it."""
+
+    exit_code = 3
+
+
+def user() -> str:
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
+
+
+@contextmanager
+def permission_checked(action: str, permission: str, resource: str) -> Iterator[None]:
+    """The server's 401/403 for `action` as one line naming the user, `permission` on `resource`, and
+    who can grant it (never the password)."""
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as err:
+        text = str(err)
+        if "error code 401" in text or "UNAUTHENTICATED" in text:
+            raise PermissionDenied(f"the server does not know user {user()!r} with that password, so it cannot "
+                                   f"{action}; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        if "error code 403" in text or "PERMISSION_DENIED" in text:
+            raise PermissionDenied(f"the server refused user {user()!r} to {action}: that needs {permission} on "
+                                   f"{resource}, which the team's admin grants (`cifar-mlops team set-role`)") from None
+        raise

@@ -1,0 +1,248 @@
+"""A team on one server: `cifar-mlops server` (MLflow on PostgreSQL, proxied artifacts, basic-auth), users
+with roles, refusals that name the user and the permission and leave the store unchanged, and a
+maintainer's promotion that copies a candidate into the served model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from cifar_mlops import cli
+from tests.conftest import PG_URL, _postgres, skip_or_fail
+
+BIN = Path(sys.executable).parent
+ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex[:12]}"
+PASSWORDS = {role: f"{role}-{uuid.uuid4().hex[:12]}" for role in ("reader", "trainer", "maintainer")}
+TINY = ["--set", "data.source=synthetic", "--set", "data.val_size=40", "--set", "data.synthetic_train_pool=160",
+        "--set", "data.synthetic_test_pool=40", "--set", "train.epochs=1", "--set", "model.width=0.25"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`cifar-mlops server` on a fresh PostgreSQL database (created by the server), artifacts in a temp folder."""
+    import sqlalchemy
+
+    try:
+        _postgres("SELECT 1")
+    except sqlalchemy.exc.OperationalError as err:
+        skip_or_fail(f"no PostgreSQL server answers at {PG_URL}: {str(err).splitlines()[0]}")
+    folder = tmp_path_factory.mktemp("team")
+    database = f"cifar_mlops_team_{uuid.uuid4().hex[:8]}"
+    backend = sqlalchemy.engine.make_url(PG_URL).set(database=database).render_as_string(hide_password=False)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = ADMIN_PASSWORD
+    log = folder / "server.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen([str(BIN / "cifar-mlops"), "server", "--backend-store-uri", backend,
+                                   "--artifacts-destination", str(folder / "artifacts"), "--port", str(port),
+                                   "--workers", "1"],
+                                  env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"cifar-mlops server exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the server did not answer: {log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield {"url": url, "database": database, "log": log, "folder": folder}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        for name in (database, f"{database}_auth", f"{database}_optuna"):
+            _postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def as_user(team_server: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Point this process at the team server as a given user; returns a function taking the role."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR_MLOPS_REGISTER_INTO"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server["url"])
+    mlflow.set_tracking_uri(team_server["url"])
+
+    def become(user: str, candidates: bool = False) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD if user == "admin" else PASSWORDS[user])
+        if candidates:
+            monkeypatch.setenv("CIFAR_MLOPS_REGISTER_INTO", "candidates")
+        else:
+            monkeypatch.delenv("CIFAR_MLOPS_REGISTER_INTO", raising=False)
+    return become
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli.main, list(args))
+    return result.exit_code, result.stdout + result.stderr
+
+
+def state(client: MlflowClient) -> tuple:
+    """What a refused action must leave as it was: runs, versions, aliases, version tags."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = sorted((r.info.run_id, r.info.status) for r in client.search_runs(experiments)) if experiments else []
+    models = sorted((m.name, tuple(sorted((m.aliases or {}).items()))) for m in client.search_registered_models())
+    versions = sorted((v.name, v.version, tuple(sorted(v.tags.items()))) for v in client.search_model_versions())
+    return runs, models, versions
+
+
+@pytest.fixture(scope="module")
+def users(team_server: dict) -> dict:
+    """reader, trainer and maintainer, added by the admin with `cifar-mlops team add-user`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", team_server["url"])
+        patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        for role, password in PASSWORDS.items():
+            patch.setenv("CIFAR_MLOPS_USER_PASSWORD", password)
+            code, output = invoke("team", "add-user", role, "--role", role)
+            assert code == 0 and f"added {role} as {role}" in output, output
+    return PASSWORDS
+
+
+def test_the_server_command_prints_what_to_export_and_no_password(team_server: dict, users: dict) -> None:
+    log = team_server["log"].read_text()
+    assert f"created database(s) {team_server['database']}, {team_server['database']}_auth" in log
+    assert f"export MLFLOW_TRACKING_URI={team_server['url']}" in log
+    assert "CIFAR_MLOPS_REGISTER_INTO=candidates" in log and f"{team_server['database']}_optuna" in log
+    assert ADMIN_PASSWORD not in log and not any(p in log for p in PASSWORDS.values())
+    anonymous = requests.get(f"{team_server['url']}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert anonymous.status_code == 401
+
+
+def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server: dict, users: dict, as_user,
+                                                                     tmp_path: Path) -> None:
+    admin = MlflowClient(team_server["url"])
+    as_user("admin")
+    before = state(admin)
+
+    # A reader reads, but cannot start a run: one line, exit 3, no run left behind.
+    as_user("reader")
+    code, output = invoke("train", "--exp", "smoke", *TINY)
+    assert code == 3, output
+    assert ("error: the server refused user 'reader' to create a run in experiment 'cifar10-ablation': that needs "
+            "EDIT on experiment cifar10-ablation") in output
+    assert invoke("models")[0] == 0
+    as_user("admin")
+    assert state(admin) == before
+
+    # A trainer trains from another shell (its own working and home folders) into the candidates model;
+    # the artifacts go through the server.
+    home = tmp_path / "trainer-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CIFAR_MLOPS_"))}
+    env.update(HOME=str(home), MLFLOW_TRACKING_URI=team_server["url"], MLFLOW_TRACKING_USERNAME="trainer",
+               MLFLOW_TRACKING_PASSWORD=PASSWORDS["trainer"], CIFAR_MLOPS_REGISTER_INTO="candidates")
+    trained = subprocess.run([str(BIN / "cifar-mlops"), "train", "--exp", "smoke", *TINY], cwd=home, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "registered cifar10-cnn-candidates version 1" in trained.stderr
+    [candidate] = admin.search_model_versions("name = 'cifar10-cnn-candidates'")
+    run = admin.get_run(candidate.run_id)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert (team_server["folder"] / "artifacts").is_dir() and any((team_server["folder"] / "artifacts").rglob("MLmodel"))
+
+    # The trainer's promotion is refused by the server: one line, nothing copied, tagged or moved.
+    as_user("admin")
+    before = state(admin)
+    as_user("trainer")
+    code, output = invoke("promote", "cifar10-cnn-candidates", "--version", "1")
+    assert code == 3, output
+    assert ("error: the server refused user 'trainer' to copy cifar10-cnn-candidates/1 into cifar10-cnn: that needs "
+            "EDIT on registered model cifar10-cnn") in output
+    direct = requests.post(f"{team_server['url']}/api/2.0/mlflow/registered-models/alias", timeout=10,
+                           json={"name": "cifar10-cnn-candidates", "alias": "champion", "version": "1"},
+                           auth=("trainer", PASSWORDS["trainer"]))
+    assert direct.status_code == 200  # its own candidates: yes
+    as_user("admin")
+    admin.delete_registered_model_alias("cifar10-cnn-candidates", "champion")
+    assert state(admin) == before
+    # ... and so is a trainer calling the served model's alias route itself.
+    direct = requests.post(f"{team_server['url']}/api/2.0/mlflow/registered-models/alias", timeout=10,
+                           json={"name": "cifar10-cnn", "alias": "champion", "version": "1"},
+                           auth=("trainer", PASSWORDS["trainer"]))
+    assert direct.status_code == 403
+
+    # The maintainer's promotion copies the candidate into the served model and moves @champion there.
+    as_user("maintainer")
+    code, output = invoke("promote", "cifar10-cnn-candidates", "--version", "1")
+    assert code == 0, output
+    assert "cifar10-cnn/1 (a copy of cifar10-cnn-candidates/1) now holds @champion" in output
+    served = admin.get_model_version_by_alias("cifar10-cnn", "champion")
+    assert served.tags["copied_from"] == "cifar10-cnn-candidates/1" and served.tags["exp_id"] == "smoke"
+    assert served.tags["promotion_decision"] == "promoted"
+    code, output = invoke("promote", "cifar10-cnn-candidates", "--version", "1")
+    assert code == 0 and "already holds @champion (as cifar10-cnn/1)" in output
+
+    # No credential anywhere: params, tags, version tags, logged config, outputs.
+    secrets = [ADMIN_PASSWORD, *PASSWORDS.values()]
+    as_user("admin")
+    experiments = [e.experiment_id for e in admin.search_experiments()]
+    for found in admin.search_runs(experiments):
+        text = repr(found.data.params) + repr(found.data.tags)
+        assert not any(s in text for s in secrets)
+        config = mlflow.artifacts.load_text(f"runs:/{found.info.run_id}/config.yaml")
+        assert not any(s in config for s in secrets)
+    for version in admin.search_model_versions():
+        assert not any(s in repr(version.tags) for s in secrets)
+    for text in (output, trained.stdout, trained.stderr, team_server["log"].read_text()):
+        assert not any(s in text for s in secrets)
+
+
+def test_a_wrong_password_and_a_non_admin_are_one_line(team_server: dict, users: dict, as_user,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    as_user("reader")
+    monkeypatch.setenv("CIFAR_MLOPS_USER_PASSWORD", "long-enough-password")
+    code, output = invoke("team", "add-user", "mallory", "--role", "maintainer")
+    assert code == 3 and "error: the server refused user 'reader' to create user 'mallory'" in output, output
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    code, output = invoke("train", "--exp", "smoke", *TINY)
+    assert code == 3, output
+    assert "the server does not know user 'reader' with that password" in output
+    assert "not-the-password" not in output
+    as_user("admin")
+    code, output = invoke("team", "add-user", "bob", "--role", "owner")
+    assert code == 2 and "'owner' is not one of 'reader', 'trainer', 'maintainer'" in output
+    monkeypatch.setenv("CIFAR_MLOPS_USER_PASSWORD", "short")
+    code, output = invoke("team", "add-user", "bob", "--role", "reader")
+    assert code == 2 and "the password for 'bob' is 5 characters; the server needs at least 12" in output
+
+
+def test_server_bad_input_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    base = [str(BIN / "cifar-mlops"), "server", "--artifacts-destination", str(tmp_path / "a")]
+    sqlite = subprocess.run([*base, "--backend-store-uri", "sqlite:///x.db"], env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD":
+                            ADMIN_PASSWORD}, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert sqlite.returncode == 2 and "keeps its runs in PostgreSQL" in sqlite.stderr
+    no_admin = subprocess.run([*base, "--backend-store-uri", "postgresql://u:hunter2-secret@127.0.0.1:5432/x"],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert no_admin.returncode == 2 and "no admin password: set MLFLOW_AUTH_ADMIN_PASSWORD" in no_admin.stderr
+    assert "hunter2" not in no_admin.stderr and "Traceback" not in no_admin.stderr
