@@ -26,6 +26,8 @@ from tests.conftest import PG_URL, _postgres, skip_or_fail
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex[:12]}"
 PASSWORDS = {role: f"{role}-{uuid.uuid4().hex[:12]}" for role in ("reader", "trainer", "maintainer")}
+TUNE_TINY = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+             "data.synthetic_test_pool=40", "--set", "search.epochs.high=1", "--set", "search.batch_size=[32]"]
 TINY = ["--set", "data.source=synthetic", "--set", "data.val_size=40", "--set", "data.synthetic_train_pool=160",
         "--set", "data.synthetic_test_pool=40", "--set", "train.epochs=1", "--set", "model.width=0.25"]
 
@@ -140,6 +142,8 @@ def test_the_server_command_prints_what_to_export_and_no_password(team_server: d
 
 def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server: dict, users: dict, as_user,
                                                                      tmp_path: Path) -> None:
+    import sqlalchemy
+
     admin = MlflowClient(team_server["url"])
     as_user("admin")
     before = state(admin)
@@ -169,6 +173,29 @@ def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server:
     run = admin.get_run(candidate.run_id)
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert (team_server["folder"] / "artifacts").is_dir() and any((team_server["folder"] / "artifacts").rglob("MLmodel"))
+
+    # ... tunes with two worker processes from a second shell, the study in the server's Optuna database ...
+    studies = sqlalchemy.engine.make_url(PG_URL).set(database=f"{team_server['database']}_optuna")
+    second = tmp_path / "second-shell"
+    second.mkdir()
+    tuned = subprocess.run([str(BIN / "cifar-mlops"), "tune", "--exp", "smoke", "--trials", "2", "--workers", "2",
+                            "--study", "team", "--pruner", "none", "--seed", "0", "--storage",
+                            studies.render_as_string(hide_password=False), *TUNE_TINY],
+                           cwd=second, env={**env, "HOME": str(second), "PATH": f"{BIN}{os.pathsep}{env['PATH']}"},
+                           capture_output=True, text=True, timeout=300)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="team", storage=studies.render_as_string(hide_password=False))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    as_user("admin")
+    tuning = admin.get_experiment_by_name("cifar10-tuning")
+    assert len(admin.search_runs([tuning.experiment_id], "attributes.status = 'FINISHED'")) == 3  # parent + 2 trials
+
+    # ... and logs a report.
+    as_user("trainer")
+    code, report = invoke("report", "--format", "markdown")
+    assert code == 0 and "logged as artifacts of report run" in report, report
 
     # The trainer's promotion is refused by the server: one line, nothing copied, tagged or moved.
     as_user("admin")
@@ -209,11 +236,13 @@ def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server:
     for found in admin.search_runs(experiments):
         text = repr(found.data.params) + repr(found.data.tags)
         assert not any(s in text for s in secrets)
-        config = mlflow.artifacts.load_text(f"runs:/{found.info.run_id}/config.yaml")
-        assert not any(s in config for s in secrets)
+        if any(a.path == "config.yaml" for a in admin.list_artifacts(found.info.run_id)):
+            config = mlflow.artifacts.load_text(f"runs:/{found.info.run_id}/config.yaml")
+            assert not any(s in config for s in secrets)
     for version in admin.search_model_versions():
         assert not any(s in repr(version.tags) for s in secrets)
-    for text in (output, trained.stdout, trained.stderr, team_server["log"].read_text()):
+    for text in (output, report, trained.stdout, trained.stderr, tuned.stdout, tuned.stderr,
+                 team_server["log"].read_text()):
         assert not any(s in text for s in secrets)
 
 

@@ -60,8 +60,10 @@ def log_report_run(folder: str | Path, tags: dict[str, Any], params: dict[str, A
     """Log every file in `folder` as artifacts of a FINISHED report run (tag kind=report): the run
     `mlflow run` created for us, else a new run in `cifar10-reports`. Returns (run id, experiment name)."""
     client = store.client()
-    run_id = adopted_run_id() or client.create_run(experiment_id(client, REPORT_EXPERIMENT),
-                                                   run_name="report").info.run_id
+    with store.permission_checked(f"create a report run in experiment {REPORT_EXPERIMENT!r}", "EDIT",
+                                  f"experiment {REPORT_EXPERIMENT}"):
+        run_id = adopted_run_id() or client.create_run(experiment_id(client, REPORT_EXPERIMENT),
+                                                       run_name="report").info.run_id
     try:
         log_batch(run_id, tags={"kind": REPORT_KIND})  # first: a report run must never count as a result
         log_batch(run_id, params=params, tags={**tags, "mlflow.runName": "report", "git_commit": git_commit()})

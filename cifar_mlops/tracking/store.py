@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,18 +143,31 @@ def user() -> str:
     return os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
 
 
+def refusal(err: BaseException, action: str = "", permission: str = "", resource: str = "") -> PermissionDenied | None:
+    """A server's 401/403 as one line naming the user, and what `action` needs when it is known
+    (never the password); None for any other error."""
+    text = str(err)
+    if not isinstance(err, mlflow.exceptions.MlflowException):
+        return None
+    doing = action or "do that (" + (re.search(r"endpoint (\S+)", text) or [None, "a request"])[1] + ")"
+    if "error code 401" in text or "UNAUTHENTICATED" in text:
+        return PermissionDenied(f"the server does not know user {user()!r} with that password, so it cannot "
+                                f"{doing}; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if "error code 403" in text or "PERMISSION_DENIED" in text:
+        needs = f"that needs {permission} on {resource}, which" if permission else "the permission it needs"
+        return PermissionDenied(f"the server refused user {user()!r} to {doing}: {needs} the team's admin grants "
+                                "(`cifar-mlops team set-role`)")
+    return None
+
+
 @contextmanager
 def permission_checked(action: str, permission: str, resource: str) -> Iterator[None]:
     """The server's 401/403 for `action` as one line naming the user, `permission` on `resource`, and
-    who can grant it (never the password)."""
+    who can grant it."""
     try:
         yield
     except mlflow.exceptions.MlflowException as err:
-        text = str(err)
-        if "error code 401" in text or "UNAUTHENTICATED" in text:
-            raise PermissionDenied(f"the server does not know user {user()!r} with that password, so it cannot "
-                                   f"{action}; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
-        if "error code 403" in text or "PERMISSION_DENIED" in text:
-            raise PermissionDenied(f"the server refused user {user()!r} to {action}: that needs {permission} on "
-                                   f"{resource}, which the team's admin grants (`cifar-mlops team set-role`)") from None
-        raise
+        refused = refusal(err, action, permission, resource)
+        if refused is None:
+            raise
+        raise refused from None
