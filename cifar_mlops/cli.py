@@ -35,9 +35,10 @@ def one_line(err: BaseException, default: str = "") -> str:
     return f"{text} ({notes})" if notes else text
 
 
-def _end_adopted_run(reason: str) -> None:
-    """A command that fails before adopting the run `mlflow run` created for it ends that run FAILED."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
+def _end_adopted_run(reason: str, err: UserError | None = None) -> None:
+    """A command that fails before adopting the run `mlflow run` created for it ends that run FAILED
+    (not a run whose resume was refused: refusing changes nothing)."""
+    if not os.environ.get("MLFLOW_RUN_ID") or getattr(err, "run_id", None) == os.environ["MLFLOW_RUN_ID"]:
         return
     from cifar_mlops.tracking import runs
 
@@ -52,7 +53,7 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            _end_adopted_run(one_line(err))
+            _end_adopted_run(one_line(err), err)
             fail(one_line(err), err.exit_code)
         except KeyboardInterrupt as err:
             fail(one_line(err, "interrupted"), 130)
@@ -149,24 +150,68 @@ def _override_values(set_pairs: tuple[str, ...], overrides: str, data_dir: str) 
     return values
 
 
-def _experiment_options(exp_help: str, set_example: str, register_help: str):
+def _experiment_options(exp_help: str, set_example: str, register_help: str, exp_required: bool = True):
     """The options `train` and `ensemble` share (the MLproject entry points mirror them)."""
     return _options(
-        click.option("--exp", "exp_id", required=True, help=exp_help),
+        click.option("--exp", "exp_id", required=exp_required, default=None if exp_required else "", help=exp_help),
         _override_options(set_example),
         click.option("--register/--no-register", default=True, show_default=True, help=register_help),
     )
 
 
 @main.command()
-@_experiment_options("Experiment id from the catalogue, e.g. 2.4 or smoke.", "train.epochs=5",
-                     "Register the trained model as a new version of cifar10-<family>.")
+@_experiment_options("Experiment id from the catalogue, e.g. 2.4 or smoke (with --resume: optional, must be the run's).",
+                     "train.epochs=5", "Register the trained model as a new version of cifar10-<family>.",
+                     exp_required=False)
 @click.option("--seeds", default="", metavar="N|S,S,...",
               help="Train once per seed (train.seed): 0..N-1, or a list (default: the experiment's own seed).")
-def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool, seeds: str) -> None:
-    """Train, evaluate, track and register one experiment."""
-    _run_experiment("train", exp_id, [*cfg.split_overrides(overrides), *set_pairs], data_dir, register,
-                    cfg.parse_seeds(seeds) if seeds.strip() else None)
+@click.option("--resume", "resume_id", default="", metavar="RUN_ID",
+              help="Go on with training run RUN_ID from its last checkpoint, in that run, with its own config.")
+@click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[BOOL]",
+              help="With --resume: resume a FAILED run too, or a RUNNING one whose process may still be alive.")
+def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool, seeds: str,
+          resume_id: str, force: bool) -> None:
+    """Train, evaluate, track and register one experiment (or resume a lost training: --resume)."""
+    pairs = [*cfg.split_overrides(overrides), *set_pairs]
+    if (resume_id.strip() or os.environ.get("MLFLOW_RUN_ID")) and _resume(resume_id.strip(), exp_id, pairs,
+                                                                          data_dir, register, seeds, force):
+        return
+    if force:
+        raise cfg.ConfigError("--force goes with --resume RUN_ID")
+    if not exp_id:
+        raise cfg.ConfigError("give --exp ID (an experiment of `cifar-mlops experiments`), or --resume RUN_ID")
+    _run_experiment("train", exp_id, pairs, data_dir, register, cfg.parse_seeds(seeds) if seeds.strip() else None)
+
+
+def _resume(resume_id: str, exp_id: str, pairs: list[str], data_dir: str, register: bool, seeds: str,
+            force: bool) -> bool:
+    """`train --resume RUN_ID`, and `mlflow run --run-id RUN_ID` of a training run (its run holds one already);
+    False when `mlflow run` gave a new run, which trains as usual."""
+    if seeds.strip() and resume_id:
+        raise cfg.ConfigError("--resume goes on with one run; it does not combine with --seeds")
+    values = cfg.parse_overrides(pairs)
+    if data_dir:
+        values.setdefault("data.data_dir", data_dir)
+    with heavy_imports():
+        import keras  # noqa: F401  (imported here, to be frozen)
+
+        from cifar_mlops import train as training
+        from cifar_mlops.tracking import runs, store
+
+    store.quiet_mlflow()
+    adopted = runs.adopted_run_id()
+    if adopted and resume_id and resume_id != adopted:
+        raise runs.ResumeRefused(f"`mlflow run` made run {adopted} for this command; to resume run {resume_id} "
+                                 f"through MLflow Projects, pass --run-id {resume_id} to `mlflow run` instead", resume_id)
+    if adopted and not resume_id:
+        if not runs.is_training_run(adopted):
+            return False
+        if seeds.strip():
+            raise cfg.ConfigError("--resume goes on with one run; it does not combine with --seeds")
+    metrics = training.resume(resume_id or adopted, force=force, exp_id=exp_id or None, overrides=values,
+                              register=register)
+    click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_"))))
+    return True
 
 
 @main.command()

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifar_mlops import models
-from cifar_mlops.errors import UserError
+from cifar_mlops.errors import UserError, first_line
 
 EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Experiment metadata: read from the experiment's own file only (never inherited through `extends:`, never
@@ -111,6 +111,9 @@ class TrainConfig(Strict):
     finetune_lr_factor: float = Field(0.1, gt=0, le=1)  # fine-tuning LR = learning_rate * this
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without val_accuracy gain; None: off
     seed: int = 0  # weights init and shuffling
+    # epochs between checkpoints (model, optimizer state, epoch) logged to the run, each replacing the one
+    # before, so `train --resume RUN_ID` can continue a lost training; 0: no checkpoints
+    checkpoint_every: int = Field(1, ge=0)
     steps_per_execution: int = Field(1, ge=1)  # batches per compiled call; higher cuts Python overhead
     # Keras dtype policy; auto: mixed_float16 where a GPU is visible (tensor cores), float32 on CPU
     # (float16 is emulated there and slower; see benchmarks/RESULTS.md)
@@ -531,6 +534,20 @@ def check_kind(config: Config, kind: str) -> None:
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML: what is logged with every run and can be read back."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def from_yaml(text: str, where: str) -> Config:
+    """A config logged by `to_yaml`, read back and validated (`where` names it in the error)."""
+    try:
+        fields = yaml.safe_load(text)
+        schema = EnsembleConfig if isinstance(fields, dict) and fields.get("kind") == "ensemble" else ExperimentConfig
+        return schema.model_validate(fields)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML ({first_line(err)})") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{where} is not a config this version can read ({key}: {first['msg']})") from None
 
 
 # ---------------------------------------------------------------------------

@@ -380,6 +380,31 @@ def synthetic_arrays(n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, 
 # tf.data pipelines
 
 
+class EpochClock:
+    """Which epoch a training dataset's next pass over the images is.
+
+    The order of epoch e, and every random draw of its augmentation, is a pure function of
+    (seed, e): a training resumed at epoch e sees exactly the batches it would have seen.
+    `fit` sets `epoch` at the start of each epoch (Keras begins a fresh pass over the dataset
+    there); while it is None, each new pass is the next epoch, counting from `first`.
+    """
+
+    def __init__(self, first: int = 0) -> None:
+        self.epoch: int | None = None
+        self._next = first
+
+    def start_pass(self) -> int:
+        if self.epoch is not None:
+            return self.epoch
+        epoch, self._next = self._next, self._next + 1
+        return epoch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the `n` training images (a permutation of 0..n-1)."""
+    return np.random.default_rng([seed % 2**32, epoch]).permutation(n)
+
+
 def make_dataset(
     x: np.ndarray,
     y: np.ndarray,
@@ -389,10 +414,12 @@ def make_dataset(
     training: bool,
     augment: AugmentConfig | None = None,
     seed: int = 0,
+    clock: EpochClock | None = None,
 ) -> tf.data.Dataset:
     """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, num_classes)).
 
-    training=True: reshuffled every epoch (seeded) and augmented per batch;
+    training=True: each pass is one epoch in the order `epoch_order(n, seed, epoch)`, augmented per
+    batch with draws seeded by (seed, epoch, batch); `clock` says which epoch a pass is.
     training=False: fixed order, unchanged images.
     """
     import tensorflow as tf
@@ -401,6 +428,7 @@ def make_dataset(
     # tf.Variable) would cost one to two more copies of them (0.15-0.3 GB for 50,000) at its peak.
     images = np.ascontiguousarray(x, dtype=np.uint8)
     labels = np.eye(num_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+    n = len(x)
 
     def gather(idx):
         batch_images, batch_labels = tf.numpy_function(lambda i: (images[i], labels[i]), [idx], (tf.uint8, tf.float32))
@@ -408,18 +436,38 @@ def make_dataset(
         batch_labels.set_shape((None, num_classes))
         return batch_images, batch_labels
 
-    indices = tf.data.Dataset.range(len(x))
-    if training:  # shuffle indices, not images: a small buffer even for 50,000 images
-        indices = indices.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = indices.batch(batch_size).map(gather)
-    augmenter = _augmenter(augment, seed) if training and augment is not None else None
-    if augmenter is not None:
-        ds = ds.map(lambda img, lab: (augmenter(img), lab))  # sequential: seeded draws stay in order
-    return ds.prefetch(tf.data.AUTOTUNE)
+    if not training:
+        return tf.data.Dataset.range(n).batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
+
+    clock = clock if clock is not None else EpochClock()
+
+    def start_pass():  # called once per pass, when its first batch is made
+        epoch = clock.start_pass()
+        return np.int64(epoch), epoch_order(n, seed, epoch).astype(np.int64)
+
+    def one_epoch(_):  # shuffled indices, not images: a small buffer even for 50,000 images
+        epoch, order = tf.numpy_function(start_pass, [], (tf.int64, tf.int64))
+        epoch.set_shape(())
+        order.set_shape((n,))
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return batches.map(lambda step, idx: (epoch, step, idx))
+
+    steps = math.ceil(n / batch_size)
+    ds = tf.data.Dataset.from_tensors(0).flat_map(one_epoch)
+    augmenter = _augmenter(augment, seed) if augment is not None else None
+    if augmenter is None:
+        ds = ds.map(lambda epoch, step, idx: gather(idx))
+    else:  # sequential: each batch sets the augmentation's seeds, then draws from them
+        ds = ds.map(lambda epoch, step, idx: (lambda img, lab: (augmenter(img, epoch, step), lab))(*gather(idx)))
+    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
 
 
 def _augmenter(augment: AugmentConfig, seed: int):
-    """uint8 batch -> augmented uint8 batch, or None when `augment` changes nothing."""
+    """(uint8 batch, epoch, batch number) -> augmented uint8 batch, or None when `augment` changes nothing.
+
+    Every random draw comes from a generator whose state is set from (seed, epoch, batch number)
+    before the batch: the same batch of the same epoch is augmented the same way in any process.
+    """
     import keras
     import tensorflow as tf
 
@@ -435,8 +483,12 @@ def _augmenter(augment: AugmentConfig, seed: int):
     sigma_seed = keras.random.SeedGenerator(seed + 3) if blur else None
     if not layers and not blur:
         return None
+    generators = [layer.generator for layer in layers] + ([sigma_seed] if blur else [])
 
-    def apply(images):
+    def apply(images, epoch, step):
+        for k, generator in enumerate(generators):  # one stream per draw, keyed by (seed, draw, epoch, batch)
+            state = tf.stack([tf.constant((seed % 2**32) * 8 + k, tf.int64), epoch * 2**24 + step])
+            generator.state.assign(tf.cast(state, generator.state.dtype))
         z = tf.cast(images, tf.float32)
         for layer in layers:
             z = layer(z, training=True)

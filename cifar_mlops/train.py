@@ -13,9 +13,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
 
 from cifar_mlops import data, evaluation
-from cifar_mlops.config import DataConfig, ExperimentConfig, TrainConfig, check_kind
+from cifar_mlops.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, check_kind
 from cifar_mlops.errors import UserError
 from cifar_mlops.models import create_model
 from cifar_mlops.progress import log
@@ -90,6 +94,69 @@ def stop_on_nan():
     return StopOnNaN()
 
 
+def follow_epochs(clock: data.EpochClock):
+    """Tells the training dataset which epoch begins, before Keras starts that epoch's pass over it."""
+    import keras
+
+    class FollowEpochs(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            clock.epoch = epoch
+
+    return FollowEpochs()
+
+
+def random_state(model) -> list[list[int]]:
+    """The state of the model's own random generators (dropout): `model.save` does not keep it."""
+    return [[int(v) for v in variable.numpy()] for variable in _seed_states(model)]
+
+
+def restore_random_state(model, states: list[list[int]]) -> None:
+    variables = _seed_states(model)
+    if len(variables) != len(states):
+        raise TrainingFailed(f"the checkpoint holds {len(states)} random generator states, the model has "
+                             f"{len(variables)}; it was written by another version of the model")
+    for variable, state in zip(variables, states):
+        variable.assign(state)
+
+
+def _seed_states(model) -> list:
+    return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+
+
+def resumable(config: ExperimentConfig, parent_run_id: str | None) -> bool:
+    """Whether a training writes checkpoints: a training of its own (tuning trials and ablation runs are run
+    again by their queue instead) with train.checkpoint_every > 0 and no early stopping (its state is not kept)."""
+    cfg = config.train
+    return parent_run_id is None and cfg.checkpoint_every > 0 and cfg.early_stopping_patience is None
+
+
+def checkpointing(run: runs.TrainingRun, config: ExperimentConfig, history: dict[str, list[float]],
+                  fit_seconds: float):
+    """Writes the run's checkpoint at the end of every `train.checkpoint_every` epochs: the model with its
+    optimizer state, the epochs done, the model's random state and the history so far (the data order of
+    every epoch follows from train.seed and the epoch). It collects the history of the epochs it sees."""
+    import keras
+
+    every = config.train.checkpoint_every
+
+    class Checkpointing(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.history = {key: list(values) for key, values in history.items()}
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            for key, value in (logs or {}).items():
+                self.history.setdefault(key, []).append(float(value))
+            if (epoch + 1) % every == 0:
+                run.log_checkpoint(self.model, {
+                    "format": 1, "epoch": epoch + 1, "seed": config.train.seed, "history": self.history,
+                    "fit_seconds": fit_seconds + time.perf_counter() - self.started,
+                    "random_state": random_state(self.model), "keras": keras.__version__})
+
+    return Checkpointing()
+
+
 def training_phases(config: ExperimentConfig) -> list[tuple[int, int, float, bool]]:
     """(first epoch, end epoch, learning rate, backbone frozen) for each fit call."""
     cfg = config.train
@@ -99,31 +166,46 @@ def training_phases(config: ExperimentConfig) -> list[tuple[int, int, float, boo
             (cfg.warmup_epochs, cfg.epochs, cfg.learning_rate * cfg.finetune_lr_factor, False)]
 
 
-def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterable = ()) -> dict[str, list[float]]:
-    """Fit `model` on the training split, validating each epoch; return the merged Keras history."""
+def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterable = (),
+        start: int = 0) -> dict[str, list[float]]:
+    """Fit `model` on the training split, validating each epoch; return the merged Keras history.
+
+    `start`: the epochs done already (a resumed training, `model` loaded from their checkpoint,
+    compiled, with its optimizer state): phases ending before it are skipped, the one holding it
+    goes on with that optimizer, and the history returned is of the epochs trained here.
+    """
     import keras
 
     cfg = config.train
+    clock = data.EpochClock()
+    clock.epoch = start
     train_ds = data.make_dataset(splits.x_train, splits.y_train, batch_size=cfg.batch_size,
-                                 num_classes=splits.num_classes, training=True, augment=config.augment, seed=cfg.seed)
+                                 num_classes=splits.num_classes, training=True, augment=config.augment, seed=cfg.seed,
+                                 clock=clock)
     val_ds = data.make_dataset(splits.x_val, splits.y_val, batch_size=cfg.batch_size,
                                num_classes=splits.num_classes, training=False)
     steps_per_epoch = math.ceil(len(splits.y_train) / cfg.batch_size)
     class_weight = data.class_weights(splits.y_train, splits.num_classes) if cfg.class_weight == "balanced" else None
-    callbacks = [stop_on_nan(), *callbacks]
+    callbacks = [follow_epochs(clock), stop_on_nan(), *callbacks]
     if cfg.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.early_stopping_patience,
                                                        restore_best_weights=True))
     verbose = 1 if sys.stderr.isatty() else 2
     history: dict[str, list[float]] = {}
     for first, end, learning_rate, frozen in training_phases(config):
-        if frozen or first > 0:
-            model.get_layer("backbone").trainable = not frozen
-            log(f"epochs {first + 1}-{end}: backbone {'frozen' if frozen else 'fine-tuned'}, learning rate {learning_rate:g}")
-        compile_model(model, cfg, learning_rate, (end - first) * steps_per_epoch)
-        phase = model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=first,
+        if end <= start:
+            continue
+        if first >= start:
+            if frozen or first > 0:
+                model.get_layer("backbone").trainable = not frozen
+                log(f"epochs {first + 1}-{end}: backbone {'frozen' if frozen else 'fine-tuned'}, "
+                    f"learning rate {learning_rate:g}")
+            compile_model(model, cfg, learning_rate, (end - first) * steps_per_epoch)
+        else:  # resumed inside this phase: the checkpoint's model is compiled for it
+            log(f"epochs {start + 1}-{end}: going on from the checkpoint after epoch {start}")
+        phase = model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=max(first, start),
                           class_weight=class_weight, callbacks=callbacks, verbose=verbose,
-                          shuffle=False)  # the dataset reshuffles itself each epoch
+                          shuffle=False)  # the dataset orders each epoch itself (data.epoch_order)
         for key, values in phase.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         if model.stop_training:  # early stopping ends the whole run, not just this phase
@@ -142,33 +224,54 @@ def tracked_splits(run: runs.TrainingRun, data_config: DataConfig, splits: data.
     return splits
 
 
+@dataclass
+class ResumedTraining:
+    """A run to go on with (`runs.resume_point`) and the model loaded from its checkpoint."""
+
+    point: runs.ResumePoint
+    model: Any
+
+
 def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callbacks: Iterable = (),
           register: bool = True, experiment: str = runs.ABLATION_EXPERIMENT, parent_run_id: str | None = None,
-          on_run_start: Callable[[str], None] | None = None) -> dict[str, float]:
+          on_run_start: Callable[[str], None] | None = None, resume: ResumedTraining | None = None) -> dict[str, float]:
     """Train, evaluate, track and (if `register`) register experiment `config`; return its metrics.
 
     `splits` lets a caller that trains many times (tuning) load the data once;
-    `on_run_start(run_id)` is called as soon as the run exists (tuning tags its trial there).
+    `on_run_start(run_id)` is called as soon as the run exists (tuning tags its trial there);
+    `resume` (see `resume()`) goes on in that run from its checkpoint instead of starting one.
     """
     import keras
 
     check_kind(config, "train")
-    with runs.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id, on_start=on_run_start) as run:
+    checkpoints = resumable(config, parent_run_id)
+    with runs.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id, on_start=on_run_start,
+                          resume=resume.point if resume else None, heartbeat=checkpoints) as run:
         log(f"{config.exp_id}: tracking {run.url_hint}")
         splits = tracked_splits(run, config.data, splits)
 
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(config.train.seed)
-        policy = dtype_policy(config.train)
-        run.log(params={"train.dtype_policy": policy})
-        with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
-            model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
-        log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
-            f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}")
+        if resume is None:
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(config.train.seed)
+            policy = dtype_policy(config.train)
+            run.log(params={"train.dtype_policy": policy})
+            with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
+                model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
+            log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
+                f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}")
+            start, history, fit_before = 0, {}, 0.0
+        else:
+            model, state = resume.model, resume.point.state
+            start, history, fit_before = resume.point.epoch, state["history"], float(state["fit_seconds"])
+            log(f"resuming after epoch {start} of {config.train.epochs}, from the run's checkpoint")
 
+        fit_callbacks = [run.epoch_callback(), *callbacks]
+        if checkpoints:  # after the epoch's metrics are logged: a checkpoint never runs ahead of them
+            fit_callbacks.append(checkpointing(run, config, history, fit_before))
         started = time.perf_counter()
-        history = fit(model, config, splits, callbacks=[run.epoch_callback(), *callbacks])
-        fit_seconds = time.perf_counter() - started
+        trained = fit(model, config, splits, callbacks=fit_callbacks, start=start)
+        fit_seconds = fit_before + time.perf_counter() - started
+        history = {key: [*history.get(key, []), *trained.get(key, [])] for key in {*history, *trained}}
 
         log("evaluating on train, val and test")
         probabilities = {split: predict_in_batches(model.predict_on_batch, x, config.train.batch_size)
@@ -186,3 +289,75 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
             log(f"registered {registry.registered_model_name(config.family)} version {version}")
         log(" ".join(f"{k}={metrics[k]:.4f}" for k in ("train_accuracy", "val_accuracy", "test_accuracy", "test_f1_macro")))
         return metrics
+
+
+def resume(run_id: str, *, force: bool = False, exp_id: str | None = None, overrides: dict[str, Any] | None = None,
+           register: bool = True, callbacks: Iterable = ()) -> dict[str, float]:
+    """Go on with training run `run_id` from its checkpoint, in that run; return its metrics.
+
+    It trains with the run's own config.yaml: `exp_id` and `overrides`, when given, must agree with it,
+    except `data.data_dir`, where its images are on this machine (they must be the same images: the
+    data fingerprint is checked). Whatever is refused (see `runs.resume_point`) changes nothing.
+    """
+    import keras
+
+    point = runs.resume_point(run_id, force=force)
+    try:
+        config = resumed_config(point, exp_id, overrides or {})
+        splits = data.load_splits(config.data)
+        if splits.fingerprint != point.tags.get("data_fingerprint"):
+            raise runs.ResumeRefused(f"the images found ({splits.location}) are not the ones run {run_id} trained on "
+                                     "(another data fingerprint); pass --data-dir with that CIFAR-10 folder", run_id)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(config.train.seed)
+        try:
+            model = keras.saving.load_model(point.model_path)
+            restore_random_state(model, point.state["random_state"])
+        except Exception as err:  # noqa: BLE001 - Keras raises many kinds for a file it cannot load
+            raise runs.ResumeRefused(f"the checkpoint of run {run_id} cannot be loaded "
+                                     f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})",
+                                     run_id) from None
+        return train(config, splits=splits, callbacks=callbacks, register=register,
+                     resume=ResumedTraining(point, model))
+    finally:
+        point.close()
+
+
+def resumed_config(point: runs.ResumePoint, exp_id: str | None, overrides: dict[str, Any]) -> ExperimentConfig:
+    """The config a resumed run trains with: its own; `exp_id` and `overrides` may only repeat it (or move
+    `data.data_dir`)."""
+    config = point.config
+    if exp_id and exp_id != config.exp_id:
+        raise runs.ResumeRefused(f"run {point.run_id} is a training of {config.exp_id}, not {exp_id}; a resumed run "
+                                 "keeps its own config (drop --exp)", point.run_id)
+    if not overrides:
+        return config
+    tree = config.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {}) if isinstance(node, dict) else {}
+        node[key] = value
+    try:
+        changed = ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"--set {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    before, after = _flat(config.model_dump(mode="json")), _flat(changed.model_dump(mode="json"))
+    differ = [key for key in after if after[key] != before.get(key) and key != "data.data_dir"]
+    if differ:
+        key = differ[0]
+        raise runs.ResumeRefused(f"--set {key}={after[key]}: run {point.run_id} trains with {key}={before.get(key)}, "
+                                 "and a resumed run keeps the config it started with (drop that --set)", point.run_id)
+    return changed
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -483,6 +483,25 @@ def test_training_reshuffles_each_epoch_and_augments():
     np.testing.assert_array_equal(_epoch(evaluation)[0], x)
 
 
+def test_an_epochs_order_and_augmentation_depend_only_on_seed_and_epoch():
+    # what lets a resumed training see the batches the lost one would have seen
+    n = 40
+    x, _, _, _ = data.synthetic_arrays(n, 10, seed=0)
+    ids = np.arange(n)
+    augment = AugmentConfig(flip=True, rotation=20, translation=0.1, blur_sigma=1.5)
+    passes = data.make_dataset(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=3)
+    epochs = [_epoch(passes) for _ in range(3)]  # passes 0, 1, 2
+    clock = data.EpochClock()
+    clock.epoch = 2
+    fresh = data.make_dataset(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=3, clock=clock)
+    images, labels = _epoch(fresh)
+    np.testing.assert_array_equal(labels.argmax(axis=1), data.epoch_order(n, 3, 2))
+    np.testing.assert_array_equal(images, epochs[2][0])
+    np.testing.assert_array_equal(_epoch(fresh)[0], images)  # the clock says epoch 2 until it says otherwise
+    assert not np.array_equal(epochs[1][0], epochs[2][0])
+    assert not np.array_equal(data.epoch_order(n, 4, 2), data.epoch_order(n, 3, 2))
+
+
 def test_blur_smooths_images():
     x, _, _, _ = data.synthetic_arrays(32, 10, seed=0)
     ds = data.make_dataset(x, np.zeros(32, int), batch_size=32, num_classes=10, training=True,

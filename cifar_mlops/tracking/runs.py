@@ -8,11 +8,18 @@ model version is registered only from inside a run that got that far.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import socket
 import subprocess
+import tempfile
+import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +27,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from cifar_mlops.config import Config, to_yaml
+from cifar_mlops.config import Config, ConfigError, ExperimentConfig, from_yaml, to_yaml
 from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, served, store
@@ -179,6 +186,192 @@ def annotate_adopted_run(tags: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Checkpoints, and resuming a training from its run's last one
+
+CHECKPOINT_PATH = "checkpoint/checkpoint.zip"  # the run's one checkpoint: model.keras + state.json, one file
+CHECKPOINT_TAG = "checkpoint"  # "<epochs done> <sha256 of the file>", set once the file is complete
+TRAINER_TAG = "trainer"  # "<host> <pid>" of the process training the run
+HEARTBEAT_TAG = "heartbeat"  # ms since 1970, renewed every HEARTBEAT_SECONDS while that process trains
+HEARTBEAT_SECONDS = 30
+SILENT_SECONDS = 120  # a RUNNING run unheard of for this long has lost its process: it may be resumed
+RESUMED_TAG = "resumed_from_epoch"  # the epochs done when it was last resumed
+
+
+class ResumeRefused(UserError):
+    """A run that cannot be resumed as asked; nothing was changed. `run_id`: the run refused."""
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+@dataclass
+class ResumePoint:
+    """A run that may be resumed, and its checkpoint, downloaded (into `folder`, removed by `close`)."""
+
+    run_id: str
+    experiment_id: str
+    experiment: str
+    status: str  # before resuming: RUNNING (its process lost), KILLED or FAILED (with --force)
+    config: ExperimentConfig
+    epoch: int  # epochs done, from the checkpoint
+    state: dict[str, Any]  # the checkpoint's state.json (history, random state, ...)
+    model_path: Path  # the checkpoint's model.keras (with its optimizer state)
+    tags: dict[str, str]
+    logged_steps: dict[str, set[int]] = field(default_factory=dict)  # per-epoch metric -> steps already logged
+    folder: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():  # a restarted container reuses pids: the recorded one is not this process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _still_training(tags: Mapping[str, str], now_ms: int) -> str | None:
+    """Why a RUNNING run's process may still be training (None: it is gone)."""
+    host, _, pid = tags.get(TRAINER_TAG, "").partition(" ")
+    if host == socket.gethostname() and pid.isdigit():
+        if _process_alive(int(pid)):
+            return f"it is still training on this machine as process {pid}; stop that process first"
+        return None
+    beat = tags.get(HEARTBEAT_TAG, "")
+    silent = (now_ms - int(beat)) / 1000 if beat.isdigit() else None
+    if silent is not None and silent < SILENT_SECONDS:
+        return (f"it was heard from {silent:.0f} s ago (host {host or '?'}, process {pid or '?'}), so it may still be "
+                f"training there; once it has been silent for {SILENT_SECONDS} s it can be resumed, or add --force "
+                "if you know that process is gone")
+    return None
+
+
+def resume_point(run_id: str, *, force: bool = False) -> ResumePoint:
+    """Run `run_id` and its checkpoint, downloaded, when it may be resumed; else `ResumeRefused`.
+
+    Refused: an unknown or deleted run, one that is not a training of its own (a tuning trial,
+    an ablation's run, an ensemble), one that ended FINISHED, a FAILED one unless `force`, a RUNNING
+    one whose process may still be training (unless `force`), early stopping, no (complete) checkpoint.
+    Nothing is changed, whatever the answer.
+    """
+    store.configure_store()
+    client = store.client()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ResumeRefused(f"there is no run {run_id!r} in {mlflow.get_tracking_uri()}; "
+                            "--resume takes the id of a training run", run_id) from None
+    tags, status = run.data.tags, run.info.status
+    if run.info.lifecycle_stage == "deleted":
+        raise ResumeRefused(f"run {run_id} is deleted; restore it (`mlflow runs restore --run-id {run_id}`) first", run_id)
+    exp = tags.get("exp_id", "?")
+    if status == "FINISHED":
+        raise ResumeRefused(f"run {run_id} ({exp}) ended FINISHED: a finished training is not resumed; train it "
+                            f"again with `cifar-mlops train --exp {exp}`", run_id)
+    if status == "FAILED" and not force:
+        why = f" ({tags[FAILURE_TAG]})" if FAILURE_TAG in tags else ""
+        raise ResumeRefused(f"run {run_id} ({exp}) ended FAILED{why}; resume it anyway with --force", run_id)
+    if "mlflow.parentRunId" in tags:
+        raise ResumeRefused(f"run {run_id} is a run of a tuning study or an ablation (parent run "
+                            f"{tags['mlflow.parentRunId']}); rerun that `tune` or `ablate` command, which runs "
+                            "its lost trials again", run_id)
+    text = run_text_artifact(run_id, "config.yaml")
+    try:
+        config = from_yaml(text, f"config.yaml of run {run_id}") if text is not None else None
+    except ConfigError as err:
+        raise ResumeRefused(str(err), run_id) from None
+    if not isinstance(config, ExperimentConfig):
+        raise ResumeRefused(f"run {run_id} is not a training of `cifar-mlops train` (it has no training "
+                            "config.yaml); nothing to resume", run_id)
+    if config.train.early_stopping_patience is not None:
+        raise ResumeRefused(f"run {run_id} ({exp}) trains with early stopping (train.early_stopping_patience), "
+                            f"which is not resumed; train it again with `cifar-mlops train --exp {exp}`", run_id)
+    if status == "RUNNING" and not force:
+        reason = _still_training(tags, int(time.time() * 1000))
+        if reason:
+            raise ResumeRefused(f"run {run_id} ({exp}) is RUNNING and {reason}", run_id)
+    epoch, _, sha = tags.get(CHECKPOINT_TAG, "").partition(" ")
+    if not epoch.isdigit():
+        raise ResumeRefused(f"run {run_id} ({exp}) has no checkpoint (it stopped before its first one, or "
+                            f"train.checkpoint_every is 0); train it again with `cifar-mlops train --exp {exp}`", run_id)
+
+    folder = tempfile.TemporaryDirectory(prefix="cifar-mlops-resume-")
+    try:
+        point = _download_checkpoint(run, config, int(epoch), sha, Path(folder.name))
+    except BaseException:
+        folder.cleanup()
+        raise
+    point.folder = folder
+    for key in (k for k in run.data.metrics if k.startswith("epoch_")):
+        point.logged_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
+    return point
+
+
+def _download_checkpoint(run, config: ExperimentConfig, epoch: int, sha: str, folder: Path) -> ResumePoint:
+    run_id = run.info.run_id
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_PATH,
+                                                        dst_path=str(folder)))
+        with open(path, "rb") as f:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        if actual != sha:
+            raise ResumeRefused(f"the checkpoint of run {run_id} is not the one its tag names (it was being written "
+                                f"when the training stopped); train it again with `cifar-mlops train --exp "
+                                f"{config.exp_id}`", run_id)
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(folder)
+        state = json.loads((folder / "state.json").read_text())
+    except (mlflow.exceptions.MlflowException, OSError, zipfile.BadZipFile, json.JSONDecodeError, KeyError) as err:
+        raise ResumeRefused(f"the checkpoint of run {run_id} cannot be read ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})", run_id) from None
+    if state.get("epoch") != epoch:
+        raise ResumeRefused(f"the checkpoint of run {run_id} holds epoch {state.get('epoch')}, its tag says {epoch}",
+                            run_id)
+    experiment = MlflowClient().get_experiment(run.info.experiment_id).name
+    return ResumePoint(run_id=run_id, experiment_id=run.info.experiment_id, experiment=experiment,
+                       status=run.info.status, config=config, epoch=epoch, state=state,
+                       model_path=folder / "model.keras", tags=dict(run.data.tags))
+
+
+def is_training_run(run_id: str) -> bool:
+    """Whether run `run_id` already holds a training (described by `TrainingRun`): `mlflow run --run-id` resumes it."""
+    return "exp_id" in store.client().get_run(run_id).data.tags
+
+
+class _Heartbeat:
+    """Tags the run with who trains it, then renews HEARTBEAT_TAG every HEARTBEAT_SECONDS until stopped."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.stopped = threading.Event()
+        log_batch(run_id, tags={TRAINER_TAG: f"{socket.gethostname()} {os.getpid()}",
+                                HEARTBEAT_TAG: int(time.time() * 1000)})
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                log_batch(self.run_id, tags={HEARTBEAT_TAG: int(time.time() * 1000)})
+            except (mlflow.exceptions.MlflowException, OSError):  # a missed beat only makes the run look lost sooner
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------
 # One training (or ensemble evaluation) of one experiment
 
 
@@ -186,20 +379,27 @@ class TrainingRun:
     """One MLflow run for one training of one experiment config.
 
     `on_start(run_id)` runs right after the run is described (tuning tags the trial's run there).
+    `resume`: reopen that run instead (described already) and go on from its checkpoint;
+    `heartbeat`: say who trains the run while it does (a resumable training: see `resume_point`).
     """
 
     def __init__(self, config: Config, *, experiment: str = ABLATION_EXPERIMENT, parent_run_id: str | None = None,
-                 on_start: Callable[[str], None] | None = None) -> None:
+                 on_start: Callable[[str], None] | None = None, resume: ResumePoint | None = None,
+                 heartbeat: bool = False) -> None:
         self.config = config
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.on_start = on_start
+        self.resume = resume
+        self.heartbeat: _Heartbeat | bool = heartbeat or resume is not None
         self.run_id: str = ""
         self.data_source = "unknown"  # set by log_data
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> TrainingRun:
         store.configure_store()
+        if self.resume is not None:
+            return self._reopen()
         adopted = adopted_run_id() if self.parent_run_id is None else None
         if adopted:  # `mlflow run` made it and chose its experiment; MLflow refuses it under any other
             mlflow.set_experiment(experiment_id=MlflowClient().get_run(adopted).info.experiment_id)
@@ -212,6 +412,8 @@ class TrainingRun:
         self.run_id = run.info.run_id
         try:
             self._describe_run()
+            if self.heartbeat:
+                self.heartbeat = _Heartbeat(self.run_id)
         except BaseException as err:  # a run that started must not stay RUNNING
             self.__exit__(type(err), err, err.__traceback__)
             raise
@@ -228,7 +430,26 @@ class TrainingRun:
         if self.on_start is not None:
             self.on_start(self.run_id)
 
+    def _reopen(self) -> TrainingRun:
+        """The run of `self.resume` RUNNING again, in its own experiment, its failure (if any) forgotten."""
+        point = self.resume
+        mlflow.set_experiment(experiment_id=point.experiment_id)
+        self.run_id = mlflow.start_run(run_id=point.run_id).info.run_id
+        self.experiment = point.experiment
+        try:
+            if FAILURE_TAG in point.tags:
+                MlflowClient().delete_tag(self.run_id, FAILURE_TAG)
+            log_batch(self.run_id, tags={RESUMED_TAG: point.epoch,
+                                         "resume_count": int(point.tags.get("resume_count", "0")) + 1})
+            self.heartbeat = _Heartbeat(self.run_id)
+        except BaseException as err:  # a reopened run must not stay RUNNING
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(self.heartbeat, _Heartbeat):
+            self.heartbeat.stop()
         status, tags = failure(exc)
         if tags:
             log_batch(self.run_id, tags=tags)
@@ -243,8 +464,12 @@ class TrainingRun:
 
     # -- what it logs --------------------------------------------------------
     def log_data(self, splits: Splits) -> None:
-        """Where the images came from (tags, params) and the three splits as MLflow datasets."""
+        """Where the images came from (tags, params) and the three splits as MLflow datasets
+        (a resumed run has them: only where they are read from now is noted)."""
         self.data_source = splits.source
+        if self.resume is not None:
+            log_batch(self.run_id, tags={"data_location": splits.location})
+            return
         log_batch(self.run_id, tags={"data_source": splits.source, "data_location": splits.location,
                                      "data_fingerprint": splits.fingerprint},
                   params={"data.source_checksum": splits.source_checksum, "data.num_train": len(splits.y_train),
@@ -262,10 +487,15 @@ class TrainingRun:
         log_batch(self.run_id, params=params, tags=tags)
 
     def epoch_callback(self) -> keras.callbacks.Callback:
-        """Keras callback logging `epoch_{train,val}_{loss,accuracy}` with step = epoch (1-based)."""
+        """Keras callback logging `epoch_{train,val}_{loss,accuracy}` with step = epoch (1-based).
+
+        A resumed run logs no step twice: an epoch trained again after its checkpoint (same data
+        order, same numbers) keeps the values its first training logged.
+        """
         import keras
 
         run_id = self.run_id
+        logged = self.resume.logged_steps if self.resume is not None else {}
 
         class EpochLogger(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -277,9 +507,26 @@ class TrainingRun:
                         metrics[f"epoch_val_{key[4:]}"] = value
                     else:
                         metrics[f"epoch_train_{key}"] = value
+                metrics = {k: v for k, v in metrics.items() if epoch + 1 not in logged.get(k, ())}
                 log_batch(run_id, metrics=metrics, step=epoch + 1)
 
         return EpochLogger()
+
+    def log_checkpoint(self, model: keras.Model, state: dict[str, Any]) -> None:
+        """Write `model` (with its optimizer state) and `state` (JSON; `state["epoch"]`: epochs done) as the
+        run's checkpoint, replacing the one before; the tag naming it is set once the file is complete."""
+        with tempfile.TemporaryDirectory(prefix="cifar-mlops-checkpoint-") as folder:
+            model_file, state_file = Path(folder, "model.keras"), Path(folder, "state.json")
+            model.save(model_file)
+            state_file.write_text(json.dumps(state))
+            archive = Path(folder, Path(CHECKPOINT_PATH).name)
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as bundle:  # .keras is compressed already
+                bundle.write(model_file, model_file.name)
+                bundle.write(state_file, state_file.name)
+            with open(archive, "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+            MlflowClient().log_artifact(self.run_id, str(archive), str(Path(CHECKPOINT_PATH).parent))
+        log_batch(self.run_id, tags={CHECKPOINT_TAG: f"{state['epoch']} {sha}"})
 
     def log_results(self, metrics: dict[str, float], texts: dict[str, str], figures: dict[str, Figure]) -> None:
         log_batch(self.run_id, metrics=metrics)

@@ -1,0 +1,291 @@
+"""Resumable training: checkpoints on the run, `train --resume RUN_ID`, `mlflow run --run-id RUN_ID`,
+and what is refused (changing nothing)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from cifar_mlops import cli
+from cifar_mlops import config as cfg
+from cifar_mlops.tracking import runs
+from cifar_mlops.train import TrainingFailed, train
+from tests.conftest import REPO, tiny
+from tests.test_cli import BIN, assert_nothing_half_written, run_command
+
+EPOCH_METRICS = ("epoch_train_loss", "epoch_train_accuracy", "epoch_val_loss", "epoch_val_accuracy")
+FINAL = ("train_accuracy", "train_loss", "val_accuracy", "val_loss", "test_accuracy", "test_f1_macro", "test_loss")
+# An epoch of a few seconds here (5,800 synthetic images through the smoke CNN): time to see its checkpoint
+# and kill the training before the next one. Augmentation and dropout: their randomness is resumed too.
+KILLED = ["train.epochs=4", "data.synthetic_train_pool=6000", "data.val_size=200", "data.synthetic_test_pool=200",
+          "augment.flip=true", "augment.translation=0.1", "model.dropout=0.3"]
+
+
+class FailAtEpochEnd(keras.callbacks.Callback):
+    """Fails the training at the end of epoch `epoch` (1-based), after its metrics, before its checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise TrainingFailed("the machine caught fire")
+
+
+def the_run() -> str:
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
+    return run.info.run_id
+
+
+def steps(run_id: str) -> dict[str, list[int]]:
+    client = MlflowClient()
+    return {key: [m.step for m in client.get_metric_history(run_id, key)] for key in EPOCH_METRICS}
+
+
+def snapshot(run_id: str) -> tuple:
+    """Everything a resume could change about a run and the registry."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+
+    def artifacts(path: str | None = None) -> list[tuple]:
+        found = []
+        for a in client.list_artifacts(run_id, path):
+            found += artifacts(a.path) if a.is_dir else [(a.path, a.file_size)]
+        return found
+
+    metrics = {key: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)]
+               for key in run.data.metrics}
+    versions = sorted((v.name, v.version, v.run_id) for v in client.search_model_versions())
+    return (run.info.status, run.info.end_time, run.data.tags, run.data.params, metrics, artifacts(), versions)
+
+
+def failed_run(**settings) -> str:
+    """A smoke training that failed at the end of its second epoch: checkpoint after epoch 1, metrics of 1-2."""
+    with pytest.raises(TrainingFailed):
+        train(tiny("smoke", **{"train__epochs": 3, **settings}), callbacks=[FailAtEpochEnd(2)])
+    return the_run()
+
+
+def cli_train(*args: str):
+    return CliRunner().invoke(cli.main, ["train", *args])
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_a_training_killed_after_its_second_of_four_epochs_resumes_to_the_uninterrupted_result(store, tmp_path):
+    command = ["cifar-mlops", "train", "--exp", "smoke", *(f"--set={pair}" for pair in KILLED)]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update(PATH=f"{BIN}{os.pathsep}{environment['PATH']}", MLFLOW_TRACKING_URI=store)
+    client = MlflowClient()
+    with open(tmp_path / "killed.log", "w") as output:
+        child = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            checkpoint = ""
+            while not checkpoint.startswith("2 ") and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT)
+                found = client.search_runs([experiment.experiment_id]) if experiment else []
+                checkpoint = found[0].data.tags.get(runs.CHECKPOINT_TAG, "") if found else ""
+            os.kill(child.pid, signal.SIGKILL)  # the machine is lost: nothing ends the run
+        finally:
+            child.kill()
+            child.wait()
+    assert checkpoint.startswith("2 "), (tmp_path / "killed.log").read_text()[-3000:]
+    run_id = the_run()
+    killed = client.get_run(run_id)
+    assert killed.info.status == "RUNNING"  # as the server sees a lost training
+    assert killed.data.tags[runs.TRAINER_TAG] == f"{socket.gethostname()} {child.pid}"
+    assert steps(run_id)["epoch_val_loss"] == [1, 2]
+    assert client.search_model_versions() == []
+
+    result = cli_train("--resume", run_id)
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch 2 of 4" in result.stderr
+
+    [run] = client.search_runs([client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert steps(run_id) == {key: [1, 2, 3, 4] for key in EPOCH_METRICS}  # each epoch logged once
+    assert run.data.tags[runs.RESUMED_TAG] == "2" and run.data.tags[runs.CHECKPOINT_TAG].startswith("4 ")
+    assert run.data.metrics["epochs_run"] == 4
+    [version] = client.search_model_versions()
+    assert version.run_id == run_id and version.name == "cifar10-cnn"
+
+    uninterrupted = train(cfg.resolve("smoke", cfg.parse_overrides(KILLED)), experiment="uninterrupted", register=False)
+    for name in FINAL:
+        assert run.data.metrics[name] == pytest.approx(uninterrupted[name], abs=2e-3), name
+    [other] = client.search_runs([client.get_experiment_by_name("uninterrupted").experiment_id])
+    for key in EPOCH_METRICS:
+        resumed = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        straight = [m.value for m in sorted(client.get_metric_history(other.info.run_id, key), key=lambda m: m.step)]
+        assert resumed == pytest.approx(straight, abs=2e-3), key
+
+
+def test_a_finished_run_is_not_resumed_and_nothing_changes(store):
+    train(tiny("smoke"))
+    run_id = the_run()
+    before = snapshot(run_id)
+    result = cli_train("--resume", run_id)
+    assert result.exit_code == 1
+    [line] = error_lines(result)
+    assert f"run {run_id} (smoke) ended FINISHED: a finished training is not resumed" in line
+    assert "Traceback" not in result.stderr
+    assert snapshot(run_id) == before
+
+
+def test_a_failed_run_is_resumed_only_with_force(store):
+    run_id = failed_run()
+    assert steps(run_id)["epoch_val_loss"] == [1, 2]
+    assert MlflowClient().get_run(run_id).data.tags[runs.CHECKPOINT_TAG].startswith("1 ")
+    before = snapshot(run_id)
+
+    result = cli_train("--resume", run_id)
+    assert result.exit_code == 1
+    [line] = error_lines(result)
+    assert line.endswith("ended FAILED (TrainingFailed: the machine caught fire); resume it anyway with --force")
+    assert snapshot(run_id) == before
+
+    # --exp and --set may repeat the run's own config
+    result = cli_train("--resume", run_id, "--force", "--exp", "smoke", "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and runs.FAILURE_TAG not in run.data.tags
+    # epoch 2 is trained again from the checkpoint after epoch 1; the values its first training logged stay
+    assert steps(run_id) == {key: [1, 2, 3] for key in EPOCH_METRICS}
+    assert run.data.tags[runs.RESUMED_TAG] == "1" and run.data.metrics["epochs_run"] == 3
+    [version] = MlflowClient().search_model_versions()
+    assert version.run_id == run_id
+
+
+def test_an_unknown_run_id_is_one_line(store):
+    result = cli_train("--resume", "0123456789abcdef0123456789abcdef")
+    assert result.exit_code == 1
+    [line] = error_lines(result)
+    assert "there is no run '0123456789abcdef0123456789abcdef'" in line and "Traceback" not in result.stderr
+    assert_nothing_half_written()
+
+
+def test_what_a_resume_cannot_change_is_refused_in_one_line(store):
+    run_id = failed_run()
+    before = snapshot(run_id)
+    for args, message in [
+        (["--set", "train.epochs=5"], "--set train.epochs=5: run " + run_id + " trains with train.epochs=3"),
+        (["--exp", "b5"], f"run {run_id} is a training of smoke, not b5"),
+        (["--seeds", "2"], "--resume goes on with one run; it does not combine with --seeds"),
+        (["--set", "train.epochz=1"], "--set train.epochz: Extra inputs are not permitted"),
+    ]:
+        result = cli_train("--resume", run_id, "--force", *args)
+        assert result.exit_code != 0, args
+        assert [message in line for line in error_lines(result)] == [True], (args, result.stderr)
+    assert snapshot(run_id) == before
+    result = cli_train("--exp", "smoke", "--force")
+    assert result.exit_code == 2 and error_lines(result) == ["error: --force goes with --resume RUN_ID"]
+
+
+def test_mlflow_run_resumes_through_run_id_not_the_resume_parameter(store, monkeypatch):
+    run_id = failed_run()
+    before = snapshot(run_id)
+    client = MlflowClient()
+    made = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", made)  # what `mlflow run . -e train -P resume=RUN_ID` passes
+    result = cli_train("--resume", run_id, "--force")
+    assert result.exit_code == 1
+    [line] = error_lines(result)
+    assert f"pass --run-id {run_id} to `mlflow run` instead" in line
+    assert client.get_run(made).info.status == "FAILED"  # the run `mlflow run` made for nothing
+    assert snapshot(run_id) == before
+
+
+def test_a_running_run_is_resumed_only_once_its_process_is_gone(store):
+    run_id = failed_run()
+    client = MlflowClient()
+    client.update_run(run_id, "RUNNING")  # as if its machine had been lost mid-training
+    now_ms = int(time.time() * 1000)
+
+    def refusal(**tags) -> str | None:
+        runs.log_batch(run_id, tags=tags)
+        try:
+            runs.resume_point(run_id).close()
+        except runs.ResumeRefused as err:
+            return str(err)
+        return None
+
+    assert "heard from 5 s ago (host elsewhere, process 42)" in refusal(
+        trainer="elsewhere 42", heartbeat=now_ms - 5_000)
+    assert refusal(heartbeat=now_ms - 1000 * (runs.SILENT_SECONDS + 1)) is None  # silent long enough
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert "still training on this machine as process" in refusal(trainer=f"{socket.gethostname()} {sleeper.pid}")
+        runs.resume_point(run_id, force=True).close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert refusal() is None  # that process is gone
+    assert "is not the one its tag names" in refusal(checkpoint="1 " + "0" * 64)
+    assert client.get_run(run_id).info.status == "RUNNING"  # asking changed nothing
+
+
+def test_runs_that_are_not_resumed(store):
+    run_id = failed_run(train__early_stopping_patience=2)
+    assert runs.CHECKPOINT_TAG not in MlflowClient().get_run(run_id).data.tags  # no checkpoints are written
+    result = cli_train("--resume", run_id, "--force")
+    assert "trains with early stopping (train.early_stopping_patience), which is not resumed" in result.stderr
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_run_id_resumes_the_train_entry_point(store, tmp_path):
+    run_id = failed_run()
+    result = run_command(["mlflow", "run", str(REPO), "-e", "train", "--run-id", run_id, "-P", "force=true",
+                          "--env-manager", "local"], cwd=tmp_path, MLFLOW_TRACKING_URI=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming after epoch 1 of 3" in result.stderr
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and runs.FAILURE_TAG not in run.data.tags
+    assert steps(run_id) == {key: [1, 2, 3] for key in EPOCH_METRICS}
+    [version] = client.search_model_versions()
+    assert version.run_id == run_id
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 1
+
+
+def test_checkpoints_follow_train_checkpoint_every(store):
+    train(tiny("smoke", train__epochs=3, train__checkpoint_every=2), register=False)
+    tags = MlflowClient().get_run(the_run()).data.tags
+    assert tags[runs.CHECKPOINT_TAG].startswith("2 ")
+    assert [a.path for a in MlflowClient().list_artifacts(the_run(), "checkpoint")] == [runs.CHECKPOINT_PATH]
+    assert Path(runs.CHECKPOINT_PATH).name == "checkpoint.zip"
+
+
+def test_transfer_learning_resumes_inside_its_warm_up_and_fine_tunes_as_uninterrupted(store, tmp_path):
+    from cifar_mlops.models import create_model
+
+    base = tiny("3.1", model__image_size=32)
+    weights_file = tmp_path / "densenet_notop.weights.h5"  # stands in for the ImageNet download
+    create_model(base.model.name, **base.model.settings()).get_layer("backbone").save_weights(weights_file)
+    settings = {"model__image_size": 32, "model__weights": str(weights_file), "train__epochs": 3,
+                "train__warmup_epochs": 2}
+    with pytest.raises(TrainingFailed):  # checkpoint after epoch 1, inside the warm-up
+        train(tiny("3.1", **settings), callbacks=[FailAtEpochEnd(2)], register=False)
+    run_id = the_run()
+    result = cli_train("--resume", run_id, "--force", "--no-register")
+    assert result.exit_code == 0, result.output
+    assert "epochs 3-3: backbone fine-tuned" in result.stderr
+    uninterrupted = train(tiny("3.1", **settings), experiment="uninterrupted", register=False)
+    resumed = MlflowClient().get_run(run_id).data.metrics
+    for name in FINAL:
+        assert resumed[name] == pytest.approx(uninterrupted[name], abs=2e-3), name
