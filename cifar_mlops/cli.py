@@ -57,6 +57,21 @@ class _Commands(click.Group):
             fail(one_line(err), err.exit_code)
         except KeyboardInterrupt as err:
             fail(one_line(err, "interrupted"), 130)
+        except Exception as err:
+            refused = _refused_by_server(err)
+            if refused is None:
+                raise  # a bug: its traceback
+            _end_adopted_run(one_line(refused), refused)
+            fail(one_line(refused), refused.exit_code)
+
+
+def _refused_by_server(err: Exception) -> UserError | None:
+    """A team server's 401/403 that no command turned into its own line yet."""
+    if "mlflow" not in sys.modules:
+        return None
+    from cifar_mlops.tracking import store
+
+    return store.refusal(err)
 
 
 class ChoiceOf(click.Choice):
@@ -506,6 +521,85 @@ def report(experiment: str, fmt: str, out: str, latest: bool, log_run: bool) -> 
     if log_run:
         run_id, logged_in = reporting.log(document)
         click.echo(f"logged as artifacts of report run {run_id} in MLflow experiment {logged_in!r}", err=True)
+
+
+@main.command()
+@click.option("--backend-store-uri", required=True, metavar="URL",
+              help="The runs' PostgreSQL database, postgresql://USER@HOST:5432/DATABASE (created if missing; "
+                   "its users and Optuna studies go to DATABASE_auth and DATABASE_optuna beside it).")
+@click.option("--artifacts-destination", required=True, metavar="DIR|s3://BUCKET/PREFIX",
+              help="Where the server keeps artifacts; clients send and fetch them through the server.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="0.0.0.0 to be reached from other machines (with --allowed-hosts).")
+@click.option("--allowed-hosts", default="", metavar="HOST,HOST",
+              help="The names other machines reach this server by (MLflow refuses other Host headers).")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Server processes (each holds about 0.5 GB).")
+@click.option("--admin", default="admin", show_default=True, help="The admin user, created on the first start.")
+@click.option("--admin-password-file", default="", metavar="FILE",
+              help="The admin's password (default: $MLFLOW_AUTH_ADMIN_PASSWORD; never on the command line).")
+def server(backend_store_uri: str, artifacts_destination: str, host: str, allowed_hosts: str, port: int, workers: int,
+           admin: str, admin_password_file: str) -> None:
+    """Start the team's MLflow server: PostgreSQL, proxied artifacts, users and roles (basic-auth)."""
+    from cifar_mlops import server as team_server
+
+    team_server.serve(backend_store_uri, artifacts_destination, host=host, port=port, workers=workers, admin=admin,
+                      admin_password_file=admin_password_file or None, allowed_hosts=allowed_hosts)
+
+
+@main.group()
+def team() -> None:
+    """Users and roles on the team server (as its admin: MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+
+
+def _new_password(name: str, password_file: str) -> str:
+    """A user's password from --password-file, $CIFAR_MLOPS_USER_PASSWORD, or a hidden prompt."""
+    if password_file:
+        try:
+            return open(password_file).read().strip()
+        except OSError as err:
+            raise UserError(f"--password-file {password_file}: {err.strerror or err}") from None
+    if os.environ.get("CIFAR_MLOPS_USER_PASSWORD"):
+        return os.environ["CIFAR_MLOPS_USER_PASSWORD"]
+    if not sys.stdin.isatty():
+        raise UserError(f"no password for {name}: pass --password-file FILE or set CIFAR_MLOPS_USER_PASSWORD")
+    return click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
+
+
+_ROLE = click.option("--role", required=True, type=ChoiceOf("cifar_mlops.tracking.team", "ROLES"),
+                     help="reader: reads runs and models; trainer: also trains, tunes and registers candidates; "
+                          "maintainer: also promotes (moves the served models' aliases).")
+
+
+@team.command("add-user")
+@click.argument("name")
+@_ROLE
+@click.option("--password-file", default="", metavar="FILE",
+              help="The new user's password (default: $CIFAR_MLOPS_USER_PASSWORD, else a prompt).")
+def add_user(name: str, role: str, password_file: str) -> None:
+    """Add user NAME with a role."""
+    with heavy_imports():
+        from cifar_mlops.tracking import store
+        from cifar_mlops.tracking import team as team_roles
+
+    store.quiet_mlflow()
+    team_roles.add_user(name, _new_password(name, password_file), role)
+    click.echo(f"added {name} as {role}", err=True)
+
+
+@team.command("set-role")
+@click.argument("name")
+@_ROLE
+def set_role(name: str, role: str) -> None:
+    """Give existing user NAME exactly the grants of a role."""
+    with heavy_imports():
+        from cifar_mlops.tracking import store
+        from cifar_mlops.tracking import team as team_roles
+
+    store.quiet_mlflow()
+    team_roles.set_role(name, role)
+    click.echo(f"{name} is now {role}", err=True)
 
 
 @main.command("tune-worker", hidden=True)

@@ -286,7 +286,7 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         model_uri = run.log_trained_model(model, splits.class_names, config.train.batch_size)
         if register:
             version = run.register(model_uri, metrics)
-            log(f"registered {registry.registered_model_name(config.family)} version {version}")
+            log(f"registered {registry.registration_name(config.family)} version {version}")
         log(" ".join(f"{k}={metrics[k]:.4f}" for k in ("train_accuracy", "val_accuracy", "test_accuracy", "test_f1_macro")))
         return metrics
 

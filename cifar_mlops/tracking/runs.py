@@ -118,7 +118,8 @@ def open_parent_run(experiment: str, name: str, tags: dict[str, Any],
     else:
         run_id = earlier(client, experiment_id(client, experiment))
     if run_id is None:
-        run_id = client.create_run(experiment_id(client, experiment), run_name=name).info.run_id
+        with store.permission_checked(f"create a run in experiment {experiment!r}", "EDIT", f"experiment {experiment}"):
+            run_id = client.create_run(experiment_id(client, experiment), run_name=name).info.run_id
     elif client.get_run(run_id).info.status != "RUNNING":
         client.update_run(run_id, status="RUNNING")
     log_batch(run_id, tags={**tags, "mlflow.runName": name, "git_commit": git_commit()})
@@ -406,9 +407,11 @@ class TrainingRun:
             run = mlflow.start_run(run_id=adopted)
             self.experiment = adopted_experiment(adopted, usual=self.experiment)
         else:
-            mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
-                                   nested=self.parent_run_id is not None)
+            with store.permission_checked(f"create a run in experiment {self.experiment!r}", "EDIT",
+                                          f"experiment {self.experiment}"):
+                mlflow.set_experiment(self.experiment)
+                run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
+                                       nested=self.parent_run_id is not None)
         self.run_id = run.info.run_id
         try:
             self._describe_run()
@@ -539,11 +542,13 @@ class TrainingRun:
         return served.log_trained_model(model, class_names, batch_size)
 
     def register(self, model_uri: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> int:
-        """Register `model_uri` as a new version of `cifar10-<family>`; return the version number."""
-        version = registry.register(model_uri, registry.registered_model_name(self.config.family), tags={
+        """Register `model_uri` as a new version of `cifar10-<family>` (or its candidates model, see
+        `registry.registration_name`); return the version number."""
+        name = registry.registration_name(self.config.family)
+        version = registry.register(model_uri, name, tags={
             "exp_id": self.config.exp_id, "run_id": self.run_id, "test_accuracy": f"{metrics['test_accuracy']:.4f}",
             "data_source": self.data_source, **(tags or {})})
-        log_batch(self.run_id, tags={"registered_version": f"{registry.registered_model_name(self.config.family)}/{version}"})
+        log_batch(self.run_id, tags={"registered_version": f"{name}/{version}"})
         return version
 
 
