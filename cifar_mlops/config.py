@@ -227,7 +227,7 @@ class ExperimentConfig(Strict):
 
     def flat_params(self) -> dict[str, Any]:
         """Every resolved setting as `section.key` -> value (what MLflow logs as params)."""
-        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "published",
+        return flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "published",
                                                  "search"}))
 
 
@@ -267,7 +267,7 @@ class EnsembleConfig(Strict):
         return "ensemble"  # registered as cifar10-ensemble
 
     def flat_params(self) -> dict[str, Any]:
-        return _flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "published"}))
+        return flatten(self.model_dump(exclude={"kind", "exp_id", "description", "enhancements", "published"}))
 
 
 Config = ExperimentConfig | EnsembleConfig
@@ -502,11 +502,11 @@ def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cifar_mlops import data, evaluation
-from cifar_mlops.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, check_kind
+from cifar_mlops.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, check_kind, flatten
 from cifar_mlops.errors import UserError
 from cifar_mlops.models import create_model
 from cifar_mlops.progress import log
@@ -344,20 +344,10 @@ def resumed_config(point: runs.ResumePoint, exp_id: str | None, overrides: dict[
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"--set {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-    before, after = _flat(config.model_dump(mode="json")), _flat(changed.model_dump(mode="json"))
+    before, after = flatten(config.model_dump(mode="json")), flatten(changed.model_dump(mode="json"))
     differ = [key for key in after if after[key] != before.get(key) and key != "data.data_dir"]
     if differ:
         key = differ[0]
         raise runs.ResumeRefused(f"--set {key}={after[key]}: run {point.run_id} trains with {key}={before.get(key)}, "
                                  "and a resumed run keeps the config it started with (drop that --set)", point.run_id)
     return changed
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
