@@ -20,8 +20,14 @@ from cifar_mlops import cli
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
 from cifar_mlops.train import TrainingFailed, train
-from tests.conftest import REPO, tiny
+from tests import conftest
+from tests.conftest import REPO
 from tests.test_cli import BIN, assert_nothing_half_written, run_command
+
+
+def tiny(exp_id: str, **extra):
+    """conftest's tiny config with checkpoints on (every epoch, the default), as a user trains."""
+    return conftest.tiny(exp_id, **{"train__checkpoint_every": 1, **extra})
 
 EPOCH_METRICS = ("epoch_train_loss", "epoch_train_accuracy", "epoch_val_loss", "epoch_val_accuracy")
 FINAL = ("train_accuracy", "train_loss", "val_accuracy", "val_loss", "test_accuracy", "test_f1_macro", "test_loss")

@@ -20,6 +20,7 @@ import warnings
 import mlflow
 
 from cifar_mlops.errors import UserError
+from cifar_mlops.server import MIN_PASSWORD_LENGTH
 from cifar_mlops.tracking import registry, store
 from cifar_mlops.tracking.results import REPORT_EXPERIMENT
 from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT
@@ -27,7 +28,6 @@ from cifar_mlops.tracking.studies import TUNING_EXPERIMENT
 
 ROLES = ("reader", "trainer", "maintainer")
 EXPERIMENTS = (ABLATION_EXPERIMENT, TUNING_EXPERIMENT, REPORT_EXPERIMENT)
-MIN_PASSWORD_LENGTH = 12  # the basic-auth app refuses shorter ones
 
 
 class TeamError(UserError):
@@ -52,6 +52,18 @@ def _auth_client():
         raise TeamError(f"users and roles live on a team server; MLFLOW_TRACKING_URI is {store.redact(uri)}, "
                         "not http(s)://... (start one with `cifar-mlops server`)")
     return AuthServiceClient(uri)
+
+
+def _admin_client(action: str):
+    """The auth client, once the caller is known to be the admin: before anything is created, since any
+    user may create experiments and registered models (and would then manage them)."""
+    auth = _auth_client()
+    with _as_admin(action):
+        me = auth.get_user(store.user())
+    if not me.is_admin:
+        raise store.PermissionDenied(f"user {store.user()!r} may not {action}: only the team server's admin may "
+                                     "(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD must be the admin's)")
+    return auth
 
 
 def _as_admin(action: str):
@@ -107,7 +119,8 @@ def add_user(username: str, password: str, role: str) -> None:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise TeamError(f"the password for {username!r} is {len(password)} characters; the server needs at least "
                         f"{MIN_PASSWORD_LENGTH}")
-    auth = _auth_client()
+    grants(role, {name: "" for name in EXPERIMENTS})  # an unknown role fails before anything is asked
+    auth = _admin_client(f"create user {username!r}")
     with _as_admin(f"create user {username!r}"):
         experiment_ids = _ensure_resources()
         role_grants = grants(role, experiment_ids)
@@ -124,7 +137,8 @@ def add_user(username: str, password: str, role: str) -> None:
 
 def set_role(username: str, role: str) -> None:
     """Give existing user `username` exactly the grants of `role`."""
-    auth = _auth_client()
+    grants(role, {name: "" for name in EXPERIMENTS})
+    auth = _admin_client(f"change the role of {username!r}")
     with _as_admin(f"change the role of {username!r}"):
         experiment_ids = _ensure_resources()
         role_grants = grants(role, experiment_ids)
