@@ -151,7 +151,9 @@ def serve(backend_store_uri: str, artifacts: str, *, host: str = "127.0.0.1", po
            "MLFLOW_AUTH_ADMIN_PASSWORD": password,
            # CSRF tokens of the UI: set it yourself to keep browser sessions across restarts
            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its uvicorn
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # its uvicorn
+           # MLflow's background job runners (GenAI evaluation jobs, 7 processes) are not used here
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     if dbs.password:
         env["PGPASSWORD"] = dbs.password
     for line in what_to_export(dbs, host, port):
