@@ -4,6 +4,7 @@ maintainer's promotion that copies a candidate into the served model."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex[:12]}"
 PASSWORDS = {role: f"{role}-{uuid.uuid4().hex[:12]}" for role in ("reader", "trainer", "maintainer")}
 TUNE_TINY = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
              "data.synthetic_test_pool=40", "--set", "search.epochs.high=1", "--set", "search.batch_size=[32]"]
+ENSEMBLE_TINY = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+                 "data.synthetic_test_pool=40", "--set", "batch_size=16", "--set", "fit_weights=false"]
 TINY = ["--set", "data.source=synthetic", "--set", "data.val_size=40", "--set", "data.synthetic_train_pool=160",
         "--set", "data.synthetic_test_pool=40", "--set", "train.epochs=1", "--set", "model.width=0.25"]
 
@@ -192,6 +195,14 @@ def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server:
     tuning = admin.get_experiment_by_name("cifar10-tuning")
     assert len(admin.search_runs([tuning.experiment_id], "attributes.status = 'FINISHED'")) == 3  # parent + 2 trials
 
+    # ... builds an ensemble of two candidates, registered as a candidate too ...
+    as_user("trainer", candidates=True)
+    code, output = invoke("train", "--exp", "smoke-wide", *TINY)
+    assert code == 0, output
+    members = json.dumps([{"registered_model": "cifar10-cnn-candidates", "exp_id": e} for e in ("smoke", "smoke-wide")])
+    code, built = invoke("ensemble", "--exp", "smoke-ensemble", "--set", f"members={members}", *ENSEMBLE_TINY)
+    assert code == 0 and "registered cifar10-ensemble-candidates version 1" in built, built
+
     # ... and logs a report.
     as_user("trainer")
     code, report = invoke("report", "--format", "markdown")
@@ -241,7 +252,7 @@ def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server:
             assert not any(s in config for s in secrets)
     for version in admin.search_model_versions():
         assert not any(s in repr(version.tags) for s in secrets)
-    for text in (output, report, trained.stdout, trained.stderr, tuned.stdout, tuned.stderr,
+    for text in (output, built, report, trained.stdout, trained.stderr, tuned.stdout, tuned.stderr,
                  team_server["log"].read_text()):
         assert not any(s in text for s in secrets)
 
