@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -194,3 +200,38 @@ def postgres_url() -> str:
         skip_or_fail(f"no PostgreSQL server answers at {redact(PG_URL)}: {unreachable}")
     yield f"{PG_URL}?options=-csearch_path%3D{schema}"
     _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server_process(argv: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[None]:
+    """Start a server (`mlflow models serve`, `cifar-mlops server`) in its own process group, its output in
+    `log`; wait until `ready_url` answers 200; stop the whole group at the end."""
+    import requests
+
+    with open(log, "w") as output:
+        server = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"{argv[1]} exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{argv[1]} did not answer: {log.read_text()[-3000:]}"
+            try:
+                if requests.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

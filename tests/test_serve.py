@@ -8,8 +8,6 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ from PIL import Image
 from cifar_mlops import cli, data, ensemble
 from cifar_mlops.tracking import image_model, served
 from cifar_mlops.train import train
-from tests.conftest import tiny, use_store
+from tests.conftest import free_port, server_process, tiny, use_store
 from tests.test_ensemble import tiny_ensemble
 
 BIN = Path(sys.executable).parent
@@ -49,42 +47,16 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serving(model_uri: str, store_uri: str, log: Path) -> Iterator[str]:
     """`mlflow models serve -m model_uri --env-manager local` on a free port of 127.0.0.1; its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=store_uri, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # it execs uvicorn
-    with open(log, "w") as output:
-        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                   "-h", "127.0.0.1", "-p", str(port)],
-                                  env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"mlflow models serve did not answer: {log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+    with server_process([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                         "-h", "127.0.0.1", "-p", str(port)], env, log, f"{url}/ping"):
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.fixture(scope="module")

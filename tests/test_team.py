@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from cifar_mlops import cli
-from tests.conftest import PG_URL, _postgres, skip_or_fail
+from tests.conftest import PG_URL, _postgres, free_port, server_process, skip_or_fail
 
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex[:12]}"
@@ -33,12 +30,6 @@ ENSEMBLE_TINY = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_si
                  "data.synthetic_test_pool=40", "--set", "batch_size=16", "--set", "fit_weights=false"]
 TINY = ["--set", "data.source=synthetic", "--set", "data.val_size=40", "--set", "data.synthetic_train_pool=160",
         "--set", "data.synthetic_test_pool=40", "--set", "train.epochs=1", "--set", "model.width=0.25"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,31 +48,13 @@ def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_AUTH_ADMIN_PASSWORD"] = ADMIN_PASSWORD
     log = folder / "server.log"
-    with open(log, "w") as output:
-        server = subprocess.Popen([str(BIN / "cifar-mlops"), "server", "--backend-store-uri", backend,
-                                   "--artifacts-destination", str(folder / "artifacts"), "--port", str(port),
-                                   "--workers", "1"],
-                                  env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"cifar-mlops server exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the server did not answer: {log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        yield {"url": url, "database": database, "log": log, "folder": folder}
+        with server_process([str(BIN / "cifar-mlops"), "server", "--backend-store-uri", backend,
+                             "--artifacts-destination", str(folder / "artifacts"), "--port", str(port), "--workers", "1"],
+                            env, log, f"{url}/health"):
+            yield {"url": url, "database": database, "log": log, "folder": folder}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
         for name in (database, f"{database}_auth", f"{database}_optuna"):
             _postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
