@@ -17,6 +17,7 @@ import time
 import click
 from tabulate import tabulate
 
+from cifar_mlops import backend
 from cifar_mlops import config as cfg
 from cifar_mlops.errors import UserError
 from cifar_mlops.process import heavy_imports
@@ -96,8 +97,12 @@ def text_table(rows: list[dict], markdown: bool = False) -> str:
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cifar-mlops", prog_name="cifar-mlops")
-def main() -> None:
+@click.option("--backend", "backend_name", type=click.Choice(backend.BACKENDS), envvar="KERAS_BACKEND", show_envvar=True,
+              help=f"The Keras backend of this command and the workers it starts [default: {backend.DEFAULT}].")
+def main(backend_name: str | None) -> None:
     """Reproduce, track and compare CIFAR-10 ablation experiments (MLflow + Keras + Optuna)."""
+    if backend_name:
+        backend.select(backend_name)
 
 
 @main.command()

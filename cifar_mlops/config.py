@@ -58,7 +58,7 @@ class DataConfig(Strict):
 
 
 class AugmentConfig(Strict):
-    """Random training-time changes, applied per batch in tf.data (never to val/test)."""
+    """Random training-time changes, applied per batch by the input pipeline (never to val/test)."""
 
     flip: bool = False  # random horizontal flip
     rotation: float = Field(0.0, ge=0, le=180)  # degrees, maximum absolute random rotation

@@ -1,15 +1,14 @@
-"""CIFAR-10 sources, train/val/test splits, tf.data pipelines and class weights.
+"""CIFAR-10 sources, train/val/test splits, the training order and class weights.
 
-Images stay uint8 (N, 32, 32, 3) in memory; augmentation happens per batch in
-tf.data and models resize internally. Only numpy is imported at module level:
-tensorflow, keras and scikit-learn are imported inside the functions that need them.
+Images stay uint8 (N, 32, 32, 3) in memory; `cifar_mlops.pipeline` batches and augments
+them and models resize internally. Only numpy is imported at module level: keras and
+scikit-learn are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import pickle
 import shutil
@@ -23,9 +22,7 @@ import numpy as np
 from cifar_mlops.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import tensorflow as tf
-
-    from cifar_mlops.config import AugmentConfig, DataConfig
+    from cifar_mlops.config import DataConfig
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -377,149 +374,12 @@ def synthetic_arrays(n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, 
 
 
 # ---------------------------------------------------------------------------
-# tf.data pipelines
-
-
-class EpochClock:
-    """Which epoch a training dataset's next pass over the images is.
-
-    The order of epoch e, and every random draw of its augmentation, is a pure function of
-    (seed, e): a training resumed at epoch e sees exactly the batches it would have seen.
-    `fit` sets `epoch` at the start of each epoch (Keras begins a fresh pass over the dataset
-    there); while it is None, each new pass is the next epoch, counting from `first`.
-    """
-
-    def __init__(self, first: int = 0) -> None:
-        self.epoch: int | None = None
-        self._next = first
-
-    def start_pass(self) -> int:
-        if self.epoch is not None:
-            return self.epoch
-        epoch, self._next = self._next, self._next + 1
-        return epoch
+# The order of the training images (batches: cifar_mlops.pipeline)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch `epoch` visits the `n` training images (a permutation of 0..n-1)."""
     return np.random.default_rng([seed % 2**32, epoch]).permutation(n)
-
-
-def make_dataset(
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    batch_size: int,
-    num_classes: int,
-    training: bool,
-    augment: AugmentConfig | None = None,
-    seed: int = 0,
-    clock: EpochClock | None = None,
-) -> tf.data.Dataset:
-    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, num_classes)).
-
-    training=True: each pass is one epoch in the order `epoch_order(n, seed, epoch)`, augmented per
-    batch with draws seeded by (seed, epoch, batch); `clock` says which epoch a pass is.
-    training=False: fixed order, unchanged images.
-    """
-    import tensorflow as tf
-
-    # Batches are gathered from the caller's NumPy arrays: a TensorFlow copy of the images (tf.constant,
-    # tf.Variable) would cost one to two more copies of them (0.15-0.3 GB for 50,000) at its peak.
-    images = np.ascontiguousarray(x, dtype=np.uint8)
-    labels = np.eye(num_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
-    n = len(x)
-
-    def gather(idx):
-        batch_images, batch_labels = tf.numpy_function(lambda i: (images[i], labels[i]), [idx], (tf.uint8, tf.float32))
-        batch_images.set_shape((None, *images.shape[1:]))
-        batch_labels.set_shape((None, num_classes))
-        return batch_images, batch_labels
-
-    if not training:
-        return tf.data.Dataset.range(n).batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
-
-    clock = clock if clock is not None else EpochClock()
-
-    def start_pass():  # called once per pass, when its first batch is made
-        epoch = clock.start_pass()
-        return np.int64(epoch), epoch_order(n, seed, epoch).astype(np.int64)
-
-    def one_epoch(_):  # shuffled indices, not images: a small buffer even for 50,000 images
-        epoch, order = tf.numpy_function(start_pass, [], (tf.int64, tf.int64))
-        epoch.set_shape(())
-        order.set_shape((n,))
-        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
-        return batches.map(lambda step, idx: (epoch, step, idx))
-
-    steps = math.ceil(n / batch_size)
-    ds = tf.data.Dataset.from_tensors(0).flat_map(one_epoch)
-    augmenter = _augmenter(augment, seed) if augment is not None else None
-    if augmenter is None:
-        ds = ds.map(lambda epoch, step, idx: gather(idx))
-    else:  # sequential: each batch sets the augmentation's seeds, then draws from them
-        ds = ds.map(lambda epoch, step, idx: (lambda img, lab: (augmenter(img, epoch, step), lab))(*gather(idx)))
-    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
-
-
-def _augmenter(augment: AugmentConfig, seed: int):
-    """(uint8 batch, epoch, batch number) -> augmented uint8 batch, or None when `augment` changes nothing.
-
-    Every random draw comes from a generator whose state is set from (seed, epoch, batch number)
-    before the batch: the same batch of the same epoch is augmented the same way in any process.
-    """
-    import keras
-    import tensorflow as tf
-
-    layers = []
-    if augment.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if augment.rotation:
-        layers.append(keras.layers.RandomRotation(augment.rotation / 360, seed=seed + 1))
-    if augment.translation:
-        layers.append(keras.layers.RandomTranslation(augment.translation, augment.translation, seed=seed + 2))
-    blur = augment.blur_sigma
-    # keras.layers.RandomGaussianBlur (keras 3.15) caps sigma at 1 and draws one sigma per batch: own blur instead.
-    sigma_seed = keras.random.SeedGenerator(seed + 3) if blur else None
-    if not layers and not blur:
-        return None
-    generators = [layer.generator for layer in layers] + ([sigma_seed] if blur else [])
-
-    def apply(images, epoch, step):
-        for k, generator in enumerate(generators):  # one stream per draw, keyed by (seed, draw, epoch, batch)
-            state = tf.stack([tf.constant((seed % 2**32) * 8 + k, tf.int64), epoch * 2**24 + step])
-            generator.state.assign(tf.cast(state, generator.state.dtype))
-        z = tf.cast(images, tf.float32)
-        for layer in layers:
-            z = layer(z, training=True)
-        if blur:
-            sigmas = keras.random.uniform((tf.shape(z)[0],), 0.0, blur, seed=sigma_seed)
-            z = _gaussian_blur(z, sigmas, radius=math.ceil(3 * blur))
-        return tf.cast(tf.clip_by_value(tf.round(z), 0, 255), tf.uint8)
-
-    return apply
-
-
-def _gaussian_blur(images: tf.Tensor, sigmas: tf.Tensor, radius: int) -> tf.Tensor:
-    """Separable gaussian blur of float (B, H, W, C) images, one sigma (px) per image, reflect padding."""
-    import tensorflow as tf
-
-    radius = min(radius, 15)  # reflect padding must stay within the 32 px side
-    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
-    sigmas = tf.maximum(sigmas, 1e-3)[:, None]
-    weights = tf.exp(-tf.square(offsets)[None, :] / (2 * tf.square(sigmas)))
-    weights = weights / tf.reduce_sum(weights, axis=1, keepdims=True)  # (B, 2r+1)
-    for axis in (1, 2):
-        pad = [[0, 0], [0, 0], [0, 0], [0, 0]]
-        pad[axis] = [radius, radius]
-        padded = tf.pad(images, pad, mode="REFLECT")
-        size = tf.shape(images)[axis]
-        total = tf.zeros_like(images)
-        for k in range(2 * radius + 1):
-            window = padded[:, k : k + size] if axis == 1 else padded[:, :, k : k + size]
-            total += weights[:, k, None, None, None] * window
-        images = total
-    return images
 
 
 # ---------------------------------------------------------------------------

@@ -13,15 +13,11 @@ import os
 import sys
 import tempfile
 
-from cifar_mlops.errors import UserError
+from cifar_mlops import backend
 
 # TensorFlow's C++ start-up notices: absl logs them before it is initialised, so they bypass
 # TF_CPP_MIN_LOG_LEVEL and print on every import (twice in tensorflow-cpu 2.21).
 TENSORFLOW_IMPORT_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on")
-
-
-class MissingDependency(UserError):
-    """A library the command needs is not installed (e.g. TensorFlow, which comes with an install extra)."""
 
 
 @contextlib.contextmanager
@@ -40,10 +36,13 @@ def heavy_imports():
         with stderr_without(TENSORFLOW_IMPORT_NOISE):
             yield
     except ModuleNotFoundError as err:
-        if (err.name or "").partition(".")[0] != "tensorflow":
+        missing = backend.missing(err.name or "")
+        if missing is None:
             raise
-        raise MissingDependency('TensorFlow is not installed; install the project with `pip install -e ".[cpu]"` '
-                                '(or `".[gpu]"` on a machine with an NVIDIA GPU)') from None
+        raise missing from None
+    else:
+        if "keras" in sys.modules:
+            backend.keep_tensorflow_out()
     finally:
         gc.freeze()
         gc.enable()

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cifar_mlops import data, evaluation
+from cifar_mlops import backend, data, evaluation
 from cifar_mlops.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, check_kind, flatten
 from cifar_mlops.errors import UserError
 from cifar_mlops.models import create_model
@@ -59,9 +59,7 @@ def dtype_policy(cfg: TrainConfig) -> str:
     """The Keras dtype policy `train.precision` means on this machine (auto: per device)."""
     if cfg.precision != "auto":
         return cfg.precision
-    import tensorflow as tf
-
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    return "mixed_float16" if backend.gpu_count() else "float32"
 
 
 @contextlib.contextmanager
@@ -94,7 +92,7 @@ def stop_on_nan():
     return StopOnNaN()
 
 
-def follow_epochs(clock: data.EpochClock):
+def follow_epochs(clock):
     """Tells the training dataset which epoch begins, before Keras starts that epoch's pass over it."""
     import keras
 
@@ -176,14 +174,14 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
     """
     import keras
 
+    from cifar_mlops.pipeline import Batches, EpochClock
+
     cfg = config.train
-    clock = data.EpochClock()
-    clock.epoch = start
-    train_ds = data.make_dataset(splits.x_train, splits.y_train, batch_size=cfg.batch_size,
-                                 num_classes=splits.num_classes, training=True, augment=config.augment, seed=cfg.seed,
-                                 clock=clock)
-    val_ds = data.make_dataset(splits.x_val, splits.y_val, batch_size=cfg.batch_size,
-                               num_classes=splits.num_classes, training=False)
+    clock = EpochClock(start)
+    train_ds = Batches(splits.x_train, splits.y_train, batch_size=cfg.batch_size, num_classes=splits.num_classes,
+                       training=True, augment=config.augment, seed=cfg.seed, clock=clock)
+    val_ds = Batches(splits.x_val, splits.y_val, batch_size=cfg.batch_size, num_classes=splits.num_classes,
+                     training=False)
     steps_per_epoch = math.ceil(len(splits.y_train) / cfg.batch_size)
     class_weight = data.class_weights(splits.y_train, splits.num_classes) if cfg.class_weight == "balanced" else None
     callbacks = [follow_epochs(clock), stop_on_nan(), *callbacks]
@@ -254,11 +252,12 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
             keras.backend.clear_session()
             keras.utils.set_random_seed(config.train.seed)
             policy = dtype_policy(config.train)
-            run.log(params={"train.dtype_policy": policy})
+            run.log(params={"train.dtype_policy": policy, "train.backend": keras.backend.backend()})
             with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
                 model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
             log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
-                f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}")
+                f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}, "
+                f"on {keras.backend.backend()}")
             start, history, fit_before = 0, {}, 0.0
         else:
             model, state = resume.model, resume.point.state

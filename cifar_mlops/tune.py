@@ -44,8 +44,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from cifar_mlops import backend, progress
 from cifar_mlops import config as cfg
-from cifar_mlops import progress
 from cifar_mlops.errors import UserError, first_line, redact
 
 DEFAULT_JOURNAL = "optuna.journal"
@@ -388,8 +388,9 @@ def run_worker(spec: WorkerSpec) -> int:
             studies.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
         log(f"worker {spec.index}: {progress_line(study, trial)}")
 
+    # a batch size too large for the device fails that trial, not the worker
     study.optimize(objective, n_trials=spec.trials, timeout=spec.timeout, callbacks=[finished],
-                   catch=(TrainingFailed, cfg.ConfigError, *_resource_errors()), gc_after_trial=True)
+                   catch=(TrainingFailed, cfg.ConfigError, *backend.out_of_memory_errors()), gc_after_trial=True)
     return spec.trials
 
 
@@ -409,16 +410,6 @@ def pruning_callback(trial: optuna.Trial, epochs: int):
                 trial.report(float(logs[OBJECTIVE]), step=epoch)
 
     return PruneBeforeLastEpoch(trial, OBJECTIVE)
-
-
-def _resource_errors() -> tuple[type[BaseException], ...]:
-    """A batch size too large for the device fails that trial, not the worker."""
-    try:
-        import tensorflow as tf
-
-        return (tf.errors.ResourceExhaustedError,)
-    except ImportError:  # pragma: no cover
-        return ()
 
 
 def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str | None = None) -> str:

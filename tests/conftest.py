@@ -59,10 +59,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             skip_or_fail(mark.kwargs["reason"])
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """On JAX and PyTorch the suite, like the CLI, keeps Keras from importing TensorFlow."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        from cifar_mlops import backend
+
+        backend.keep_tensorflow_out()
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     found = "found" if SAMPLE_DIR.is_dir() else "NOT FOUND: the tests that need it skip"
     return [f"real CIFAR-10 sample ({'$CIFAR10_SAMPLE_DIR' if 'CIFAR10_SAMPLE_DIR' in os.environ else 'default'}): "
-            f"{SAMPLE_DIR}: {found}", f"CI: {'yes: a missing service fails its tests' if in_ci() else 'no'}"]
+            f"{SAMPLE_DIR}: {found}", f"CI: {'yes: a missing service fails its tests' if in_ci() else 'no'}",
+            f"Keras backend: {os.environ.get('KERAS_BACKEND', 'tensorflow (default)')}"]
 
 
 TRAINABLE = [e for e in cfg.list_experiments() if cfg.resolve(e).kind == "train"]

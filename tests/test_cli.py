@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from cifar_mlops import cli, process
+from cifar_mlops.backend import BackendError
 from cifar_mlops.config import ConfigError
 from cifar_mlops.data import DataError
 from cifar_mlops.ensemble import EnsembleFailed
 from cifar_mlops.errors import StoreUnavailable, UserError
 from cifar_mlops.models import ModelSettingError, UnknownModel, WeightsUnavailable
-from cifar_mlops.process import MissingDependency
 from cifar_mlops.promote import PromotionError
 from cifar_mlops.report import ReportError
 from cifar_mlops.tracking import runs
@@ -349,20 +349,23 @@ def test_the_error_boundary_lets_a_bug_keep_its_traceback() -> None:
 
 @pytest.mark.parametrize("error", [ConfigError, DataError, TrainingFailed, EnsembleFailed, RegistryError,
                                    PromotionError, TuneError, ReportError, ReportSourceError, StoreUnavailable,
-                                   WeightsUnavailable, ModelSettingError, UnknownModel, MissingDependency])
+                                   WeightsUnavailable, ModelSettingError, UnknownModel, BackendError])
 def test_every_user_facing_error_is_a_user_error(error) -> None:
     assert issubclass(error, UserError) and error.exit_code in (1, 2)
 
 
-def test_a_missing_tensorflow_is_one_line_naming_the_install_extra(tmp_path) -> None:
-    # an install without the cpu/gpu extra: `tensorflow` cannot be imported
-    (tmp_path / "tensorflow").mkdir()
-    (tmp_path / "tensorflow" / "__init__.py").write_text("raise ModuleNotFoundError(name='tensorflow')\n")
-    result = run_command([sys.executable, "-m", "cifar_mlops.cli", "train", "--exp", "smoke"], cwd=tmp_path,
-                         PYTHONPATH=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+@pytest.mark.parametrize(("name", "extra"), [("tensorflow", "cpu"), ("jax", "jax"), ("torch", "torch")])
+def test_a_missing_backend_is_one_line_naming_the_install_extra(tmp_path, name, extra) -> None:
+    # an install without the backend's extra: its library cannot be imported
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(f"raise ModuleNotFoundError(name={name!r})\n")
+    result = run_command([sys.executable, "-m", "cifar_mlops.cli", "--backend", name, "train", "--exp", "smoke"],
+                         cwd=tmp_path, PYTHONPATH=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert result.returncode == 1
-    assert result.stderr.splitlines()[-1] == ('error: TensorFlow is not installed; install the project with '
-                                              '`pip install -e ".[cpu]"` (or `".[gpu]"` on a machine with an NVIDIA GPU)')
+    gpu = ' (or `".[gpu]"` on a machine with an NVIDIA GPU)' if name == "tensorflow" else ""
+    assert result.stderr.splitlines()[-1] == (f"error: the Keras backend {name} needs {name}, which is not installed; "
+                                              f'install the project with `pip install -e ".[{extra}]"`{gpu}, '
+                                              "or choose another with --backend")
     assert "Traceback" not in result.stderr
 
 

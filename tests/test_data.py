@@ -439,80 +439,112 @@ def test_synthetic_is_learnable():
 
 
 # ---------------------------------------------------------------------------
-# tf.data pipelines and class weights
+# The input pipeline (cifar_mlops.pipeline, on the backend the suite runs on) and class weights
 
 
-def _epoch(ds) -> tuple[np.ndarray, np.ndarray]:
-    batches = [(img.numpy(), lab.numpy()) for img, lab in ds]
-    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+def _epoch(batches) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the batches, as Keras makes it: every batch, then the end of the epoch."""
+    images, labels = zip(*(batches[i] for i in range(len(batches))))
+    batches.on_epoch_end()
+    return np.concatenate(images), np.concatenate(labels)
 
 
-def test_make_dataset_shapes_and_order():
+@pytest.mark.core
+def test_batches_shapes_and_order():
+    from cifar_mlops.pipeline import Batches
+
     x, y, _, _ = data.synthetic_arrays(50, 10, seed=0)
-    ds = data.make_dataset(x, y, batch_size=16, num_classes=10, training=False)
-    images, labels = next(iter(ds))
+    batches = Batches(x, y, batch_size=16, num_classes=10, training=False)
+    images, labels = batches[0]
+    assert len(batches) == 4 and batches[3][0].shape == (2, 32, 32, 3)
     assert images.dtype.name == "uint8" and tuple(images.shape) == (16, 32, 32, 3)
     assert labels.dtype.name == "float32" and tuple(labels.shape) == (16, 10)
-    all_images, all_labels = _epoch(ds)
+    all_images, all_labels = _epoch(batches)
     np.testing.assert_array_equal(all_images, x)  # fixed order, untouched
     np.testing.assert_array_equal(all_labels.argmax(axis=1), y)
     assert set(all_labels.sum(axis=1)) == {1.0}
+    with pytest.raises(IndexError):
+        batches[4]
 
 
+@pytest.mark.core
 def test_training_reshuffles_each_epoch_and_augments():
+    from cifar_mlops.pipeline import Batches
+
     # One class per image: the one-hot label tells which image a batch row came from.
     n = 48
     x, _, _, _ = data.synthetic_arrays(n, 10, seed=0)
     ids = np.arange(n)
-    plain = data.make_dataset(x, ids, batch_size=16, num_classes=n, training=True, seed=1)
+    plain = Batches(x, ids, batch_size=16, num_classes=n, training=True, seed=1)
     (first, first_labels), (_, second_labels) = _epoch(plain), _epoch(plain)
     order, order2 = first_labels.argmax(axis=1), second_labels.argmax(axis=1)
     assert sorted(order) == list(ids) and not np.array_equal(order, order2)
     np.testing.assert_array_equal(first, x[order])
 
     augment = AugmentConfig(flip=True, rotation=20, translation=0.1, blur_sigma=1.5)
-    augmented = data.make_dataset(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=1)
+    augmented = Batches(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=1)
     images, labels = _epoch(augmented)
     assert images.dtype == np.uint8 and images.shape == x.shape
     changed = (images != x[labels.argmax(axis=1)]).reshape(n, -1).any(axis=1)
     assert changed.mean() > 0.9
-    again, _ = _epoch(data.make_dataset(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=1))
+    again, _ = _epoch(Batches(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=1))
     np.testing.assert_array_equal(images, again)  # same seed, same augmented epoch
 
-    evaluation = data.make_dataset(x, ids, batch_size=16, num_classes=n, training=False, augment=augment)
+    evaluation = Batches(x, ids, batch_size=16, num_classes=n, training=False, augment=augment)
     np.testing.assert_array_equal(_epoch(evaluation)[0], x)
 
 
+@pytest.mark.core
 def test_an_epochs_order_and_augmentation_depend_only_on_seed_and_epoch():
+    from cifar_mlops.pipeline import Batches, EpochClock
+
     # what lets a resumed training see the batches the lost one would have seen
     n = 40
     x, _, _, _ = data.synthetic_arrays(n, 10, seed=0)
     ids = np.arange(n)
     augment = AugmentConfig(flip=True, rotation=20, translation=0.1, blur_sigma=1.5)
-    passes = data.make_dataset(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=3)
-    epochs = [_epoch(passes) for _ in range(3)]  # passes 0, 1, 2
-    clock = data.EpochClock()
-    clock.epoch = 2
-    fresh = data.make_dataset(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=3, clock=clock)
-    images, labels = _epoch(fresh)
-    np.testing.assert_array_equal(labels.argmax(axis=1), data.epoch_order(n, 3, 2))
-    np.testing.assert_array_equal(images, epochs[2][0])
-    np.testing.assert_array_equal(_epoch(fresh)[0], images)  # the clock says epoch 2 until it says otherwise
+    passes = Batches(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=3)
+    epochs = [_epoch(passes) for _ in range(3)]  # epochs 0, 1, 2
+    fresh = Batches(x, ids, batch_size=16, num_classes=n, training=True, augment=augment, seed=3, clock=EpochClock(2))
+    images, labels = fresh[2], fresh[0]  # in any order, and more than once
+    np.testing.assert_array_equal(fresh[2][0], images[0])
+    np.testing.assert_array_equal(labels[1].argmax(axis=1), data.epoch_order(n, 3, 2)[:16])
+    np.testing.assert_array_equal(np.concatenate([fresh[i][0] for i in range(3)]), epochs[2][0])
     assert not np.array_equal(epochs[1][0], epochs[2][0])
     assert not np.array_equal(data.epoch_order(n, 4, 2), data.epoch_order(n, 3, 2))
 
 
+@pytest.mark.core
 def test_blur_smooths_images():
+    from cifar_mlops.pipeline import Batches
+
     x, _, _, _ = data.synthetic_arrays(32, 10, seed=0)
-    ds = data.make_dataset(x, np.zeros(32, int), batch_size=32, num_classes=10, training=True,
-                           augment=AugmentConfig(blur_sigma=3.0))
-    blurred = _epoch(ds)[0].astype(float)
+    batches = Batches(x, np.zeros(32, int), batch_size=32, num_classes=10, training=True,
+                      augment=AugmentConfig(blur_sigma=3.0))
+    blurred = _epoch(batches)[0].astype(float)
 
     def roughness(images):
         return np.abs(np.diff(images.astype(float), axis=2)).mean()
 
     assert roughness(blurred) < 0.8 * roughness(x)
     assert abs(blurred.mean() - x.mean()) < 3  # blur keeps the brightness
+
+
+@pytest.mark.core
+def test_blur_of_a_flat_image_is_the_image_and_a_point_spreads_as_a_gaussian():
+    from keras import ops
+
+    from cifar_mlops.pipeline import gaussian_blur
+
+    flat = np.full((2, 32, 32, 3), 100.0, np.float32)
+    np.testing.assert_allclose(ops.convert_to_numpy(gaussian_blur(flat, np.array([0.5, 2.0], np.float32), 6)),
+                               flat, rtol=1e-6)
+    point = np.zeros((1, 32, 32, 1), np.float32)
+    point[0, 16, 16, 0] = 1.0
+    spread = ops.convert_to_numpy(gaussian_blur(point, np.array([1.0], np.float32), 3))[0, 16, :, 0]
+    kernel = np.exp(-np.arange(-3, 4) ** 2 / 2)
+    kernel /= kernel.sum()
+    np.testing.assert_allclose(spread[13:20], kernel * kernel[3], rtol=1e-5)  # separable: row x centre of column
 
 
 def test_class_weights_balanced():

@@ -74,6 +74,7 @@ def test_soft_vote_is_the_weighted_mean() -> None:
                                (2 * members[0] + members[1] + members[2]) / 4, rtol=1e-6)
 
 
+@pytest.mark.core
 def test_registered_ensemble_is_the_mean_of_its_members_and_tracked_like_a_run(registry) -> None:
     metrics = ensemble.build(tiny_ensemble(fit_weights=False))
 

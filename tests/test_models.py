@@ -37,6 +37,7 @@ def assert_probabilities(model: keras.Model, batch: np.ndarray, num_classes: int
     assert (probs >= 0).all()
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_maps_raw_uint8_images_to_probabilities(name):
     model = tiny(name, num_classes=10)

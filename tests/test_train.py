@@ -76,6 +76,7 @@ class RecordTrainBegin(keras.callbacks.Callback):
         self.at_ms = time.time() * 1000
 
 
+@pytest.mark.core
 def test_run_holds_curves_reports_config_and_a_loadable_model(store) -> None:
     # 360 training images: with the 120 of `tiny` whether three epochs beat chance hung on the shuffle drawn
     config = tiny("smoke", train__epochs=3, model__width=1.0, data__synthetic_train_pool=400)

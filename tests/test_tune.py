@@ -84,6 +84,7 @@ def test_four_trial_study_with_default_storage(store: str, tmp_path: Path) -> No
     assert_no_running_runs()
 
 
+@pytest.mark.core
 def test_rerun_adds_trials_to_the_same_study(store: str) -> None:
     first = tune.tune("smoke", 1, overrides=TINY, study_name="resume-me", pruner="none")
     second = tune.tune("smoke", 1, overrides=TINY, study_name="resume-me", pruner="none")

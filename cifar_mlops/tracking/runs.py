@@ -543,11 +543,13 @@ class TrainingRun:
 
     def register(self, model_uri: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> int:
         """Register `model_uri` as a new version of `cifar10-<family>` (or its candidates model, see
-        `registry.registration_name`); return the version number."""
+        `registry.registration_name`), tagged with the Keras backend it ran on; return the version number."""
+        import keras
+
         name = registry.registration_name(self.config.family)
         version = registry.register(model_uri, name, tags={
             "exp_id": self.config.exp_id, "run_id": self.run_id, "test_accuracy": f"{metrics['test_accuracy']:.4f}",
-            "data_source": self.data_source, **(tags or {})})
+            "data_source": self.data_source, "backend": keras.backend.backend(), **(tags or {})})
         log_batch(self.run_id, tags={"registered_version": f"{name}/{version}"})
         return version
 

@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from cifar_mlops import backend
 from cifar_mlops.tracking import image_model, store
 from cifar_mlops.tracking.registry import RegisteredVersion, RegistryError
 
@@ -32,15 +33,18 @@ MEMBER_ARTIFACT = "member_{}"
 RAW_IMAGE_SHAPE = (-1, 32, 32, 3)
 # What a logged model needs to be served; pinned from this environment so that
 # logging never pays MLflow's pip-requirement inference (~9 s per model).
-SERVING_PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "pillow", "mlflow")
+# The backend's own distributions come first: the one the model was trained on.
+SERVING_PACKAGES = ("keras", "numpy", "pandas", "pillow", "mlflow")
 
 
 @functools.cache
 def serving_requirements() -> tuple[str, ...]:
+    import keras
+
     pins = []
-    for package in SERVING_PACKAGES:
+    for package in (*backend.PACKAGES[keras.backend.backend()], *SERVING_PACKAGES):
         try:
-            pins.append(f"{package}=={metadata.version(package)}")
+            pins.append(f"{package}=={metadata.version(package).split('+')[0]}")  # no local build tag (+cpu)
         except metadata.PackageNotFoundError:
             continue
     return tuple(pins)

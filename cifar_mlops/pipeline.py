@@ -1,0 +1,138 @@
+"""The input pipeline on every Keras backend: a `keras.utils.PyDataset` of uint8 batches.
+
+Images stay uint8 (N, 32, 32, 3) in the caller's NumPy arrays; each batch is gathered from them
+by index, so no framework copy of the whole set is ever made, and models resize it themselves.
+Keras's own adapter turns the batches into what the backend trains on (tf.data on TensorFlow,
+arrays placed on the device on JAX, a DataLoader on PyTorch). Augmentation runs on the batch as
+Keras layers and `keras.ops`, on the backend's default device: TensorFlow is imported only when
+it is the backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from cifar_mlops.config import AugmentConfig
+from cifar_mlops.data import epoch_order
+
+
+class EpochClock:
+    """Which epoch the training batches are of.
+
+    The order of epoch e, and every random draw of its augmentation, is a pure function of
+    (seed, e): a training resumed at epoch e sees exactly the batches it would have seen.
+    `fit` sets `epoch` at the start of each epoch (`train.follow_epochs`); a pass over the
+    batches that `fit` does not drive moves it on by one at its end.
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+
+class Batches(keras.utils.PyDataset):
+    """(uint8 images (B, 32, 32, 3), one-hot float32 labels (B, num_classes)) per batch.
+
+    training=True: epoch e visits the images in the order `epoch_order(n, seed, e)`, each batch
+    augmented with draws seeded by (seed, e, batch); `clock` says which epoch it is.
+    training=False: fixed order, unchanged images.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, *, batch_size: int, num_classes: int, training: bool,
+                 augment: AugmentConfig | None = None, seed: int = 0, clock: EpochClock | None = None) -> None:
+        # One worker, no enqueuer: a batch is always made after `fit` has said which epoch it is of.
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.images = np.ascontiguousarray(x, dtype=np.uint8)
+        self.labels = np.eye(num_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+        self.batch_size = batch_size
+        self.training = training
+        self.seed = seed
+        self.clock = clock if clock is not None else EpochClock()
+        self.augmenter = Augmenter(augment, seed) if training and augment is not None else None
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order): made once per epoch
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} of {self.num_batches}")
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        if not self.training:
+            return self.images[rows], self.labels[rows]
+        epoch = self.clock.epoch
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.images), self.seed, epoch))
+        idx = self._order[1][rows]
+        images = self.images[idx]
+        if self.augmenter is not None:
+            images = self.augmenter(images, epoch, index)
+        return images, self.labels[idx]
+
+    def on_epoch_end(self) -> None:
+        if self.training:
+            self.clock.epoch += 1
+
+
+class Augmenter:
+    """(uint8 batch, epoch, batch number) -> the augmented uint8 batch.
+
+    Every random draw comes from a generator whose state is set from (seed, epoch, batch number)
+    before the batch: the same batch of the same epoch is augmented the same way in any process.
+    """
+
+    def __init__(self, augment: AugmentConfig, seed: int) -> None:
+        layers = []
+        if augment.flip:
+            layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        if augment.rotation:
+            layers.append(keras.layers.RandomRotation(augment.rotation / 360, seed=seed + 1))
+        if augment.translation:
+            layers.append(keras.layers.RandomTranslation(augment.translation, augment.translation, seed=seed + 2))
+        self.layers = layers
+        self.blur = augment.blur_sigma
+        # keras.layers.RandomGaussianBlur (keras 3.15) caps sigma at 1 and draws one sigma per batch: own blur instead.
+        self.sigma_seed = keras.random.SeedGenerator(seed + 3) if self.blur else None
+        self.generators = [layer.generator for layer in layers] + ([self.sigma_seed] if self.blur else [])
+        self.seed = seed
+
+    def __call__(self, images: np.ndarray, epoch: int, step: int) -> np.ndarray:
+        if not self.generators:
+            return images
+        for k, generator in enumerate(self.generators):  # one stream per draw, keyed by (seed, draw, epoch, batch)
+            state = np.array([(self.seed % 2**32) * 8 + k, epoch * 2**24 + step], dtype=np.int64)
+            generator.state.assign(ops.convert_to_tensor(state.astype(generator.state.dtype)))
+        z = ops.cast(ops.convert_to_tensor(images), "float32")
+        for layer in self.layers:
+            z = layer(z, training=True)
+        if self.blur:
+            sigmas = keras.random.uniform((images.shape[0],), 0.0, self.blur, seed=self.sigma_seed)
+            z = gaussian_blur(z, sigmas, radius=math.ceil(3 * self.blur))
+        return ops.convert_to_numpy(ops.cast(ops.clip(ops.round(z), 0, 255), "uint8"))
+
+
+def gaussian_blur(images, sigmas, radius: int):
+    """Separable gaussian blur of float (B, H, W, C) images, one sigma (px) per image, reflect padding."""
+    radius = min(radius, 15)  # reflect padding must stay within the 32 px side
+    offsets = ops.arange(-radius, radius + 1, dtype="float32")
+    sigmas = ops.maximum(sigmas, 1e-3)[:, None]
+    weights = ops.exp(-ops.square(offsets)[None, :] / (2 * ops.square(sigmas)))
+    weights = weights / ops.sum(weights, axis=1, keepdims=True)  # (B, 2r+1)
+    for axis in (1, 2):
+        pad = [[0, 0], [0, 0], [0, 0], [0, 0]]
+        pad[axis] = [radius, radius]
+        padded = ops.pad(images, pad, mode="reflect")
+        size = images.shape[axis]
+        total = ops.zeros_like(images)
+        for k in range(2 * radius + 1):
+            window = padded[:, k : k + size] if axis == 1 else padded[:, :, k : k + size]
+            total = total + weights[:, k][:, None, None, None] * window
+        images = total
+    return images
