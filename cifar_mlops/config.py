@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -115,6 +115,9 @@ class TrainConfig(Strict):
     # before, so `train --resume RUN_ID` can continue a lost training; 0: no checkpoints
     checkpoint_every: int = Field(1, ge=0)
     steps_per_execution: int = Field(1, ge=1)  # batches per compiled call; higher cuts Python overhead
+    # devices trained on at once, data-parallel (each step's train.batch_size images split between them):
+    # 1, N or "all"; GPUs where there are, else the CPU (see cifar_mlops.backend.data_parallel)
+    devices: Annotated[int, Field(ge=1)] | Literal["all"] = 1
     # Keras dtype policy; auto: mixed_float16 where a GPU is visible (tensor cores), float32 on CPU
     # (float16 is emulated there and slower; see benchmarks/RESULTS.md)
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"

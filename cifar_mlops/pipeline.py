@@ -39,15 +39,20 @@ class Batches(keras.utils.PyDataset):
     training=True: epoch e visits the images in the order `epoch_order(n, seed, e)`, each batch
     augmented with draws seeded by (seed, e, batch); `clock` says which epoch it is.
     training=False: fixed order, unchanged images.
+    `multiple_of`: every batch's size is a multiple of it (the devices of a data-parallel training).
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, *, batch_size: int, num_classes: int, training: bool,
-                 augment: AugmentConfig | None = None, seed: int = 0, clock: EpochClock | None = None) -> None:
+                 augment: AugmentConfig | None = None, seed: int = 0, clock: EpochClock | None = None,
+                 multiple_of: int = 1) -> None:
         # One worker, no enqueuer: a batch is always made after `fit` has said which epoch it is of.
         super().__init__(workers=1, use_multiprocessing=False)
         self.images = np.ascontiguousarray(x, dtype=np.uint8)
         self.labels = np.eye(num_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
         self.batch_size = batch_size
+        # data-parallel training splits every batch evenly between its devices: the last batch leaves out the
+        # few images (fewer than `multiple_of`) that would not split; an epoch's order changes which
+        self.multiple_of = multiple_of
         self.training = training
         self.seed = seed
         self.clock = clock if clock is not None else EpochClock()
@@ -56,7 +61,12 @@ class Batches(keras.utils.PyDataset):
 
     @property
     def num_batches(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return math.ceil(self._usable() / self.batch_size)
+
+    def _usable(self) -> int:
+        n = len(self.images)
+        last = n % self.batch_size
+        return n - last % self.multiple_of
 
     def __len__(self) -> int:
         return self.num_batches
@@ -64,7 +74,7 @@ class Batches(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"batch {index} of {self.num_batches}")
-        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        rows = slice(index * self.batch_size, min((index + 1) * self.batch_size, self._usable()))
         if not self.training:
             return self.images[rows], self.labels[rows]
         epoch = self.clock.epoch

@@ -165,9 +165,10 @@ def training_phases(config: ExperimentConfig) -> list[tuple[int, int, float, boo
 
 
 def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterable = (),
-        start: int = 0) -> dict[str, list[float]]:
+        start: int = 0, devices: int = 1) -> dict[str, list[float]]:
     """Fit `model` on the training split, validating each epoch; return the merged Keras history.
 
+    `devices`: how many a data-parallel training splits each batch between (`backend.data_parallel`).
     `start`: the epochs done already (a resumed training, `model` loaded from their checkpoint,
     compiled, with its optimizer state): phases ending before it are skipped, the one holding it
     goes on with that optimizer, and the history returned is of the epochs trained here.
@@ -179,9 +180,9 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
     cfg = config.train
     clock = EpochClock(start)
     train_ds = Batches(splits.x_train, splits.y_train, batch_size=cfg.batch_size, num_classes=splits.num_classes,
-                       training=True, augment=config.augment, seed=cfg.seed, clock=clock)
+                       training=True, augment=config.augment, seed=cfg.seed, clock=clock, multiple_of=devices)
     val_ds = Batches(splits.x_val, splits.y_val, batch_size=cfg.batch_size, num_classes=splits.num_classes,
-                     training=False)
+                     training=False, multiple_of=devices)
     steps_per_epoch = math.ceil(len(splits.y_train) / cfg.batch_size)
     class_weight = data.class_weights(splits.y_train, splits.num_classes) if cfg.class_weight == "balanced" else None
     callbacks = [follow_epochs(clock), stop_on_nan(), *callbacks]
@@ -209,6 +210,14 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
         if model.stop_training:  # early stopping ends the whole run, not just this phase
             break
     return history
+
+
+def predictor(model, devices: int) -> Callable:
+    """One batch -> its probabilities. `predict_on_batch` skips `predict`'s per-call set-up, but under a
+    TensorFlow MirroredStrategy it runs the whole batch on every device and returns every copy."""
+    if devices == 1:
+        return model.predict_on_batch
+    return lambda images: model.predict(images, batch_size=len(images), verbose=0)
 
 
 def tracked_splits(run: runs.TrainingRun, data_config: DataConfig, splits: data.Splits | None = None) -> data.Splits:
@@ -243,21 +252,24 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
 
     check_kind(config, "train")
     checkpoints = resumable(config, parent_run_id)
-    with runs.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id, on_start=on_run_start,
-                          resume=resume.point if resume else None, heartbeat=checkpoints) as run:
+    if resume is None:  # before any device scope opens: clearing the session would end it
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(config.train.seed)
+    # the devices first: a training that cannot have them starts no run
+    with backend.data_parallel(config.train.devices, config.train.batch_size) as devices, \
+            runs.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id, on_start=on_run_start,
+                             resume=resume.point if resume else None, heartbeat=checkpoints) as run:
         log(f"{config.exp_id}: tracking {run.url_hint}")
         splits = tracked_splits(run, config.data, splits)
 
         if resume is None:
-            keras.backend.clear_session()
-            keras.utils.set_random_seed(config.train.seed)
             policy = dtype_policy(config.train)
             run.log(params={"train.dtype_policy": policy, "train.backend": keras.backend.backend()})
             with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
                 model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
             log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
                 f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}, "
-                f"on {keras.backend.backend()}")
+                f"on {keras.backend.backend()}" + (f", {devices} devices" if devices > 1 else ""))
             start, history, fit_before = 0, {}, 0.0
         else:
             model, state = resume.model, resume.point.state
@@ -268,12 +280,12 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         if checkpoints:  # after the epoch's metrics are logged: a checkpoint never runs ahead of them
             fit_callbacks.append(checkpointing(run, config, history, fit_before))
         started = time.perf_counter()
-        trained = fit(model, config, splits, callbacks=fit_callbacks, start=start)
+        trained = fit(model, config, splits, callbacks=fit_callbacks, start=start, devices=devices)
         fit_seconds = fit_before + time.perf_counter() - started
         history = {key: [*history.get(key, []), *trained.get(key, [])] for key in {*history, *trained}}
 
         log("evaluating on train, val and test")
-        probabilities = {split: predict_in_batches(model.predict_on_batch, x, config.train.batch_size)
+        probabilities = {split: predict_in_batches(predictor(model, devices), x, config.train.batch_size)
                          for split, (x, _) in splits.by_split().items()}
         metrics, texts, figures = evaluation.evaluate(splits, probabilities, config.exp_id)
         metrics["fit_seconds"] = fit_seconds
@@ -309,15 +321,16 @@ def resume(run_id: str, *, force: bool = False, exp_id: str | None = None, overr
                                      "(another data fingerprint); pass --data-dir with that CIFAR-10 folder", run_id)
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)
-        try:
-            model = keras.saving.load_model(point.model_path)
-            restore_random_state(model, point.state["random_state"])
-        except Exception as err:  # noqa: BLE001 - Keras raises many kinds for a file it cannot load
-            raise runs.ResumeRefused(f"the checkpoint of run {run_id} cannot be loaded "
-                                     f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})",
-                                     run_id) from None
-        return train(config, splits=splits, callbacks=callbacks, register=register,
-                     resume=ResumedTraining(point, model))
+        with backend.data_parallel(config.train.devices, config.train.batch_size):  # the model is loaded where it will train
+            try:
+                model = keras.saving.load_model(point.model_path)
+                restore_random_state(model, point.state["random_state"])
+            except Exception as err:  # noqa: BLE001 - Keras raises many kinds for a file it cannot load
+                raise runs.ResumeRefused(f"the checkpoint of run {run_id} cannot be loaded "
+                                         f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})",
+                                         run_id) from None
+            return train(config, splits=splits, callbacks=callbacks, register=register,
+                         resume=ResumedTraining(point, model))
     finally:
         point.close()
 

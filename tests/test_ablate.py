@@ -23,6 +23,9 @@ from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
 from tests.conftest import use_store
 
+# One worker runs this module: its module fixtures are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("ablate")
+
 # Two planted enhancements on a smoke-sized experiment: one that ruins training (a learning rate 1000x
 # too low: the model stays near chance), one that changes nothing (SGD's momentum, which Adam ignores).
 PLANTED = {

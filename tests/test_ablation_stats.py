@@ -15,6 +15,9 @@ from statsmodels.stats.power import TTestPower
 from cifar_mlops import ablation_stats as ab
 from cifar_mlops.errors import UserError
 
+# One worker runs this module: its module fixtures are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("ablation_stats")
+
 N_IMAGES = 600
 SEEDS = [0, 3, 7]  # not 0..n-1 on purpose: seeds are labels, paired by value
 COMPARISONS = [

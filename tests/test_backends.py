@@ -22,7 +22,10 @@ from mlflow import MlflowClient
 from cifar_mlops import backend
 from tests.conftest import REPO, copy_empty_store, skip_or_fail, tiny_overrides
 
+# One worker runs this module: its fixtures train once per backend, not once per worker.
+pytestmark = pytest.mark.xdist_group("backends")
 INSTALLED = [b for b in backend.BACKENDS if importlib.util.find_spec(b) is not None]
+TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # JAX; TensorFlow splits the CPU itself
 # A CLI run that says, as it exits, which TensorFlow modules it imported.
 CLI_REPORTING_TENSORFLOW = (
     "import atexit, json, os, sys\n"
@@ -51,6 +54,11 @@ def backend_env(store_uri: str, name: str, **extra: str) -> dict[str, str]:
     return {**env, "MLFLOW_TRACKING_URI": store_uri, "KERAS_BACKEND": name, "PYTHONPATH": str(REPO), **extra}
 
 
+def train_command(name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cifar_mlops.cli", "--backend", name, "train", "--exp", "smoke",
+            *tiny_cli("smoke"), *extra]
+
+
 def tiny_cli(exp_id: str) -> list[str]:
     return [arg for key, value in tiny_overrides(exp_id).items() if value is not None
             for arg in ("--set", f"{key}={value}")]
@@ -70,8 +78,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         report = folder / f"imported-{name}.json"
         # --backend, not only $KERAS_BACKEND: the option is what a user types
         result = subprocess.run(
-            [sys.executable, "-c", CLI_REPORTING_TENSORFLOW, "--backend", name, "train", "--exp", "smoke",
-             *tiny_cli("smoke")],
+            [sys.executable, "-c", CLI_REPORTING_TENSORFLOW, *train_command(name)[3:]],
             cwd=folder, env=backend_env(uri, "tensorflow", IMPORTED_TF=str(report)),
             capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -95,7 +102,6 @@ def predicted(trained: dict) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("name", backend.BACKENDS)
 def test_each_backend_trains_logs_and_registers_and_only_tensorflow_imports_tensorflow(trained, name) -> None:
     mlflow.set_tracking_uri(trained["uri"])
@@ -121,3 +127,57 @@ def test_a_version_trained_on_one_backend_predicts_the_same_on_another(predicted
     expected = predicted[trained_on][trained_on]
     assert expected.shape == (16, 10) and np.allclose(expected.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(predicted[loaded_on][trained_on], expected, atol=1e-4, rtol=0)
+
+
+def metrics_of(uri: str, name: str, devices: str) -> dict[str, float]:
+    mlflow.set_tracking_uri(uri)
+    [run] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+             if r.data.params.get("train.backend") == name and r.data.params["train.devices"] == devices]
+    assert run.info.status == "FINISHED"
+    return run.data.metrics
+
+
+@pytest.mark.parametrize("name", ["tensorflow", "jax"])
+def test_two_devices_train_to_the_metrics_of_one(trained, name) -> None:
+    # the same global batch split between two CPU devices: the same steps, up to float rounding
+    result = subprocess.run(train_command(name, "--set", "train.devices=2", "--no-register"), cwd=trained["folder"],
+                            env=backend_env(trained["uri"], name, **TWO_CPU_DEVICES),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"on {name}, 2 devices" in result.stderr
+    one, two = metrics_of(trained["uri"], name, "1"), metrics_of(trained["uri"], name, "2")
+    for key in ("val_loss", "test_loss", "train_loss"):
+        assert two[key] == pytest.approx(one[key], abs=1e-3), key
+    for key in ("val_accuracy", "test_accuracy"):
+        assert two[key] == pytest.approx(one[key], abs=0.03), key
+
+
+@pytest.mark.parametrize(("name", "devices", "message"), [
+    ("torch", "2", "train.devices=2 needs the tensorflow or jax backend: Keras 3.15 trains on one device with "
+                   "PyTorch; set train.devices=1 or choose --backend jax"),
+    ("jax", "3", "train.devices=3 but JAX sees 2 CPU devices (set XLA_FLAGS=--xla_force_host_platform_device_count=3 "
+                 "for more); lower train.devices"),
+])
+def test_devices_a_backend_cannot_have_are_one_line_and_start_no_run(tmp_path, name, devices, message) -> None:
+    if name not in INSTALLED:
+        skip_or_fail(f"the {name} backend is not installed (the `test` extra installs it)")
+    copy_empty_store(tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = subprocess.run(train_command(name, "--set", f"train.devices={devices}"), cwd=tmp_path,
+                            env=backend_env(uri, name, **TWO_CPU_DEVICES), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"error: {message}"
+    assert "Traceback" not in result.stderr
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_extras_install_one_tensorflow_each_and_every_backend_pinned() -> None:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("cpu", "gpu"):
+        assert len([r for r in extras[name] if r.startswith("tensorflow")]) == 1, name
+    for name in ("jax", "torch"):
+        assert extras[name] and all("==" in r and not r.startswith("tensorflow") for r in extras[name]), name
+    assert {"cpu", "jax", "torch"} <= set(extras["test"][0].partition("[")[2].rstrip("]").split(","))

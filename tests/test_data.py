@@ -468,6 +468,17 @@ def test_batches_shapes_and_order():
 
 
 @pytest.mark.core
+def test_batches_for_several_devices_split_evenly_and_leave_out_fewer_images_than_devices():
+    from cifar_mlops.pipeline import Batches
+
+    x, y, _, _ = data.synthetic_arrays(54, 10, seed=0)
+    for training in (True, False):
+        batches = Batches(x, y, batch_size=16, num_classes=10, training=training, multiple_of=4)
+        assert [len(batches[i][0]) for i in range(len(batches))] == [16, 16, 16, 4]  # 54 -> 52 images
+    assert len(Batches(x[:50], y[:50], batch_size=16, num_classes=10, training=True, multiple_of=4)) == 3
+
+
+@pytest.mark.core
 def test_training_reshuffles_each_epoch_and_augments():
     from cifar_mlops.pipeline import Batches
 

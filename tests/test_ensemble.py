@@ -23,6 +23,9 @@ from cifar_mlops.tracking import runs, served
 from cifar_mlops.train import train
 from tests.conftest import REPO, tiny, use_store
 
+# One worker runs this module: its module fixtures are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("ensemble")
+
 # Two members that differ enough for voting and weighting to matter (synthetic data, seconds each).
 MEMBERS = {"smoke": {"train__epochs": 6, "model__width": 1.0},
            "smoke-wide": {"train__epochs": 10, "model__width": 1.0, "train__learning_rate": 0.01}}

@@ -15,6 +15,9 @@ from cifar_mlops.tracking import served
 from cifar_mlops.train import train
 from tests.conftest import tiny, use_store
 
+# One worker runs this module: its module fixtures are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("promote")
+
 MODEL = "cifar10-cnn"
 # Three versions of one experiment on the same data, clearly apart in test accuracy.
 TRAININGS = {"weak": {"train__epochs": 1}, "mid": {"train__epochs": 6, "model__width": 1.0},

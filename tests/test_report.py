@@ -22,6 +22,9 @@ from cifar_mlops.tracking import results, runs
 from cifar_mlops.train import train
 from tests.conftest import SAMPLE_DIR, tiny, use_store
 
+# One worker runs this module: its module fixtures are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("report")
+
 CHROMIUM = Path("/usr/bin/chromium")
 SYNTHETIC_B = "Results on synthetic data (NOT CIFAR-10 results)"
 SAMPLE_TITLE = "Results on a CIFAR-10 subset/sample (not the official test set)"

@@ -30,6 +30,9 @@ from cifar_mlops.train import train
 from tests.conftest import free_port, server_process, tiny, use_store
 from tests.test_ensemble import tiny_ensemble
 
+# One worker runs this module: its module fixtures are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("serve")
+
 BIN = Path(sys.executable).parent
 CLASSES = list(data.SYNTHETIC_CLASS_NAMES)
 CNN, ENSEMBLE = "models:/cifar10-cnn/1", "models:/cifar10-ensemble/1"

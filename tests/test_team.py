@@ -21,6 +21,9 @@ from mlflow import MlflowClient
 from cifar_mlops import cli
 from tests.conftest import PG_URL, _postgres, free_port, server_process, skip_or_fail
 
+# One worker runs this module: its module fixtures are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("team")
+
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex[:12]}"
 PASSWORDS = {role: f"{role}-{uuid.uuid4().hex[:12]}" for role in ("reader", "trainer", "maintainer")}
