@@ -2,7 +2,7 @@
 
 Same arrays (data.load_splits), same model (create_model), same seed, optimizer and learning-rate
 schedule (Adam or AdamW, constant or cosine), loss (with label smoothing), batch size, epochs and
-tf.data pipeline (data.make_dataset); then the same predictions on train, val and test and
+input pipeline (pipeline.Batches); then the same predictions on train, val and test and
 their accuracy. No MLflow, no figures, no model saving. Prints one JSON line.
 --freeze-imports: import TensorFlow/Keras with the garbage collector paused, then gc.freeze() them,
 as `cifar-mlops` does (process.heavy_imports): the bare script with the same GC treatment.
@@ -41,6 +41,7 @@ def main() -> None:
     from cifar_mlops import data
     from cifar_mlops.config import parse_overrides, resolve
     from cifar_mlops.models import create_model
+    from cifar_mlops.pipeline import Batches
 
     config = resolve(args.exp, parse_overrides(args.set))
     splits = data.load_splits(config.data)
@@ -56,10 +57,10 @@ def main() -> None:
                  else keras.optimizers.Adam(learning_rate))
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
-    train_ds = data.make_dataset(splits.x_train, splits.y_train, batch_size=cfg.batch_size,
-                                 num_classes=splits.num_classes, training=True, seed=cfg.seed)
-    val_ds = data.make_dataset(splits.x_val, splits.y_val, batch_size=cfg.batch_size,
-                               num_classes=splits.num_classes, training=False)
+    train_ds = Batches(splits.x_train, splits.y_train, batch_size=cfg.batch_size,
+                       num_classes=splits.num_classes, training=True, seed=cfg.seed)
+    val_ds = Batches(splits.x_val, splits.y_val, batch_size=cfg.batch_size,
+                     num_classes=splits.num_classes, training=False)
     t = time.perf_counter()
     model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=2, shuffle=False)
     times["fit"] = time.perf_counter() - t

@@ -4,7 +4,7 @@
 
 Each measurement runs in a fresh subprocess and reports resource.getrusage(RUSAGE_SELF).ru_maxrss:
   baseline  import tensorflow + cifar_mlops, hold the 50,000 uint8 images, build the model; no batches.
-  pipeline  one full epoch (ceil(50,000 / batch) batches) of data.make_dataset(training=True) fed through
+  pipeline  one full epoch (ceil(50,000 / batch) batches) of pipeline.Batches(training=True) fed through
             the resize layer of the model create_model builds for 224x224 bicubic (the in-model upscale:
             every batch becomes float32 (B, 224, 224, 3)), reduced to a sum so nothing is kept.
   fit       the same dataset and the full MobileNetV2 of experiment 1.1 (bicubic) at image_size=224,
@@ -35,16 +35,17 @@ def child(mode: str, images: int, batch_size: int, fit_steps: int) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from cifar_mlops import data, train
+    from cifar_mlops import train
     from cifar_mlops.config import resolve
     from cifar_mlops.models import create_model
+    from cifar_mlops.pipeline import Batches
 
     config = resolve("1.1", {"model.image_size": 224, "model.interpolation": "bicubic",
                              "train.batch_size": batch_size, "data.source": "synthetic"})
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(images, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, size=images)
-    ds = data.make_dataset(x, y, batch_size=batch_size, num_classes=10, training=True, augment=config.augment, seed=0)
+    ds = Batches(x, y, batch_size=batch_size, num_classes=10, training=True, augment=config.augment, seed=0)
     model = create_model(config.model.name, **config.model.settings())
     batches = 0
     started = time.perf_counter()
@@ -58,14 +59,14 @@ def child(mode: str, images: int, batch_size: int, fit_steps: int) -> None:
             return tf.reduce_sum(up), tf.shape(up)
 
         shape = None
-        for img, _ in ds:
+        for img, _ in (ds[i] for i in range(len(ds))):
             s, batch_shape = step(img)
             total += float(s)
             batches += 1
             shape = shape or [int(v) for v in batch_shape]
     elif mode == "fit":
         train.compile_model(model, config.train, config.train.learning_rate, fit_steps)
-        model.fit(ds.take(fit_steps), epochs=1, verbose=0)
+        model.fit(ds, epochs=1, steps_per_epoch=fit_steps, verbose=0)
         batches = fit_steps
         shape = [batch_size, 224, 224, 3]
     else:

@@ -4,9 +4,9 @@
 
 For each case (an experiment id; its catalogue model, resolution and batch size) on synthetic uint8
 images of the real shape:
-  project  cifar_mlops.train.fit(model, config, splits)  (what `train` runs: make_dataset, compile_model,
+  project  cifar_mlops.train.fit(model, config, splits)  (what `train` runs: pipeline.Batches, compile_model,
            callbacks, validation on a 64-image split)
-  bare     model.compile(Adam, categorical cross-entropy) + model.fit on the same tf.data dataset, no
+  bare     model.compile(Adam, categorical cross-entropy) + model.fit on the same batches, no
            callbacks, no validation
 Images/s is measured on the second epoch (the first includes tracing). Each case's variants run
 --rounds times, interleaved (v1 v2 ... v1 v2 ...), each in a fresh process; a row is the median.
@@ -95,7 +95,9 @@ def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, j
         splits = _splits(data, x[:images], y[:images], x[images:], y[images:])
         train.fit(model, config, splits, callbacks=[Timer()])
     else:
-        ds = data.make_dataset(x[:images], y[:images], batch_size=bs, num_classes=10, training=True, seed=0)
+        from cifar_mlops.pipeline import Batches
+
+        ds = Batches(x[:images], y[:images], batch_size=bs, num_classes=10, training=True, seed=0)
         model.compile(optimizer=keras.optimizers.Adam(config.train.learning_rate), loss="categorical_crossentropy",
                       metrics=["accuracy"], steps_per_execution=spe, jit_compile=jit)
         model.fit(ds, epochs=2, verbose=0, callbacks=[Timer()])
