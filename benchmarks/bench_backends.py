@@ -136,8 +136,23 @@ def main() -> None:
     common.print_table(["exp", "variant", "runs", "img/s (range)", "vs before", "vs 1 device", "TF imported"],
                        [[s["case"], s["variant"], s["runs"], s["range"], s["vs_before"], s["vs_one_device"],
                          s["tensorflow_imported"]] for s in summary])
-    common.write_result("backends", {"images": args.images, "rounds": args.rounds, "before": args.before,
+    common.write_result("backends", {"machine": machine(), "images": args.images, "rounds": args.rounds,
+                                     "before": args.before,
                                      "summary": summary, "rows": rows, "load_before": before, "load_after": after})
+
+
+def machine() -> dict:
+    from importlib import metadata
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    versions = {}
+    for package in ("tensorflow-cpu", "keras", "jax", "jaxlib", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {"cpu": cpu, "nproc": os.cpu_count(), "python": sys.version.split()[0], "versions": versions}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

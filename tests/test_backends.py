@@ -35,7 +35,8 @@ CLI_REPORTING_TENSORFLOW = (
     "sys.argv[0] = 'cifar-mlops'\n"
     "main()\n"
 )
-# Loads every version of cifar10-cnn and writes its probabilities for fixed random images.
+# Loads every version of cifar10-cnn as a server would (the pyfunc) and writes its probabilities for fixed
+# random images, and whether TensorFlow was imported.
 PREDICT_EVERY_VERSION = (
     "import json, sys, mlflow, numpy as np\n"
     "from mlflow import MlflowClient\n"
@@ -45,7 +46,8 @@ PREDICT_EVERY_VERSION = (
     "    model = mlflow.pyfunc.load_model(f'models:/cifar10-cnn/{version.version}')\n"
     "    out[version.tags['backend']] = model.unwrap_python_model().probabilities(images).tolist()\n"
     "import keras\n"
-    "json.dump({'backend': keras.backend.backend(), 'probabilities': out}, open(sys.argv[1], 'w'))\n"
+    "json.dump({'backend': keras.backend.backend(), 'probabilities': out,\n"
+    "           'tensorflow': any(m.partition('.')[0] == 'tensorflow' for m in sys.modules)}, open(sys.argv[1], 'w'))\n"
 )
 
 
@@ -98,6 +100,7 @@ def predicted(trained: dict) -> dict[str, dict[str, np.ndarray]]:
         assert result.returncode == 0, result.stderr[-3000:]
         answer = json.loads(path.read_text())
         assert answer["backend"] == name
+        assert answer["tensorflow"] == (name == "tensorflow"), "loading a version imported TensorFlow on " + name
         out[name] = {k: np.asarray(v, np.float32) for k, v in answer["probabilities"].items()}
     return out
 
