@@ -17,8 +17,9 @@
 #      step logs (gpu_check.log) and the throughput measurements (throughput_<backend>.json) beside it
 # Env: GPU_CHECK_CPU=1 (dry run), PYTHON (the interpreter; default python3, or .venv/bin/python with
 # GPU_CHECK_CPU), GPU_CHECK_INSTALL=1|0 (install .whl into /tmp/site; default: not in a dry run),
-# GPU_CHECK_PARALLEL=1|0 (step 2 side by side; default: on the GPU only), GPU_CHECK_DATA (the
-# cifar-10-batches-py folder; default .gpu_data/cifar-10-batches-py).
+# GPU_CHECK_PARALLEL=1|0 (step 2 side by side; default: on the GPU only), GPU_CHECK_DEADLINE (seconds
+# after which no step runs on the GPU, default 345), GPU_CHECK_DATA (the cifar-10-batches-py folder;
+# default .gpu_data/cifar-10-batches-py).
 set -uo pipefail  # no -e: see above
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -38,7 +39,7 @@ else
   # TP_SPARE: the limit's seconds past the budget, for the case running when the budget ends
   SWEEP=(--batch-sizes 128,256,512 --min-time 1.0 --max-steps 100); TP_BUDGET=(75 55); TP_SPARE=(20 15)
 fi
-DEADLINE=345  # seconds: no step runs past it (the limits below add up to 315, 340 with timeout's -k 5)
+DEADLINE=${GPU_CHECK_DEADLINE:-345}  # seconds: no step runs past it (the limits below add up to 315, 340 with timeout's -k 5)
 
 # step NAME BACKEND LIMIT_S COMMAND...: run COMMAND in $WORK/NAME under timeout, log to $WORK/NAME.log,
 # and write its table row to $WORK/NAME.row: step, backend, status, seconds, result (tab-separated).
@@ -68,6 +69,10 @@ step() {
 # tuning's trial counts and best trial; a failure's last line (the CLI's one-line error).
 summarise() {
   local log=$WORK/$1.log
+  if [[ $1 == throughput-* && ($2 == 124 || $2 == 137) ]]; then
+    echo "stopped at its limit: the rows below are the measurements it had made"
+    return
+  fi
   if [[ $2 != 0 ]]; then  # the CLI's one-line error, else a traceback's exception, else the last line
     { grep -E '^(error: |[A-Za-z_.]*(Error|Exception)\b)' "$log" || grep -v '^\s*$' "$log"; } | tail -1 | cut -c1-300
     return
@@ -130,6 +135,10 @@ for i in 0 1; do
   budget=${TP_BUDGET[i]}
   if [[ $SCALE == 1 ]] && ((budget > DEADLINE - SECONDS - TP_SPARE[i])); then
     budget=$((DEADLINE - SECONDS - TP_SPARE[i]))  # earlier steps ran long: measure less, still end in time
+  fi
+  if ((budget <= 0)); then
+    printf '%s\t%s\tskipped\t0\tno time left\n' "throughput-$backend" "$backend" > "$WORK/throughput-$backend.row"
+    continue
   fi
   KERAS_BACKEND=$backend step "throughput-$backend" "$backend" $((budget + TP_SPARE[i])) "$PY" \
     "$ROOT/benchmarks/gpu_throughput.py" "${SWEEP[@]}" --budget "$budget" \

@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="128,256,512")
     parser.add_argument("--budget", type=float, default=90, help="seconds for all cases together")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds each timed fit aims at")
-    parser.add_argument("--max-steps", type=int, default=40, help="most batches in a timed fit")
+    parser.add_argument("--max-steps", type=int, default=100, help="most batches in a timed fit")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
     parser.add_argument("--models", default="", help="comma-separated model names (default: all)")
     parser.add_argument("--rows", help="write one tab-separated row per case here (gpu_check.sh's table)")

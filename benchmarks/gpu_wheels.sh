@@ -16,7 +16,8 @@ SAMPLE=${CIFAR10_SAMPLE_DIR:-$ROOT/../shared/data/cifar10-sample/cifar-10-batche
 WHEELS=(
   keras==3.15.1 namex==0.1.0 optree==0.20.0                     # Keras 3 (JAX and PyTorch are there)
   # mlflow-skinny is the whole `mlflow` package (tracking, SQL stores, registry, keras and pyfunc
-  # flavours) without the UI's JavaScript and the server's dependencies: 4 MB against ~28 MB.
+  # flavours) without the UI: 4 MB. The full `mlflow` wheel needs it too, and adds 11.5 MB of UI
+  # plus the server's dependencies (Flask, graphene, gunicorn, docker, ...), which train/tune never use.
   mlflow-skinny==3.17.2 sqlparse==0.6.1 cachetools==7.3.3 python-dotenv==1.2.4 importlib-metadata==9.1.0
   opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
   opentelemetry-semantic-conventions==0.66b2
