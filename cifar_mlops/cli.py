@@ -97,8 +97,8 @@ def text_table(rows: list[dict], markdown: bool = False) -> str:
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cifar-mlops", prog_name="cifar-mlops")
-@click.option("--backend", "backend_name", type=click.Choice(backend.BACKENDS), envvar="KERAS_BACKEND", show_envvar=True,
-              help=f"The Keras backend of this command and the workers it starts [default: {backend.DEFAULT}].")
+@click.option("--backend", "backend_name", type=click.Choice(backend.BACKENDS), envvar="KERAS_BACKEND",
+              show_envvar=True, help=f"The Keras backend of this command and the workers it starts [default: {backend.DEFAULT}].")
 def main(backend_name: str | None) -> None:
     """Reproduce, track and compare CIFAR-10 ablation experiments (MLflow + Keras + Optuna)."""
     if backend_name:

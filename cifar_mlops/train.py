@@ -93,7 +93,7 @@ def stop_on_nan():
 
 
 def follow_epochs(clock):
-    """Tells the training dataset which epoch begins, before Keras starts that epoch's pass over it."""
+    """Tells the training batches' `pipeline.EpochClock` which epoch begins, before Keras starts that epoch's pass over it."""
     import keras
 
     class FollowEpochs(keras.callbacks.Callback):
@@ -321,7 +321,8 @@ def resume(run_id: str, *, force: bool = False, exp_id: str | None = None, overr
                                      "(another data fingerprint); pass --data-dir with that CIFAR-10 folder", run_id)
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)
-        with backend.data_parallel(config.train.devices, config.train.batch_size):  # the model is loaded where it will train
+        # the model is loaded where it will train: on its devices
+        with backend.data_parallel(config.train.devices, config.train.batch_size):
             try:
                 model = keras.saving.load_model(point.model_path)
                 restore_random_state(model, point.state["random_state"])
