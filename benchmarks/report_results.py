@@ -497,7 +497,17 @@ def section_backends(r: dict | None) -> list[str]:
             "|---|---|---|---|---|---|---|"]
     out += [f"| {s['case']} | {s['variant']} | {s['runs']} | {s['range']} | {s['vs_before']} | {s['vs_one_device']} | "
             f"{s['tensorflow_imported']} |" for s in r["summary"]]
-    return out + ["", load_line(r), ""]
+    out += [""]
+    for s in r["summary"]:
+        if s["variant"] == "tensorflow" and s["vs_before"]:
+            ratio = float(s["vs_before"].rstrip("x"))
+            out += [f"- {s['case']} on TensorFlow: {s['vs_before']} of before (target >= 0.97x: "
+                    f"**{'met' if ratio >= 0.97 else 'missed'}**)."]
+    out += ["- Two logical devices on a CPU share the same two cores: they are a test that data-parallel training "
+            "gives one device's results (tests/test_backends.py), not a speed-up; on GPUs each device is its own.",
+            "- The rounds' ranges are wide on this shared VM (see the load line): a ratio within the ranges' overlap "
+            "is not a measured difference.", "", load_line(r), ""]
+    return out
 
 
 def section_gpu_check() -> list[str]:
