@@ -58,7 +58,8 @@ def missing(module: str) -> BackendError | None:
 
 def keep_tensorflow_out() -> None:
     """On JAX and PyTorch, Keras imports TensorFlow wherever it is installed (to seed it, to serialize its
-    types): 1-2 s and ~0.5 GB that those backends never use. Tell Keras it is absent."""
+    types): seconds of import and its memory, for nothing those backends use. Tell Keras it is absent
+    (a private flag: Keras 3.15 has no public switch; tests/test_backends.py fails if it stops working)."""
     import keras
     from keras.src.utils import module_utils
 

@@ -5,6 +5,7 @@ predict` runs the same code over image files and folders."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from PIL import Image
 from cifar_mlops import cli, data, ensemble
 from cifar_mlops.tracking import image_model, served
 from cifar_mlops.train import train
-from tests.conftest import free_port, server_process, tiny, use_store
+from tests.conftest import free_port, server_process, skip_or_fail, tiny, use_store
 from tests.test_ensemble import tiny_ensemble
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
@@ -51,11 +52,12 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @contextmanager
-def serving(model_uri: str, store_uri: str, log: Path) -> Iterator[str]:
+def serving(model_uri: str, store_uri: str, log: Path, **extra_env: str) -> Iterator[str]:
     """`mlflow models serve -m model_uri --env-manager local` on a free port of 127.0.0.1; its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=store_uri, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # it execs uvicorn
+    env.update(MLFLOW_TRACKING_URI=store_uri, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # it execs uvicorn
+               **extra_env)
     url = f"http://127.0.0.1:{port}"
     with server_process([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                          "-h", "127.0.0.1", "-p", str(port)], env, log, f"{url}/ping"):
@@ -109,6 +111,19 @@ def test_served_model_answers_pixel_tensors_like_the_loaded_model(cnn_url: str) 
     expected = in_process(CNN, pixels)
     assert_same_answers(answered(invoke(cnn_url, {"inputs": pixels.tolist()})), expected)
     assert_same_answers(answered(invoke(cnn_url, {"inputs": {"image": pixels.tolist()}})), expected)
+
+
+def test_a_version_trained_on_one_backend_is_served_on_jax_with_the_same_answers(registry: str, tmp_path) -> None:
+    # what a GPU machine without TensorFlow does with a version trained here: the same model, another backend
+    if importlib.util.find_spec("jax") is None:
+        skip_or_fail("JAX is not installed (the `test` extra installs it)")
+    pixels = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    expected = in_process(CNN, pixels)  # on the suite's backend: TensorFlow, unless $KERAS_BACKEND says otherwise
+    with serving(CNN, registry, tmp_path / "jax.log", KERAS_BACKEND="jax") as url:
+        table = answered(invoke(url, {"inputs": pixels.tolist()}))
+    assert list(table["label"]) == list(expected["label"])
+    np.testing.assert_allclose(table[CLASSES].to_numpy(np.float64), expected[CLASSES].to_numpy(np.float64),
+                               rtol=0, atol=1e-4)
 
 
 def test_served_model_decodes_png_and_jpeg_of_any_size_like_the_loaded_model(cnn_url: str) -> None:
