@@ -105,13 +105,19 @@ def predicted(trained: dict) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def training_run(uri: str, name: str, devices: str):
+    """The one finished run of the store that trained on backend `name` with `devices`."""
+    mlflow.set_tracking_uri(uri)
+    [run] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+             if r.data.params.get("train.backend") == name and r.data.params["train.devices"] == devices]
+    assert run.info.status == "FINISHED"
+    return run
+
+
 @pytest.mark.parametrize("name", backend.BACKENDS)
 def test_each_backend_trains_logs_and_registers_and_only_tensorflow_imports_tensorflow(trained, name) -> None:
-    mlflow.set_tracking_uri(trained["uri"])
+    run = training_run(trained["uri"], name, devices="1")
     client = MlflowClient()
-    [run] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
-             if r.data.params.get("train.backend") == name]
-    assert run.info.status == "FINISHED"
     [version] = [v for v in client.search_model_versions("name = 'cifar10-cnn'") if v.run_id == run.info.run_id]
     assert version.tags["backend"] == name
     requirements = Path(mlflow.artifacts.download_artifacts(f"models:/cifar10-cnn/{version.version}/requirements.txt",
@@ -132,12 +138,6 @@ def test_a_version_trained_on_one_backend_predicts_the_same_on_another(predicted
     np.testing.assert_allclose(predicted[loaded_on][trained_on], expected, atol=1e-4, rtol=0)
 
 
-def metrics_of(uri: str, name: str, devices: str) -> dict[str, float]:
-    mlflow.set_tracking_uri(uri)
-    [run] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
-             if r.data.params.get("train.backend") == name and r.data.params["train.devices"] == devices]
-    assert run.info.status == "FINISHED"
-    return run.data.metrics
 
 
 @pytest.mark.parametrize("name", ["tensorflow", "jax"])
@@ -148,7 +148,7 @@ def test_two_devices_train_to_the_metrics_of_one(trained, name) -> None:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"on {name}, 2 devices" in result.stderr
-    one, two = metrics_of(trained["uri"], name, "1"), metrics_of(trained["uri"], name, "2")
+    one, two = (training_run(trained["uri"], name, devices).data.metrics for devices in ("1", "2"))
     for key in ("val_loss", "test_loss", "train_loss"):
         assert two[key] == pytest.approx(one[key], abs=1e-3), key
     for key in ("val_accuracy", "test_accuracy"):
