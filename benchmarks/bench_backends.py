@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import common
@@ -53,35 +52,18 @@ def child(case: str, images: int, devices: int) -> None:
     x = rng.integers(0, 256, size=(images + 64, 32, 32, 3), dtype=np.uint8)
     y = np.arange(images + 64) % 10
     keras.utils.set_random_seed(0)
-    epoch_times: list[float] = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            epoch_times.append(time.perf_counter() - self.t)
+    timer = common.epoch_timer()
 
     with scope as count:
         with train.building_with_policy("float32"):
             model = create_model(config.model.name, **config.model.settings())
-        train.fit(model, config, _splits(x[:images], y[:images], x[images:], y[images:]), callbacks=[Timer()])
+        train.fit(model, config, common.synthetic_splits(x[:images], y[:images], x[images:], y[images:]),
+                  callbacks=[timer])
     print(json.dumps({"case": case, "backend": keras.backend.backend(), "devices": count,
                       "batch_size": config.train.batch_size, "augment": config.augment.model_dump(),
-                      "images_per_s": round(images / epoch_times[-1], 1),
-                      "epoch_s": [round(t, 2) for t in epoch_times],
+                      "images_per_s": round(images / timer.seconds[-1], 1),
+                      "epoch_s": [round(t, 2) for t in timer.seconds],
                       "tensorflow_imported": "tensorflow" in sys.modules}))
-
-
-def _splits(x_train, y_train, x_val, y_val):
-    import dataclasses
-
-    from cifar_mlops import data
-
-    values = {f.name: {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val, "x_test": x_val,
-                       "y_test": y_val, "num_classes": 10, "class_names": tuple(str(i) for i in range(10))
-                       }.get(f.name, "synthetic") for f in dataclasses.fields(data.Splits)}
-    return data.Splits(**values)
 
 
 def run_child(variant: str, case: str, images: int, code: Path, env: dict, cwd: str) -> dict:
@@ -119,8 +101,9 @@ def main() -> None:
         old = Path(tmp) / "before"
         subprocess.run(["git", "-C", str(common.ROOT), "worktree", "add", "--detach", str(old), args.before],
                        check=True, capture_output=True)
-        # the old tree gets this script (it runs the old code's train.fit)
-        (old / "benchmarks" / "bench_backends.py").write_text(Path(__file__).read_text())
+        # the old tree gets this script and its helpers (they run the old code's train.fit)
+        for script in ("bench_backends.py", "common.py"):
+            (old / "benchmarks" / script).write_text((common.BENCH / script).read_text())
         try:
             env = common.temp_env(tmp)
             for case in args.cases.split(","):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import common
 
@@ -62,7 +61,7 @@ def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, j
     import keras
     import numpy as np
 
-    from cifar_mlops import data, train
+    from cifar_mlops import train
     from cifar_mlops.config import resolve
     from cifar_mlops.models import create_model
 
@@ -81,44 +80,25 @@ def child(case: str, mode: str, images: int, batch_size: int | None, spe: int, j
     with train.building_with_policy(policy):
         model = create_model(config.model.name, **config.model.settings())
     flops = count_forward_flops(model)
-    epoch_times: list[float] = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            epoch_times.append(time.perf_counter() - self.t)
+    timer = common.epoch_timer()
 
     bs = config.train.batch_size
     if mode == "project":
-        splits = _splits(data, x[:images], y[:images], x[images:], y[images:])
-        train.fit(model, config, splits, callbacks=[Timer()])
+        splits = common.synthetic_splits(x[:images], y[:images], x[images:], y[images:])
+        train.fit(model, config, splits, callbacks=[timer])
     else:
         from cifar_mlops.pipeline import Batches
 
         ds = Batches(x[:images], y[:images], batch_size=bs, num_classes=10, training=True, seed=0)
         model.compile(optimizer=keras.optimizers.Adam(config.train.learning_rate), loss="categorical_crossentropy",
                       metrics=["accuracy"], steps_per_execution=spe, jit_compile=jit)
-        model.fit(ds, epochs=2, verbose=0, callbacks=[Timer()])
+        model.fit(ds, epochs=2, verbose=0, callbacks=[timer])
     # the project's epoch also validates 64 images; negligible next to `images` training images
-    ips = images / epoch_times[-1]
+    ips = images / timer.seconds[-1]
     print(json.dumps({"case": case, "mode": mode, "model": config.model.name, "image_size": config.model.image_size,
                       "interpolation": config.model.interpolation, "batch_size": bs, "steps_per_execution": spe,
                       "jit_compile": jit, "precision": policy, "params": model.count_params(), "forward_flops_per_image": flops,
-                      "images_per_s": round(ips, 1), "epoch_s": [round(t, 2) for t in epoch_times]}))
-
-
-def _splits(data, x_train, y_train, x_val, y_val):
-    """A data.Splits holding the given arrays (fields filled generically, whatever the dataclass holds)."""
-    import dataclasses
-
-    values = {}
-    for f in dataclasses.fields(data.Splits):
-        values[f.name] = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
-                          "x_test": x_val, "y_test": y_val, "num_classes": 10,
-                          "class_names": tuple(str(i) for i in range(10))}.get(f.name, "synthetic")
-    return data.Splits(**values)
+                      "images_per_s": round(ips, 1), "epoch_s": [round(t, 2) for t in timer.seconds]}))
 
 
 def run_child(images: int, env: dict, cwd, case: str, mode: str, batch: int, spe: int, jit: int,

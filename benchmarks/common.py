@@ -163,3 +163,34 @@ def peak_fp32_gflops() -> dict:
     return {"cpu": model, "cores": cores, "ghz": round(ghz, 2), "fp32_lanes": lanes, "fma_units": fma_units,
             "gflops": round(cores * fma_units * lanes * 2 * ghz, 1),
             "formula": f"{cores} cores x {fma_units} FMA units x {lanes} fp32 lanes x 2 flops x {ghz:.2f} GHz"}
+
+
+def epoch_timer():
+    """A Keras callback that keeps each epoch's wall seconds in its list `seconds`."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    return EpochTimer()
+
+
+def synthetic_splits(x_train, y_train, x_val, y_val):
+    """A data.Splits holding the given arrays (val doubles as test; fields filled generically, whatever the
+    dataclass holds)."""
+    import dataclasses
+
+    from cifar_mlops import data
+
+    values = {f.name: {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val, "x_test": x_val,
+                       "y_test": y_val, "num_classes": 10, "class_names": tuple(str(i) for i in range(10))
+                       }.get(f.name, "synthetic") for f in dataclasses.fields(data.Splits)}
+    return data.Splits(**values)
