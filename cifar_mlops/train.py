@@ -183,7 +183,7 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
                        training=True, augment=config.augment, seed=cfg.seed, clock=clock, multiple_of=devices)
     val_ds = Batches(splits.x_val, splits.y_val, batch_size=cfg.batch_size, num_classes=splits.num_classes,
                      training=False, multiple_of=devices)
-    steps_per_epoch = math.ceil(len(splits.y_train) / cfg.batch_size)
+    steps_per_epoch = len(train_ds)  # the batches an epoch has (with several devices, maybe one fewer)
     class_weight = data.class_weights(splits.y_train, splits.num_classes) if cfg.class_weight == "balanced" else None
     callbacks = [follow_epochs(clock), stop_on_nan(), *callbacks]
     if cfg.early_stopping_patience:
