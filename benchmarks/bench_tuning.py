@@ -5,8 +5,9 @@
 
 Runs `cifar-mlops tune --exp EXP --trials N --seed S --sampler SAMPLER --pruner P` once per sampler seed
 and pruner (fresh Optuna SQLite storage and MLflow store each), then reads the studies back: total epochs
-run (sum over trials of the epochs each reported), best validation accuracy, trials pruned; each pruned
-study is compared with the unpruned study of the same seed.
+run (sum over trials of the epochs each reported), best validation accuracy, trials pruned, and each
+trial's learning curve (its val_accuracy after every epoch: `bench_pruning.py` replays pruner settings on
+the unpruned studies' curves); each pruned study is compared with the unpruned study of the same seed.
 "The same search" is meant literally by default: the seeded random sampler proposes the same 20
 configurations whatever the pruner does, so the studies differ only in what pruning cut. With
 `--sampler tpe` every pruned curve changes what TPE proposes next, and the studies drift apart.
@@ -48,7 +49,10 @@ def run_study(args: argparse.Namespace, optuna, seed: int, pruner: str, sets: li
             "per_trial": [{"number": t.number, "state": t.state.name, "epochs": len(t.intermediate_values),
                            "value": t.value if t.value is not None else
                            (max(t.intermediate_values.values()) if t.intermediate_values else None),
-                           "params": t.params} for t in trials],
+                           "params": t.params,
+                           # val_accuracy after each epoch, in order: what bench_pruning.py replays pruners on
+                           "curve": [t.intermediate_values[step] for step in sorted(t.intermediate_values)]}
+                          for t in trials],
             "loadavg": common.loadavg()[0]}
 
 
