@@ -167,8 +167,13 @@ class SearchSpace(Strict):
     epochs: IntRange | None = None  # e.g. {low: 5, high: 30}
     weight_decay: FloatRange | None = None  # only matters for adamw and sgd
     optimizer: tuple[Literal["adam", "adamw", "sgd"], ...] | None = Field(None, min_length=1)  # choices
-    pruning_startup_trials: int = Field(5, ge=0)  # median pruner: finished trials before it prunes anything
+    pruning_startup_trials: int = Field(5, ge=0)  # median, percentile: finished trials before they prune anything
     pruning_warmup_epochs: int = Field(1, ge=0)  # epochs every trial runs before it can be pruned
+    # percentile pruner: the top share (%) of trials it keeps at each epoch: a trial stops when its best value
+    # so far is below the finished trials' values at that epoch that are in this top share (50: the median
+    # pruner; lower prunes more)
+    pruning_percentile: float = Field(50.0, gt=0, lt=100)
+    pruning_reduction_factor: int = Field(3, ge=2)  # successive-halving, hyperband: 1 in this many goes on per rung
 
     def dimensions(self) -> dict[str, Any]:
         """The searched dimensions: name -> FloatRange, IntRange or a tuple of choices."""

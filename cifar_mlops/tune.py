@@ -55,7 +55,7 @@ GRACE_SECONDS = 60  # ... and a trial without one for this long is failed by the
 # What the database says to the processes that lose the race to create Optuna's tables in an empty database
 CONCURRENT_CREATION_ERRORS = ("duplicate key value", "already exists", "UniqueViolation", "IntegrityError")
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "successive-halving", "hyperband", "none")
+PRUNERS = ("median", "percentile", "successive-halving", "hyperband", "none")
 SEARCHED_SECTION = "train"  # every search dimension overrides train.<name>
 TRIAL_METRICS = ("val_accuracy", "val_f1_macro", "train_accuracy", "test_accuracy", "epochs_run")
 COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # TuneResult.counts and the parent's trials_* tags
@@ -198,16 +198,65 @@ def make_pruner(name: str, config: cfg.ExperimentConfig) -> optuna.pruners.BaseP
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=space.pruning_startup_trials,
                                            n_warmup_steps=space.pruning_warmup_epochs)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(space.pruning_percentile, n_startup_trials=space.pruning_startup_trials,
+                                               n_warmup_steps=space.pruning_warmup_epochs)
     if name == "successive-halving":
-        # a rung at each 0-based epoch warm-up x 3**k (epochs 2, 4 and 10 with the default warm-up of 1):
-        # only the best third of the trials that reached a rung go on, so most trials cost two epochs
+        # a rung at each 0-based epoch warm-up x factor**k (epochs 2, 4 and 10 with the defaults): only the
+        # best 1/factor of the trials that reached a rung go on, so most trials cost two epochs
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, space.pruning_warmup_epochs),
-                                                      reduction_factor=3)
+                                                      reduction_factor=space.pruning_reduction_factor)
     if name == "hyperband":
         max_epochs = space.epochs.high if space.epochs else config.train.epochs
         return optuna.pruners.HyperbandPruner(min_resource=max(1, space.pruning_warmup_epochs),
-                                              max_resource=max(max_epochs, 1), reduction_factor=3)
+                                              max_resource=max(max_epochs, 1),
+                                              reduction_factor=space.pruning_reduction_factor)
     return optuna.pruners.NopPruner()
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One trial that ran to its end: its val_accuracy after each of its epochs, and its value."""
+
+    values: tuple[float, ...]  # fractions; values[0] after epoch 1
+    value: float  # the trial's objective (the run's final val_accuracy)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What a pruner would have done to a study: per trial, the epochs it ran and whether it was pruned."""
+
+    epochs: tuple[int, ...]
+    pruned: tuple[bool, ...]
+    best_value: float  # best value of the trials it let finish
+
+
+def replay_pruning(curves: list[Curve], pruner_name: str, config: cfg.ExperimentConfig) -> Replayed:
+    """Replay pruner `pruner_name` (with `config`'s search.pruning_* settings) on a study's finished trials.
+
+    The trials are told to a fresh in-memory study in their order, one epoch at a time, exactly as a
+    one-worker `tune` reports them (the last epoch reported, never pruned): the pruner sees only the
+    values up to each epoch, and a trial it stops ends there. With a seeded sampler the trials a pruned
+    study proposes do not depend on the pruner, so this is that study, without training anything again.
+    """
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner_name, config),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    epochs, pruned, values = [], [], []
+    for curve in curves:
+        trial = study.ask()
+        for epoch, value in enumerate(curve.values):
+            trial.report(value, step=epoch)
+            if epoch + 1 < len(curve.values) and trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                epochs.append(epoch + 1)
+                pruned.append(True)
+                break
+        else:
+            study.tell(trial, curve.value)
+            epochs.append(len(curve.values))
+            pruned.append(False)
+            values.append(curve.value)
+    return Replayed(tuple(epochs), tuple(pruned), max(values, default=float("nan")))
 
 
 # ---------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_rerun_adds_trials_to_the_same_study(store: str) -> None:
     assert parents[0].data.metrics["trials_complete"] == 2
 
 
-@pytest.mark.parametrize("pruner", ["median", "successive-halving"])
+@pytest.mark.parametrize("pruner", ["median", "percentile", "successive-halving"])
 def test_a_plateauing_trial_is_pruned_and_its_run_says_so(store: str, pruner: str) -> None:
     prune = {"search.epochs.low": 3, "search.epochs.high": 3, "search.batch_size": [32],
              "search.pruning_startup_trials": 1, "search.pruning_warmup_epochs": 1,
@@ -123,6 +123,42 @@ def test_a_plateauing_trial_is_pruned_and_its_run_says_so(store: str, pruner: st
     last = journal_study("prune-me").trials[-1]
     assert last.state == TrialState.COMPLETE and sorted(last.intermediate_values) == [0, 1]
     assert_no_running_runs()
+
+
+def test_replayed_pruning_sees_only_the_epochs_so_far_and_never_prunes_a_last_epoch() -> None:
+    from cifar_mlops import config as cfg
+
+    config = cfg.resolve("smoke", {"search.pruning_startup_trials": 1, "search.pruning_warmup_epochs": 0})
+    curves = [tune.Curve((0.5, 0.6, 0.7), 0.7),
+              tune.Curve((0.2, 0.9, 0.9), 0.9),  # below the median after epoch 1: what comes later is unseen
+              tune.Curve((0.1,), 0.1),  # its one epoch is its last: never pruned
+              tune.Curve((0.6, 0.65, 0.8), 0.8)]
+    median = tune.replay_pruning(curves, "median", config)
+    assert median.epochs == (3, 1, 1, 3) and median.pruned == (False, True, False, False)
+    assert median.best_value == 0.8  # the 0.9 trial was cut
+    unpruned = tune.replay_pruning(curves, "none", config)
+    assert unpruned.epochs == (3, 3, 1, 3) and unpruned.best_value == 0.9
+
+
+def test_a_replay_on_an_unpruned_study_is_what_the_pruned_study_does(store: str) -> None:
+    """The seeded random sampler proposes the same trials with and without pruning, so a pruner replayed on
+    the unpruned study's curves must cut exactly where the real pruned study does."""
+    from cifar_mlops import config as cfg
+
+    settings = {**TINY, "search.epochs.low": 3, "search.epochs.high": 4, "data.synthetic_train_pool": 400,
+                "data.val_size": 100, "search.learning_rate.low": 1e-6, "search.learning_rate.high": 0.05,
+                "search.pruning_startup_trials": 1, "search.pruning_warmup_epochs": 0}
+    tune.tune("smoke", 5, overrides=settings, study_name="unpruned", pruner="none", seed=4, sampler="random")
+    tune.tune("smoke", 5, overrides=settings, study_name="pruned", pruner="median", seed=4, sampler="random")
+
+    unpruned, pruned = journal_study("unpruned").trials, journal_study("pruned").trials
+    assert [t.params for t in unpruned] == [t.params for t in pruned]
+    curves = [tune.Curve(tuple(t.intermediate_values[s] for s in sorted(t.intermediate_values)), t.value)
+              for t in unpruned]
+    replayed = tune.replay_pruning(curves, "median", cfg.resolve("smoke", settings))
+    assert replayed.epochs == tuple(len(t.intermediate_values) for t in pruned)
+    assert replayed.pruned == tuple(t.state == TrialState.PRUNED for t in pruned)
+    assert any(replayed.pruned)  # the learning rates span chance to learning: something is cut
 
 
 @pytest.mark.slow
