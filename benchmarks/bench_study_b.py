@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import resource
-import statistics
 import sys
 
 import common
@@ -25,14 +22,9 @@ import common
 PUBLISHED = {"b0": 0.5336, "b5": 0.667}  # the study's validation accuracy, first and final iteration
 
 
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exps", default="b0,b1,b2,b3,b4,b5,b6,b7")
+    parser.add_argument("--exps", default="b0,b1,b2,b3,b4,b5,b6,b7,b8")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=0, help="0: each iteration's own train.epochs")
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
@@ -42,26 +34,13 @@ def main() -> None:
 
     before = common.load_snapshot()
     runs = []
-    with common.tempdir("study-b") as tmp:
-        env = common.temp_env(tmp)
-        for exp in args.exps.split(","):
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                sets = {**common.SAMPLE_SPLIT, "data.seed": seed, "train.seed": seed}
-                if args.epochs:
-                    sets["train.epochs"] = args.epochs
-                cmd = [common.CLI, "train", "--exp", exp, "--data-dir", args.data_dir, "--no-register"]
-                cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-                cpu0 = cpu_seconds()
-                wall, proc = common.timed_run(cmd, env=env, cwd=tmp)
-                cpu = cpu_seconds() - cpu0
-                metrics = dict((k, float(v)) for k, v in re.findall(r"(\w+)=([0-9.]+)", proc.stdout.strip().splitlines()[-1]))
-                train_acc = re.findall(r"train_accuracy=([0-9.]+)", proc.stderr)
-                run = {"exp": exp, "seed": seed, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                       "train_accuracy": float(train_acc[-1]) if train_acc else None, **metrics,
-                       "loadavg": common.loadavg()[0]}
-                runs.append(run)
-                print(f"{exp} seed {seed}: test {run.get('test_accuracy')}, val {run.get('val_accuracy')}, "
-                      f"{cpu / 60:.1f} CPU min, {wall / 60:.1f} wall min", file=sys.stderr)
+    for exp in args.exps.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            run = common.train_on_sample(exp, seed, {"train.epochs": args.epochs} if args.epochs else None,
+                                         data_dir=args.data_dir)
+            runs.append(run)
+            print(f"{exp} seed {seed}: test {run['test_accuracy']:.4f}, val {run['val_accuracy']:.4f}, "
+                  f"{run['cpu_s'] / 60:.1f} CPU min, {run['wall_s'] / 60:.1f} wall min", file=sys.stderr)
     after = common.load_snapshot()
     exps = args.exps.split(",")
     previous = common.RESULTS / "study_b.json"
@@ -70,19 +49,15 @@ def main() -> None:
         if old.get("epochs_override") == (args.epochs or None):
             done = {(r["exp"], r["seed"]) for r in runs}
             runs = [r for r in old["runs"] if (r["exp"], r["seed"]) not in done] + runs
-            order = ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"]
+            order = ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8"]
             exps = sorted({r["exp"] for r in runs}, key=lambda e: (order.index(e) if e in order else 99, e))
-
-    def mean_std(values):
-        values = [v for v in values if v is not None]
-        return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
 
     summary, rows = [], []
     for exp in exps:
         rs = [r for r in runs if r["exp"] == exp]
         row = {"exp": exp, "seeds": len(rs)}
         for key in ("train_accuracy", "val_accuracy", "test_accuracy", "cpu_s", "wall_s"):
-            row[key] = mean_std([r.get(key) for r in rs])
+            row[key] = common.mean_std([r.get(key) for r in rs])
         row["published_val"] = PUBLISHED.get(exp)
         summary.append(row)
         def pct(ms):

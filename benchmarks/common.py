@@ -122,6 +122,14 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values that are not None; (None, None) for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -194,3 +202,31 @@ def synthetic_splits(x_train, y_train, x_val, y_val):
                        "y_test": y_val, "num_classes": 10, "class_names": tuple(str(i) for i in range(10))
                        }.get(f.name, "synthetic") for f in dataclasses.fields(data.Splits)}
     return data.Splits(**values)
+
+
+def cpu_seconds_of_children() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_on_sample(exp: str, seed: int, sets: dict | None = None, data_dir: str | Path = SAMPLE_DIR) -> dict:
+    """`cifar-mlops train --exp EXP --no-register` on the real sample (SAMPLE_SPLIT, data.seed = train.seed = SEED,
+    plus `sets`) in a fresh subprocess and throwaway store; the run's metrics and params read back from that store,
+    with its CPU seconds (user + sys, both cores count) and wall seconds."""
+    from mlflow import MlflowClient
+
+    overrides = {**SAMPLE_SPLIT, "data.seed": seed, "train.seed": seed, **(sets or {})}
+    cmd = [CLI, "train", "--exp", exp, "--data-dir", str(data_dir), "--no-register"]
+    cmd += [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    with tempdir(f"train-{exp}") as tmp:
+        env = temp_env(tmp)
+        cpu0 = cpu_seconds_of_children()
+        wall, _ = timed_run(cmd, env=env, cwd=tmp)
+        cpu = cpu_seconds_of_children() - cpu0
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1)
+    return {"exp": exp, "seed": seed, **({"sets": sets} if sets else {}), "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1), **{k: v for k, v in run.data.metrics.items() if not k.startswith("epoch_")},
+            "dtype_policy": run.data.params.get("train.dtype_policy"), "loadavg": loadavg()[0]}
