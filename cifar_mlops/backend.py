@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from cifar_mlops.errors import UserError
 
@@ -81,6 +82,17 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports bfloat16 arithmetic (AVX512-BF16 or AMX); False where it cannot be read
+    (not Linux): there bfloat16 would be emulated, several times slower than float32."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def out_of_memory_errors() -> tuple[type[BaseException], ...]:

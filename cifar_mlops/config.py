@@ -74,6 +74,9 @@ class ModelConfig(Strict):
     width: float = Field(1.0, gt=0, le=2)  # channel multiplier (MobileNetV2 alpha, CNN filters)
     blocks: tuple[int, ...] | None = None  # DenseNet layers per dense block; None: DenseNet-121's (6, 12, 24, 16)
     dropout: float = Field(0.0, ge=0, lt=1)  # fraction, before the classifier
+    stage_dropout: float = Field(0.0, ge=0, lt=1)  # fraction, after every stage's pooling (study B's CNNs)
+    # px, side of the patches a fixed first layer whitens, set from the training images (study B's CNNs); 0: none
+    whiten: int = Field(0, ge=0, le=4)
 
     @field_validator("name")
     @classmethod

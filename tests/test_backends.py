@@ -184,3 +184,13 @@ def test_extras_install_one_tensorflow_each_and_every_backend_pinned() -> None:
     for name in ("jax", "torch"):
         assert extras[name] and all("==" in r and not r.startswith("tensorflow") for r in extras[name]), name
     assert {"cpu", "jax", "torch"} <= set(extras["test"][0].partition("[")[2].rstrip("]").split(","))
+
+
+@pytest.mark.parametrize("flags, has", [("fpu avx2 avx512f avx512_bf16 fma", True), ("fpu avx2 amx_bf16 amx_tile", True),
+                                        ("fpu avx2 avx512f fma", False)])
+def test_bfloat16_is_read_off_the_cpu_flags(tmp_path, flags, has) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU with avx512_bf16 in its name\nflags\t\t: {flags}\n\n"
+                       f"processor\t: 1\nflags\t\t: {flags}\n")
+    assert backend.cpu_has_bfloat16(str(cpuinfo)) is has
+    assert backend.cpu_has_bfloat16(str(tmp_path / "absent")) is False  # not Linux: no bfloat16 assumed

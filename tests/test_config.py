@@ -58,13 +58,31 @@ def test_study_a_families_and_ensemble() -> None:
         ("cifar10-mobilenetv2", "2.4"), ("cifar10-densenet121", "3.1")]
 
 
-def test_study_b_keeps_its_constraints_until_the_planned_follow_ups() -> None:
-    study_b = [cfg.resolve(e) for e in cfg.list_experiments() if cfg.resolve(e).study == "B"]
-    *constrained, stratified, augmented = study_b
-    for config in constrained:
+def assert_plain_stages(config: cfg.ExperimentConfig) -> None:
+    """No known architecture: every convolution is its own stage, pooled; nothing adds or concatenates; the one
+    extra convolution allowed is the fixed whitening layer (an initialisation: it learns nothing)."""
+    import keras
+
+    from cifar_mlops.models import create_model
+
+    model = create_model(config.model.name, **{**config.model.settings(), "width": 0.25})
+    convolutions = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    stages = [layer for layer in convolutions if layer.name != "whiten"]
+    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)]
+    assert [layer.name for layer in stages] == [f"conv{i}" for i in range(1, len(stages) + 1)] and len(pools) == len(stages)
+    assert [layer.trainable for layer in convolutions if layer.name == "whiten"] == ([False] if config.model.whiten else [])
+    assert not [layer for layer in model.layers if isinstance(layer, (keras.layers.Add, keras.layers.Concatenate))]
+
+
+def test_study_b_keeps_its_constraints_but_in_the_planned_follow_ups() -> None:
+    study_b = {e: cfg.resolve(e) for e in cfg.list_experiments() if cfg.resolve(e).study == "B"}
+    stratified, augmented = study_b.pop("b6"), study_b.pop("b7")  # the study's planned next steps
+    assert {"b0", "b5", "b8"} <= set(study_b)  # b8: this project's final iteration under the study's rules
+    for config in study_b.values():
         assert config.family == "cnn"
         assert (config.data.split, config.data.train_size, config.data.val_size) == ("random", 5000, 5000)
         assert config.augment == cfg.AugmentConfig(), f"{config.exp_id} augments"
+        assert_plain_stages(config)
     assert stratified.data.split == "stratified" and stratified.augment == cfg.AugmentConfig()
     assert augmented.data.split == "stratified" and augmented.augment != cfg.AugmentConfig()
 

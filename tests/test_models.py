@@ -179,3 +179,25 @@ def test_densenet_imagenet_file_is_hash_checked_not_deleted(offline):
     with pytest.raises(WeightsUnavailable, match=f"md5 differs from {applications.DENSENET121_NOTOP_MD5}"):
         create_model("densenet121", weights="imagenet")
     assert stand_in.exists()
+
+
+def test_the_whitening_layer_is_set_from_training_patches_and_whitens_them():
+    from cifar_mlops.models import cnn, init_from_data
+
+    rng = np.random.default_rng(0)
+    # neighbouring pixels and channels correlated, as in photographs: 4x4 blocks of one colour, plus noise
+    blocks = np.repeat(np.repeat(rng.integers(0, 200, (300, 8, 8, 1)), 4, axis=1), 4, axis=2)
+    images = (blocks + rng.integers(0, 56, (300, 32, 32, 3))).astype(np.uint8)
+    model = cnn.plain_cnn("whitened", stages=(8,), whiten=2)
+    assert init_from_data(model, images, seed=1) == ["whiten"]
+    layer = model.get_layer("whiten")
+    assert not layer.trainable and layer.output.shape[-1] == 24  # 2x2x3 directions, both signs
+
+    whitened = keras.Model(model.input, layer.output).predict(images[:100], verbose=0)
+    directions = whitened[:, :-1, :-1, :12].reshape(-1, 12)  # one sign; the last row/column sees padding
+    np.testing.assert_allclose(directions.mean(axis=0), 0, atol=0.05)
+    np.testing.assert_allclose(np.cov(directions, rowvar=False), np.eye(12), atol=0.1)
+    np.testing.assert_allclose(whitened[..., 12:], -whitened[..., :12], atol=1e-5)
+
+    plain = cnn.plain_cnn("plain", stages=(8,))
+    assert init_from_data(plain, images) == []  # nothing to set: a model without the layer is left as built

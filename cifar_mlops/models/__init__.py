@@ -89,6 +89,12 @@ def create_model(name: str, *, num_classes: int = 10, **settings: Any) -> keras.
     return entry.factory(num_classes=num_classes, **settings)
 
 
+def init_from_data(model: keras.Model, images, seed: int = 0) -> list[str]:
+    """Set the layers a model computes from its training images instead of learning them (a CNN's fixed
+    patch-whitening layer), once, before training; the names of the layers set."""
+    return [cnn.WHITENING_LAYER] if cnn.init_whitening(model, images, seed=seed) else []
+
+
 # Importing the factory modules fills the registry (last: they import register_model from here).
 from cifar_mlops.models import applications, cnn  # noqa: E402,F401
 from cifar_mlops.models.applications import WeightsUnavailable  # noqa: E402,F401  (re-exported for callers)

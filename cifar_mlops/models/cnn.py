@@ -6,8 +6,11 @@ than a VGG stack), and no augmentation inside the model. Each iteration is a
 tiny function calling `plain_cnn`; the first line of its docstring says what
 changed against the previous iteration (the catalogue shows it).
 
-Every variant takes the settings of `plain_cnn` (width, dropout, image_size,
-interpolation); none takes pretrained weights or DenseNet's blocks.
+Every variant takes the settings of `plain_cnn` (width, dropout, stage_dropout,
+whiten, image_size, interpolation); none takes pretrained weights or DenseNet's
+blocks. The whitening layer (`whiten`) is an initialisation, not a block: one
+fixed linear filter bank computed from the training images' patches, in front
+of the same plain stages.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 FAMILY = "cnn"
+WHITENING_LAYER = "whiten"
 
 
 def plain_cnn(
@@ -36,15 +40,19 @@ def plain_cnn(
     interpolation: str = "bilinear",
     width: float = 1.0,
     dropout: float = 0.0,
+    stage_dropout: float = 0.0,
+    whiten: int = 0,
 ) -> keras.Model:
-    """Stages of [conv -> (batchnorm) -> relu -> max-pool], then a head -> (dropout) -> softmax.
+    """Stages of [conv -> (batchnorm) -> relu -> max-pool -> (dropout)], then a head -> (dropout) -> softmax.
 
     The architecture: stages: filters per stage (before `width`); kernel: one size, or one per
     stage; own_dropout: the iteration's rate right before the classifier; dense_units: 0 for
     none; head: "flatten" (keeps positions) or "avg" (global average pooling).
     The settings every variant takes: width multiplies every filter count and hidden unit;
     dropout, when set, replaces the iteration's own rate; image_size resizes the 32x32 input
-    first (skipped at 32) with `interpolation`.
+    first (skipped at 32) with `interpolation`; stage_dropout: a rate after every stage's
+    pooling (0: none); whiten: the side of the patches a fixed first layer whitens (0: none),
+    set from the training images by `init_whitening` before training.
     """
     import keras
     from keras import layers
@@ -59,6 +67,10 @@ def plain_cnn(
     if image_size != 32:
         x = layers.Resizing(image_size, image_size, interpolation=interpolation, name="resize")(x)
     x = layers.Rescaling(1 / 255, name="rescale")(x)  # also casts uint8 -> float32
+    if whiten:
+        # each of the k*k*3 whitened patch directions twice, with both signs: the relu after the first
+        # stage keeps both halves
+        x = layers.Conv2D(2 * whiten * whiten * 3, whiten, padding="same", trainable=False, name=WHITENING_LAYER)(x)
     for i, (filters, size) in enumerate(zip(stages, kernels), start=1):
         x = layers.Conv2D(scale(filters), size, padding="same", use_bias=not batchnorm, name=f"conv{i}")(x)
         if batchnorm:
@@ -67,6 +79,8 @@ def plain_cnn(
             x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = layers.Activation("relu", name=f"relu{i}")(x)
         x = layers.MaxPooling2D(name=f"pool{i}")(x)
+        if stage_dropout:
+            x = layers.Dropout(stage_dropout, name=f"dropout{i}")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x) if head == "avg" else layers.Flatten(name="flatten")(x)
     if dense_units:
         x = layers.Dense(scale(dense_units), activation="relu", name="dense")(x)
@@ -75,6 +89,33 @@ def plain_cnn(
         x = layers.Dropout(rate, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def init_whitening(model: keras.Model, images, seed: int = 0, patches: int = 100_000, eps: float = 5e-4) -> bool:
+    """Set the model's fixed whitening layer (if it has one) from training images: its filters map every
+    k x k patch onto its principal directions scaled to unit variance (ZCA's first half, as fast CIFAR-10
+    trainers initialise their first layer), from `patches` random patches. Returns whether it had one.
+
+    `eps` regularises the smallest directions, relative to the mean variance of a patch value.
+    """
+    import numpy as np
+
+    if WHITENING_LAYER not in [layer.name for layer in model.layers]:
+        return False
+    layer = model.get_layer(WHITENING_LAYER)
+    kernel, _ = layer.get_weights()
+    side, channels = kernel.shape[0], kernel.shape[2]
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(len(images), size=patches)
+    rows, cols = (rng.integers(images.shape[axis] - side + 1, size=patches) for axis in (1, 2))
+    x = np.stack([images[pick, rows + dy, cols + dx] for dy in range(side) for dx in range(side)], axis=1)
+    x = x.reshape(patches, side * side * channels).astype(np.float64) / 255  # as the layer sees it (rescaled)
+    mean, covariance = x.mean(axis=0), np.cov(x, rowvar=False)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    scaled = eigenvectors / np.sqrt(eigenvalues + eps * np.trace(covariance) / len(covariance))
+    filters = np.concatenate([scaled, -scaled], axis=1)  # (k*k*c, 2*k*k*c), rows in (dy, dx, c) order
+    layer.set_weights([filters.reshape(kernel.shape).astype(kernel.dtype), (-mean @ filters).astype(kernel.dtype)])
+    return True
 
 
 @register_model("cnn_tiny", family=FAMILY, settings_of=plain_cnn)
