@@ -267,11 +267,11 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
             run.log(params={"train.dtype_policy": policy, "train.backend": keras.backend.backend()})
             with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
                 model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
-            for name in init_from_data(model, splits.x_train, seed=config.train.seed):
-                log(f"layer {name} set from the training images")
             log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
                 f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}, "
                 f"on {keras.backend.backend()}" + (f", {devices} devices" if devices > 1 else ""))
+            for name in init_from_data(model, splits.x_train, seed=config.train.seed):
+                log(f"layer {name} set from the training images")
             start, history, fit_before = 0, {}, 0.0
         else:
             model, state = resume.model, resume.point.state
