@@ -130,7 +130,7 @@ def mean_std(values) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, quiet: bool = False) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip(),
@@ -138,7 +138,8 @@ def write_result(name: str, payload: dict) -> Path:
     payload = portable(payload)  # --data-dir arguments, other processes' command lines: no absolute paths
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
     return path
 
 
