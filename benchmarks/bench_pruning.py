@@ -32,7 +32,7 @@ def label(pruner: str, overrides: dict) -> str:
 
 
 # the settings `tune` used before this benchmark, always shown for comparison
-OLD_DEFAULTS = {label("median", {"search.pruning_startup_trials": 5, "search.pruning_warmup_epochs": 1}),
+FORMER_DEFAULTS = {label("median", {"search.pruning_startup_trials": 5, "search.pruning_warmup_epochs": 1}),
                 label("successive-halving", {"search.pruning_warmup_epochs": 1, "search.pruning_reduction_factor": 3})}
 
 
@@ -81,15 +81,16 @@ def main() -> None:
                              "pruned": sum(replayed.pruned), "gap_pp": gap,
                              "met": gap <= GAP_PP and share <= SHARE})
         rows.append({"pruner": pruner, "overrides": overrides, "label": label(pruner, overrides),
+                     "former_default": label(pruner, overrides) in FORMER_DEFAULTS,
                      "seeds_met": sum(s["met"] for s in per_seed),
                      "worst_share": max(s["of_unpruned"] for s in per_seed),
                      "worst_gap_pp": max(s["gap_pp"] for s in per_seed), "per_seed": per_seed})
     rows.sort(key=lambda r: (-r["seeds_met"], r["worst_share"], r["worst_gap_pp"]))
-    shown = rows[:args.top] + [r for r in rows[args.top:] if r["label"] in OLD_DEFAULTS]
+    shown = rows[:args.top] + [r for r in rows[args.top:] if r["label"] in FORMER_DEFAULTS]
     seeds = sorted(curves)
     common.print_table(
         ["setting", "seeds met", *[f"seed {s}: epochs, gap pp" for s in seeds]],
-        [[r["label"] + (" (old default)" if r["label"] in OLD_DEFAULTS else ""), f"{r['seeds_met']} of {len(seeds)}",
+        [[r["label"] + (" (former default)" if r["label"] in FORMER_DEFAULTS else ""), f"{r['seeds_met']} of {len(seeds)}",
           *[f"{100 * s['of_unpruned']:.0f}%, {s['gap_pp']:+.2f}" for s in r["per_seed"]]] for r in shown])
     common.write_result("pruning", {"tuning": common.repo_relative(args.tuning), "exp": tuning["exp"],
                                     "overrides": tuning["overrides"], "seeds": seeds,

@@ -345,6 +345,86 @@ def section_study_b(r: dict | None) -> list[str]:
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
+def section_study_b_final(study_b: dict | None, screening: dict | None) -> list[str]:
+    """Issue 18, item 1: b8 (the new final iteration under the study's rules) against its 72% target, and the
+    one-seed screening that chose it."""
+    out = ["## Study B's new final iteration, b8 (issue 18)", ""]
+    final = next((x for x in (study_b or {}).get("summary", []) if x["exp"] == "b8"), None)
+    if final and final["test_accuracy"][0] is not None:
+        (acc, sd), cpu = final["test_accuracy"], final["cpu_s"][0] / 60
+        cpu_max = max(x["cpu_s"] for x in study_b["runs"] if x["exp"] == "b8") / 60
+        met = acc >= 0.72 and cpu_max <= 10
+        out += [f"Target: at least 72.0% mean test accuracy over 3 seeds on the sample's test batch, in at most 10 "
+                f"CPU-minutes per run, under the study's rules. b8 (rows above): {100 * acc:.1f} ± {100 * sd:.1f}% over "
+                f"{final['seeds']} seeds, {cpu:.1f} CPU-minutes per run on average, {cpu_max:.1f} at most: "
+                f"**{'met' if met else 'missed'}**"
+                + ("" if met else f" ({100 * (0.72 - acc):.1f} points short)" if acc < 0.72 else " (over 10 CPU-minutes)")
+                + ". b5, the study's own final, is kept beside it as the record of the study.", ""]
+    if screening:
+        out += ["How b8 was found: single runs of seed 0 (data.seed = train.seed = 0, float32, the sample's "
+                "3,336 / 834 split), each one change against b5, written as the `--set` that makes it. One seed "
+                "cannot separate changes of a point or two (the whitening runs alone range over 4 points of test "
+                "accuracy); these runs only chose what b8 became, the 3-seed figures are the result. "
+                f"{screening['note'].capitalize()}.", "",
+                "| run | change against b5 (`--set`) | val acc % | test acc % (sample) | CPU min |", "|---|---|---|---|---|"]
+        out += [f"| {x['run']} | {x['change']} | {100 * x['val_accuracy']:.1f} | {100 * x['test_accuracy']:.1f} | "
+                f"{x['cpu_s'] / 60:.1f} |" for x in screening["runs"]]
+        out += ["", f"Measured {screening['finished']}. Command: `{screening['command']}`.", ""]
+    return out
+
+
+def section_precision(r: dict | None) -> list[str]:
+    """Issue 18, item 3: float32 against mixed_bfloat16 on this CPU, and what `train.precision: auto` picks."""
+    out = ["## bfloat16 on this CPU (issue 18)", ""]
+    if not r:
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_precision.py", ""]
+    out += ["`cifar-mlops train --set train.precision=P` on the real sample (3,336 / 834 split, its 1,000-image test "
+            "batch), seeds interleaved (each seed: every experiment in both precisions in turn). Images/s = training "
+            "images x epochs / the run's fit seconds; mean ± std over seeds, images/s as median (range). Rule: "
+            "`auto` picks mixed_bfloat16 on CPUs with bfloat16 instructions where its mean test accuracy is no lower "
+            "than float32's mean minus one float32 standard deviation and it trains faster.", "",
+            "| exp | precision | seeds | test acc % | val acc % | images/s (range) | CPU min / run | decision |",
+            "|---|---|---|---|---|---|---|---|"]
+    for x in r["summary"]:
+        for precision in ("float32", "mixed_bfloat16"):
+            c = x[precision]
+            decision = (f"{x['speedup']:.2f}x float32's speed, {'as accurate' if x['as_accurate'] else 'less accurate'}"
+                        f": auto picks **{x['auto_picks']}**") if precision == "mixed_bfloat16" else ""
+            out.append(f"| {x['exp']} | {precision} | {c['seeds']} | {100 * c['test_accuracy'][0]:.1f} ± "
+                       f"{100 * c['test_accuracy'][1]:.1f} | {100 * c['val_accuracy'][0]:.1f} ± "
+                       f"{100 * c['val_accuracy'][1]:.1f} | {c['images_per_s']:.0f} ({c['range'][0]:.0f}-"
+                       f"{c['range'][1]:.0f}) | {c['cpu_s'] / 60:.1f} | {decision} |")
+    return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
+
+
+def section_pruning(r: dict | None) -> list[str]:
+    """Issue 18, item 4: pruner settings replayed on the unpruned studies' stored learning curves."""
+    out = ["## Pruner settings replayed on stored learning curves (issue 18)", ""]
+    if not r:
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_pruning.py   # after bench_tuning.py", ""]
+    seeds = r["seeds"]
+    out += [f"Every setting below replayed on the unpruned studies of the tuning benchmark above ({r['exp']}, "
+            f"overrides {r['overrides']}, seeds {seeds}): each study's trials told to a fresh Optuna study in their "
+            "order, one epoch at a time, so the pruner sees only the values up to each epoch "
+            "(`cifar_mlops.tune.replay_pruning`; a test checks it against a real pruned study). Nothing retrained: "
+            f"{len(r['settings'])} settings x {len(seeds)} seeds in seconds. Target per seed: best within "
+            f"{r['target']['gap_pp']:g} pp of the unpruned best at <= {100 * r['target']['epochs_share']:.0f}% of its "
+            "epochs. Ranked by seeds met, then by the worst seed's share of epochs; the former defaults are shown "
+            "whatever their rank.", "",
+            "| setting | seeds met | " + " | ".join(f"seed {s}: epochs, below best (pp)" for s in seeds) + " |",
+            "|---|---|" + "---|" * len(seeds)]
+    top = r["settings"][:12] + [x for x in r["settings"][12:] if x.get("former_default")]
+    for x in top:
+        out.append(f"| {x['label']}{' (former default)' if x.get('former_default') else ''} | {x['seeds_met']} of "
+                   f"{len(seeds)} | " + " | ".join(f"{100 * s['of_unpruned']:.0f}%, {s['gap_pp']:+.2f}"
+                                                  for s in x["per_seed"]) + " |")
+    met = [x for x in r["settings"] if x["seeds_met"] == len(seeds)]
+    out += ["", f"{len(met)} of {len(r['settings'])} settings meet the target in every seed."
+            + (f" The first, `{met[0]['label']}`, is the new default (confirmed by real pruned studies in the tuning "
+               "table above)." if met else ""), "", load_line(r), ""]
+    return out
+
+
 def _params(params: dict) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 
@@ -520,8 +600,8 @@ def section_gpu_check() -> list[str]:
 
 
 def main() -> None:
-    results = {n: load(n) for n in ("startup", "memory", "tracking", "throughput", "study_b", "tuning", "ablation",
-                                    "serving", "backends")}
+    results = {n: load(n) for n in ("startup", "memory", "tracking", "throughput", "study_b", "study_b_screening",
+                                    "tuning", "pruning", "precision", "ablation", "serving", "backends")}
     lines = ["# Benchmarks: results", "",
              "Generated by `.venv/bin/python benchmarks/report_results.py` from `benchmarks/results/*.json`; "
              "do not edit by hand. Rerun everything with `.venv/bin/python benchmarks/run_all.py` "
@@ -533,7 +613,9 @@ def main() -> None:
              "the load average measured around it.", ""]
     lines += section_startup(results["startup"]) + section_memory(results["memory"])
     lines += section_tracking(results["tracking"]) + section_throughput(results["throughput"])
-    lines += section_study_b(results["study_b"]) + section_tuning(results["tuning"])
+    lines += section_study_b(results["study_b"]) + section_study_b_final(results["study_b"], results["study_b_screening"])
+    lines += section_precision(results["precision"])
+    lines += section_tuning(results["tuning"]) + section_pruning(results["pruning"])
     lines += section_ablation(results["ablation"]) + section_serving(results["serving"])
     lines += section_backends(results["backends"]) + section_gpu_check()
     (common.BENCH / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")

@@ -121,8 +121,9 @@ class TrainConfig(Strict):
     # devices trained on at once, data-parallel (each step's train.batch_size images split between them):
     # 1, N or "all"; GPUs where there are, else the CPU (see cifar_mlops.backend.data_parallel)
     devices: Annotated[int, Field(ge=1)] | Literal["all"] = 1
-    # Keras dtype policy; auto: mixed_float16 where a GPU is visible (tensor cores), float32 on CPU
-    # (float16 is emulated there and slower; see benchmarks/RESULTS.md)
+    # Keras dtype policy; auto: mixed_float16 where a GPU is visible (tensor cores); on a CPU with bfloat16
+    # instructions mixed_bfloat16 for the models measured as accurate and faster in it (train.CPU_BFLOAT16_MODELS),
+    # else float32 (float16 is emulated on CPUs and slower; see benchmarks/RESULTS.md)
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
 
     @model_validator(mode="after")

@@ -55,11 +55,23 @@ def compile_model(model, cfg: TrainConfig, learning_rate: float, total_steps: in
     )
 
 
-def dtype_policy(cfg: TrainConfig) -> str:
-    """The Keras dtype policy `train.precision` means on this machine (auto: per device)."""
+# The models measured to train as accurately and faster in mixed_bfloat16 than in float32 on a CPU with
+# bfloat16 instructions, on TensorFlow (benchmarks/RESULTS.md, "bfloat16 on this CPU"); every other model
+# was slower there (MobileNetV2's depthwise convolutions) or was not measured, and stays float32 on a CPU.
+CPU_BFLOAT16_MODELS = frozenset({"cnn_b5"})
+
+
+def dtype_policy(cfg: TrainConfig, model_name: str) -> str:
+    """The Keras dtype policy `train.precision` means on this machine for this model. auto: mixed_float16
+    where a GPU is visible; on a CPU, mixed_bfloat16 for CPU_BFLOAT16_MODELS where the CPU has bfloat16
+    instructions and the backend is TensorFlow (where it was measured), else float32."""
     if cfg.precision != "auto":
         return cfg.precision
-    return "mixed_float16" if backend.gpu_count() else "float32"
+    if backend.gpu_count():
+        return "mixed_float16"
+    if model_name in CPU_BFLOAT16_MODELS and backend.current() == "tensorflow" and backend.cpu_has_bfloat16():
+        return "mixed_bfloat16"
+    return "float32"
 
 
 @contextlib.contextmanager
@@ -263,7 +275,7 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         splits = tracked_splits(run, config.data, splits)
 
         if resume is None:
-            policy = dtype_policy(config.train)
+            policy = dtype_policy(config.train, config.model.name)
             run.log(params={"train.dtype_policy": policy, "train.backend": keras.backend.backend()})
             with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
                 model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
