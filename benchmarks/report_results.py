@@ -345,27 +345,32 @@ def section_study_b(r: dict | None) -> list[str]:
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
-def section_study_b_final(study_b: dict | None, screening: dict | None) -> list[str]:
+def section_study_b_final(precision: dict | None, screening: dict | None) -> list[str]:
     """Issue 18, item 1: b8 (the new final iteration under the study's rules) against its 72% target, and the
-    one-seed screening that chose it."""
+    one-seed screening that chose it. b8 trains in float32 (its own setting): its runs are bench_precision's
+    float32 runs of b8, the same command."""
     out = ["## Study B's new final iteration, b8 (issue 18)", ""]
-    final = next((x for x in (study_b or {}).get("summary", []) if x["exp"] == "b8"), None)
-    if final and final["test_accuracy"][0] is not None:
-        (acc, sd), cpu = final["test_accuracy"], final["cpu_s"][0] / 60
-        cpu_max = max(x["cpu_s"] for x in study_b["runs"] if x["exp"] == "b8") / 60
-        met = acc >= 0.72 and cpu_max <= 10
-        out += [f"Target: at least 72.0% mean test accuracy over 3 seeds on the sample's test batch, in at most 10 "
-                f"CPU-minutes per run, under the study's rules. b8 (rows above): {100 * acc:.1f} ± {100 * sd:.1f}% over "
-                f"{final['seeds']} seeds, {cpu:.1f} CPU-minutes per run on average, {cpu_max:.1f} at most: "
-                f"**{'met' if met else 'missed'}**"
-                + ("" if met else f" ({100 * (0.72 - acc):.1f} points short)" if acc < 0.72 else " (over 10 CPU-minutes)")
-                + ". b5, the study's own final, is kept beside it as the record of the study.", ""]
+    runs = [x for x in (precision or {}).get("runs", []) if x["exp"] == "b8" and x["precision"] == "float32"]
+    if runs:
+        (acc, sd), (val, val_sd) = (common.mean_std([x[k] for x in runs]) for k in ("test_accuracy", "val_accuracy"))
+        cpu, cpu_max = common.mean_std([x["cpu_s"] for x in runs])[0] / 60, max(x["cpu_s"] for x in runs) / 60
+        met = acc >= 0.72 and cpu_max <= 10 and len(runs) >= 3
+        out += [f"b8 = b5 + `patch_whitening` + `stage_dropout`, in float32 (its own `train.precision`), on the sample "
+                f"as above, seeds {sorted(x['seed'] for x in runs)}: test {100 * acc:.1f} ± {100 * sd:.1f}%, val "
+                f"{100 * val:.1f} ± {100 * val_sd:.1f}%, {cpu:.1f} CPU-minutes per run on average ({cpu_max:.1f} at "
+                "most). These are the float32 b8 runs of the bfloat16 table below (the same command as "
+                "`cifar-mlops train --exp b8` with the sample split and seed).", "",
+                "Target: at least 72.0% mean test accuracy over 3 seeds on the sample's test batch, in at most 10 "
+                f"CPU-minutes per run, under the study's rules: **{'met' if met else 'missed'}**"
+                + ("" if met or acc >= 0.72 else f" ({100 * (0.72 - acc):.1f} points short)")
+                + f"; by {100 * (acc - 0.72):+.1f} points, less than the spread across seeds. b5, the study's own final, "
+                "stays in the catalogue as the record of the study.", ""]
     if screening:
         out += ["How b8 was found: single runs of seed 0 (data.seed = train.seed = 0, float32, the sample's "
                 "3,336 / 834 split), each one change against b5, written as the `--set` that makes it. One seed "
                 "cannot separate changes of a point or two (the whitening runs alone range over 4 points of test "
                 "accuracy); these runs only chose what b8 became, the 3-seed figures are the result. "
-                f"{screening['note'].capitalize()}.", "",
+                f"{screening['note'][0].upper() + screening['note'][1:]}.", "",
                 "| run | change against b5 (`--set`) | val acc % | test acc % (sample) | CPU min |", "|---|---|---|---|---|"]
         out += [f"| {x['run']} | {x['change']} | {100 * x['val_accuracy']:.1f} | {100 * x['test_accuracy']:.1f} | "
                 f"{x['cpu_s'] / 60:.1f} |" for x in screening["runs"]]
@@ -394,6 +399,13 @@ def section_precision(r: dict | None) -> list[str]:
                        f"{100 * c['test_accuracy'][1]:.1f} | {100 * c['val_accuracy'][0]:.1f} ± "
                        f"{100 * c['val_accuracy'][1]:.1f} | {c['images_per_s']:.0f} ({c['range'][0]:.0f}-"
                        f"{c['range'][1]:.0f}) | {c['cpu_s'] / 60:.1f} | {decision} |")
+    if any(x["float32"]["test_accuracy"][0] < 0.2 for x in r["summary"]):
+        out += ["", "An experiment near 10% (chance) learned nothing on the sample in either precision (MobileNetV2 "
+                "from scratch: 10 epochs of 52 steps leave its batch-norm moving averages, momentum 0.999, mostly at "
+                "their initial values), so its accuracy decides nothing and its speed decides alone."]
+    if any(x["float32"]["seeds"] < 3 for x in r["summary"]):
+        out += ["", "Rows with fewer than 3 seeds were not repeated for lack of time; the last of them ran beside "
+                "another benchmark (see the load below), so their images/s are lower than on a quiet machine."]
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
@@ -613,7 +625,7 @@ def main() -> None:
              "the load average measured around it.", ""]
     lines += section_startup(results["startup"]) + section_memory(results["memory"])
     lines += section_tracking(results["tracking"]) + section_throughput(results["throughput"])
-    lines += section_study_b(results["study_b"]) + section_study_b_final(results["study_b"], results["study_b_screening"])
+    lines += section_study_b(results["study_b"]) + section_study_b_final(results["precision"], results["study_b_screening"])
     lines += section_precision(results["precision"])
     lines += section_tuning(results["tuning"]) + section_pruning(results["pruning"])
     lines += section_ablation(results["ablation"]) + section_serving(results["serving"])
