@@ -421,8 +421,8 @@ def section_pruning(r: dict | None) -> list[str]:
             "(`cifar_mlops.tune.replay_pruning`; a test checks it against a real pruned study). Nothing retrained: "
             f"{len(r['settings'])} settings x {len(seeds)} seeds in seconds. Target per seed: best within "
             f"{r['target']['gap_pp']:g} pp of the unpruned best at <= {100 * r['target']['epochs_share']:.0f}% of its "
-            "epochs. Ranked by seeds met, then by the worst seed's share of epochs; the former defaults are shown "
-            "whatever their rank.", "",
+            "epochs. Ranked by seeds met, then by the worst seed's loss against the unpruned best, then by its share "
+            "of the epochs; the former defaults are shown whatever their rank.", "",
             "| setting | seeds met | " + " | ".join(f"seed {s}: epochs, below best (pp)" for s in seeds) + " |",
             "|---|---|" + "---|" * len(seeds)]
     top = r["settings"][:12] + [x for x in r["settings"][12:] if x.get("former_default")]

@@ -408,7 +408,8 @@ def predict(paths: tuple[str, ...], model_uri: str, out: str, top_k: int, batch_
               help="Stop starting new trials after this many seconds per worker (0: no limit).")
 @click.option("--sampler", type=ChoiceOf("cifar_mlops.tune", "SAMPLERS"), default="tpe", show_default=True)
 @click.option("--pruner", type=ChoiceOf("cifar_mlops.tune", "PRUNERS"), default="median", show_default=True,
-              help="Stops unpromising trials early on per-epoch val_accuracy.")
+              help="Stops unpromising trials early on per-epoch val_accuracy (median: below the median of the "
+                   "finished trials' at the same epoch, once 2 have finished; search.pruning_* tune it).")
 @click.option("--seed", default="", metavar="INT", help="Sampler seed (default: random).")
 @_override_options("data.val_size=1000 (every trial)")
 @click.option("--register-best", type=click.BOOL, is_flag=False, flag_value=True, default=False,

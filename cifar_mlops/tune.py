@@ -202,8 +202,8 @@ def make_pruner(name: str, config: cfg.ExperimentConfig) -> optuna.pruners.BaseP
         return optuna.pruners.PercentilePruner(space.pruning_percentile, n_startup_trials=space.pruning_startup_trials,
                                                n_warmup_steps=space.pruning_warmup_epochs)
     if name == "successive-halving":
-        # a rung at each 0-based epoch warm-up x factor**k (epochs 2, 4 and 10 with the defaults): only the
-        # best 1/factor of the trials that reached a rung go on, so most trials cost two epochs
+        # a rung at each 0-based epoch max(1, warm-up) x factor**k (epochs 2, 4 and 10 with the defaults): only
+        # the best 1/factor of the trials that reached a rung go on, so most trials cost two epochs
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, space.pruning_warmup_epochs),
                                                       reduction_factor=space.pruning_reduction_factor)
     if name == "hyperband":
