@@ -403,6 +403,10 @@ def section_precision(r: dict | None) -> list[str]:
         out += ["", "An experiment near 10% (chance) learned nothing on the sample in either precision (MobileNetV2 "
                 "from scratch: 10 epochs of 52 steps leave its batch-norm moving averages, momentum 0.999, mostly at "
                 "their initial values), so its accuracy decides nothing and its speed decides alone."]
+    busy = [x for x in r["runs"] if x.get("loadavg", 0) > 3]
+    if busy:
+        out += ["", "Runs with a load average above 3 (another job beside them on the 2 cores, so slower): "
+                + ", ".join(f"{x['exp']} seed {x['seed']} {x['precision']}" for x in busy) + "."]
     if any(x["float32"]["seeds"] < 3 for x in r["summary"]):
         out += ["", "Rows with fewer than 3 seeds were not repeated for lack of time; the last of them ran beside "
                 "another benchmark (see the load below), so their images/s are lower than on a quiet machine."]
