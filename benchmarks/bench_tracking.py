@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
     args = parser.parse_args()
 
-    sets = [f"{k}={v}" for k, v in common.SAMPLE_SPLIT.items()] + [f"train.epochs={args.epochs}"]
+    # float32 on both sides: `auto` picks mixed_bfloat16 for b5 on a CPU with bfloat16, the bare script does not
+    sets = [f"{k}={v}" for k, v in common.SAMPLE_SPLIT.items()] + [f"train.epochs={args.epochs}", "train.precision=float32"]
     set_args = [a for s in sets for a in ("--set", s)]
     bare_sets = [*set_args, "--set", f"data.data_dir={args.data_dir}"]
     a_cmd = [common.PYTHON, str(common.BENCH / "_train_timed.py"), "train", "--exp", args.exp,
