@@ -64,6 +64,9 @@ class AugmentConfig(Strict):
     rotation: float = Field(0.0, ge=0, le=180)  # degrees, maximum absolute random rotation
     translation: float = Field(0.0, ge=0, lt=1)  # fraction of the image side, maximum random shift
     blur_sigma: float = Field(0.0, ge=0, le=5)  # px, maximum std of a random gaussian blur; 0: off
+    # px, side of a square set to mid-grey at a random place of every image (Cutout; it may reach past the
+    # border, so less is hidden near one); 0: off
+    cutout: int = Field(0, ge=0, le=32)
 
 
 class ModelConfig(Strict):
@@ -77,6 +80,9 @@ class ModelConfig(Strict):
     stage_dropout: float = Field(0.0, ge=0, lt=1)  # fraction, after every stage's pooling (study B's CNNs)
     # px, side of the patches a fixed first layer whitens, set from the training images (study B's CNNs); 0: none
     whiten: int = Field(0, ge=0, le=4)
+    # predict every image as the mean of its own and its mirror image's probabilities (test-time flips): in
+    # the run's evaluation and wherever its logged model is served. How the model predicts, not how it is built
+    test_time_flip: bool = False
 
     @field_validator("name")
     @classmethod
@@ -95,9 +101,10 @@ class ModelConfig(Strict):
         """The settings changed from their defaults, as `models.create_model(name, **settings)` takes them.
 
         Defaults are left out so that a model is only handed what it uses; the factories'
-        defaults equal these fields' (tests/test_models.py checks it).
+        defaults equal these fields' (tests/test_models.py checks it). `test_time_flip` is not one:
+        it is how the trained model predicts (`image_model.flip_averaged`).
         """
-        return self.model_dump(exclude={"name"}, exclude_defaults=True)
+        return self.model_dump(exclude={"name", "test_time_flip"}, exclude_defaults=True)
 
 
 class TrainConfig(Strict):

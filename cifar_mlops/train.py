@@ -24,7 +24,7 @@ from cifar_mlops.errors import UserError
 from cifar_mlops.models import create_model, init_from_data
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, runs
-from cifar_mlops.tracking.image_model import predict_in_batches
+from cifar_mlops.tracking.image_model import flip_averaged, predict_in_batches
 
 
 class TrainingFailed(UserError):
@@ -298,8 +298,11 @@ def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callba
         fit_seconds = fit_before + time.perf_counter() - started
         history = {key: [*history.get(key, []), *trained.get(key, [])] for key in {*history, *trained}}
 
-        log("evaluating on train, val and test")
-        probabilities = {split: predict_in_batches(predictor(model, devices), x, config.train.batch_size)
+        log("evaluating on train, val and test" + (", with test-time flips" if config.model.test_time_flip else ""))
+        predict = predictor(model, devices)
+        if config.model.test_time_flip:  # as the logged model predicts where it is served
+            predict = flip_averaged(predict)
+        probabilities = {split: predict_in_batches(predict, x, config.train.batch_size)
                          for split, (x, _) in splits.by_split().items()}
         metrics, texts, figures = evaluation.evaluate(splits, probabilities, config.exp_id)
         metrics["fit_seconds"] = fit_seconds

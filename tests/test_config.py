@@ -77,6 +77,7 @@ def assert_plain_stages(config: cfg.ExperimentConfig) -> None:
 def test_study_b_keeps_its_constraints_but_in_the_planned_follow_ups() -> None:
     study_b = {e: cfg.resolve(e) for e in cfg.list_experiments() if cfg.resolve(e).study == "B"}
     stratified, augmented = study_b.pop("b6"), study_b.pop("b7")  # the study's planned next steps
+    unconstrained = study_b.pop("b9")  # beyond the study's rules
     assert {"b0", "b5", "b8"} <= set(study_b)  # b8: this project's final iteration under the study's rules
     for config in study_b.values():
         assert config.family == "cnn"
@@ -85,6 +86,10 @@ def test_study_b_keeps_its_constraints_but_in_the_planned_follow_ups() -> None:
         assert_plain_stages(config)
     assert stratified.data.split == "stratified" and stratified.augment == cfg.AugmentConfig()
     assert augmented.data.split == "stratified" and augmented.augment != cfg.AugmentConfig()
+    assert unconstrained.augment == augmented.augment and unconstrained.model.test_time_flip
+    assert unconstrained.model.weights is None  # lifted rules, still no pretrained weights
+    with pytest.raises(AssertionError):
+        assert_plain_stages(unconstrained)  # two convolutions per stage: the rule it lifts
 
 
 def test_precedence_defaults_base_enhancement_file_set() -> None:

@@ -558,6 +558,31 @@ def test_blur_of_a_flat_image_is_the_image_and_a_point_spreads_as_a_gaussian():
     np.testing.assert_allclose(spread[13:20], kernel * kernel[3], rtol=1e-5)  # separable: row x centre of column
 
 
+@pytest.mark.core
+def test_cutout_greys_one_square_per_image_within_the_image():
+    from keras import ops
+
+    from cifar_mlops.pipeline import Batches, cutout
+
+    images = np.zeros((3, 32, 32, 1), np.float32)
+    where = np.array([[0.5, 0.5], [0.0, 0.0], [0.99, 0.2]], np.float32)  # centres (16, 16), (0, 0), (31, 6)
+    out = ops.convert_to_numpy(cutout(images, 8, where))[..., 0]
+    assert set(np.unique(out)) == {0.0, 128.0}
+    np.testing.assert_array_equal(np.argwhere(out[0] == 128).min(axis=0), [12, 12])
+    assert (out[0] == 128).sum() == 64
+    assert (out[1] == 128).sum() == 16 and out[1, :4, :4].all()  # past the corner: a quarter stays
+    assert (out[2] == 128).sum() == 5 * 8 and out[2, 27:, 2:10].all()  # rows 27-31, columns 2-9
+
+    x, _, _, _ = data.synthetic_arrays(32, 10, seed=0)
+    batches = Batches(x, np.zeros(32, int), batch_size=16, num_classes=10, training=True,
+                      augment=AugmentConfig(cutout=12))
+    first, again = _epoch(batches)[0], _epoch(Batches(x, np.zeros(32, int), batch_size=16, num_classes=10,
+                                                      training=True, augment=AugmentConfig(cutout=12)))[0]
+    np.testing.assert_array_equal(first, again)  # seeded like every other draw
+    changed = (first != x[data.epoch_order(32, 0, 0)]).any(axis=3)
+    assert 0 < changed.sum(axis=(1, 2)).min() and changed.sum(axis=(1, 2)).max() <= 144
+
+
 def test_class_weights_balanced():
     y = np.array([0] * 10 + [1] * 30)
     assert data.class_weights(y, 3) == pytest.approx({0: 2.0, 1: 40 / 60, 2: 1.0})

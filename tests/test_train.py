@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlops import backend, data
+from cifar_mlops import backend, data, evaluation
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
 from cifar_mlops.train import TrainingFailed, train
@@ -192,6 +192,25 @@ def test_run_adopted_from_mlflow_run_in_another_experiment_says_where_it_is(stor
     log = capsys.readouterr().err
     assert "add --experiment-name cifar10-ablation to `mlflow run`" in log
     assert f"run {adopted} in experiment 'Default'" in log
+
+
+def test_test_time_flips_are_evaluated_and_served_alike_and_blind_to_mirroring(store) -> None:
+    config = tiny("smoke", train__epochs=2, model__width=1.0, model__test_time_flip=True)
+    metrics = train(config)
+    [run] = ablation_runs()
+    assert run.data.params["model.test_time_flip"] == "True"
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").unwrap_python_model()
+    splits = data.load_splits(config.data)
+    probabilities = served.probabilities(splits.x_test)
+    # the served model predicts what the run evaluated: its metrics, exactly
+    scores = evaluation.split_metrics("test", splits.y_test, probabilities)
+    assert scores == {key: metrics[key] for key in scores}
+    # ... the mean over each image and its mirror image, so a mirrored image gets the same answer,
+    keras_model = served.member_models[0].get_raw_model()
+    plain, plain_mirrored = (keras_model.predict(x, verbose=0) for x in (splits.x_test, splits.x_test[:, :, ::-1]))
+    np.testing.assert_allclose(probabilities, (plain + plain_mirrored) / 2, atol=1e-6)
+    np.testing.assert_allclose(served.probabilities(splits.x_test[:, :, ::-1]), probabilities, atol=1e-6)
+    assert not np.allclose(plain, plain_mirrored, atol=1e-3)  # which the network alone does not give
 
 
 @needs_sample

@@ -96,5 +96,5 @@ def init_from_data(model: keras.Model, images, seed: int = 0) -> list[str]:
 
 
 # Importing the factory modules fills the registry (last: they import register_model from here).
-from cifar_mlops.models import applications, cnn  # noqa: E402,F401
+from cifar_mlops.models import applications, cnn, stacked  # noqa: E402,F401
 from cifar_mlops.models.applications import WeightsUnavailable  # noqa: E402,F401  (re-exported for callers)

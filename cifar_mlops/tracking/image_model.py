@@ -186,6 +186,16 @@ def predict_in_batches(predict: Callable[[np.ndarray], np.ndarray], images: np.n
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
+def flip_averaged(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """`predict` made to answer, for each image, the mean of its probabilities for the image and for its
+    left-right mirror image (test-time flips: a model trained on flipped images sees both views)."""
+    def predict_both_ways(images: np.ndarray) -> np.ndarray:
+        mirrored = np.ascontiguousarray(images[:, :, ::-1])
+        return (np.asarray(predict(images), np.float32) + np.asarray(predict(mirrored), np.float32)) / 2
+
+    return predict_both_ways
+
+
 def load_member(uri: str, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """The model logged at `uri` as a function from uint8 (n, 32, 32, 3) images to (n, classes) probabilities."""
     import mlflow
@@ -193,17 +203,19 @@ def load_member(uri: str, batch_size: int) -> Callable[[np.ndarray], np.ndarray]
     return probabilities_of(mlflow.pyfunc.load_model(uri), batch_size)
 
 
-def probabilities_of(model, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+def probabilities_of(model, batch_size: int, test_time_flip: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """A loaded pyfunc as a function from uint8 (n, 32, 32, 3) images to (n, classes) float32 probabilities.
 
-    A model logged from this file answers through its own `probabilities`; a plain Keras model
-    (versions registered before models took encoded images) is called batch by batch with
-    `predict_on_batch`, which is quiet and skips `model.predict`'s per-call set-up; any other
+    A model logged from this file answers through its own `probabilities` (with its own test-time
+    flips, if it has them); a plain Keras model (a member, or a version registered before models
+    took encoded images) is called batch by batch with `predict_on_batch`, which is quiet and skips
+    `model.predict`'s per-call set-up, each batch `flip_averaged` where `test_time_flip`; any other
     pyfunc that takes pixels and returns probabilities through its `predict`.
     """
     if "keras" in model.metadata.flavors:
         keras_model = model.get_raw_model()
-        return lambda images: predict_in_batches(keras_model.predict_on_batch, images, batch_size)
+        predict = flip_averaged(keras_model.predict_on_batch) if test_time_flip else keras_model.predict_on_batch
+        return lambda images: predict_in_batches(predict, images, batch_size)
     try:
         python_model = model.unwrap_python_model()
     except MlflowException:  # not a PythonModel
@@ -224,8 +236,9 @@ def predictions_table(probabilities: np.ndarray, class_names: Sequence[str]) -> 
 class ImageModel(PythonModel):
     """Images in (see the module), the members' weighted mean probabilities as a table out.
 
-    Members are the models copied into this model's artifacts; weights, class names and batch
-    size are in the model config.
+    Members are the models copied into this model's artifacts; weights, class names, batch size
+    and whether a Keras member predicts with test-time flips (`test_time_flip`, absent in models
+    logged before it existed) are in the model config.
     """
 
     _skip_type_hint_validation = True  # the signature is logged explicitly: no type-hint check or warning
@@ -237,10 +250,11 @@ class ImageModel(PythonModel):
         self.weights = [float(w) for w in config["weights"]]
         self.class_names = list(config["class_names"])
         batch_size = int(config["batch_size"])
+        test_time_flip = bool(config.get("test_time_flip", False))
         # The members as loaded pyfuncs (`.get_raw_model()` of a Keras one is the Keras model) ...
         self.member_models = [mlflow.pyfunc.load_model(context.artifacts[key]) for key in config["member_keys"]]
         # ... and as functions from images to probabilities.
-        self.members = [probabilities_of(model, batch_size) for model in self.member_models]
+        self.members = [probabilities_of(model, batch_size, test_time_flip) for model in self.member_models]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (n, 32, 32, 3) images -> (n, classes) float32 probabilities."""

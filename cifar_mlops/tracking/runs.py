@@ -539,7 +539,7 @@ class TrainingRun:
             mlflow.log_figure(figure, f"{name}.png")
 
     def log_trained_model(self, model: keras.Model, class_names: Sequence[str], batch_size: int) -> str:
-        return served.log_trained_model(model, class_names, batch_size)
+        return served.log_trained_model(model, class_names, batch_size, self.config.model.test_time_flip)
 
     def register(self, model_uri: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> int:
         """Register `model_uri` as a new version of `cifar10-<family>` (or its candidates model, see

@@ -133,13 +133,15 @@ def predictor(uri: str, batch_size: int) -> Callable[[np.ndarray], pd.DataFrame]
     return table
 
 
-def log_trained_model(model: keras.Model, class_names: Sequence[str], batch_size: int) -> str:
-    """Log `model` on the active run as an `image_model` with one member; return its URI."""
+def log_trained_model(model: keras.Model, class_names: Sequence[str], batch_size: int,
+                      test_time_flip: bool = False) -> str:
+    """Log `model` on the active run as an `image_model` with one member (predicting with test-time flips
+    where `test_time_flip`, as the run was evaluated); return its URI."""
     with tempfile.TemporaryDirectory(prefix="cifar-mlops-") as folder:
         member = os.path.join(folder, "keras")
         mlflow.keras.save_model(model, member, signature=pixel_signature(len(class_names)),
                                 pip_requirements=list(serving_requirements()))
-        return _log_image_model([member], [1.0], class_names, batch_size,
+        return _log_image_model([member], [1.0], class_names, batch_size, test_time_flip=test_time_flip,
                                 metadata={"members": ["the Keras model trained in this run"]})
 
 
@@ -157,10 +159,10 @@ def log_ensemble_model(members: list[RegisteredVersion], weights: list[float], c
 
 
 def _log_image_model(member_uris: Sequence[str], weights: Sequence[float], class_names: Sequence[str],
-                     batch_size: int, metadata: dict[str, Any]) -> str:
+                     batch_size: int, metadata: dict[str, Any], test_time_flip: bool = False) -> str:
     keys = [MEMBER_ARTIFACT.format(i) for i in range(len(member_uris))]
     model_config = {"member_keys": keys, "weights": [float(w) for w in weights], "batch_size": int(batch_size),
-                    "class_names": [str(name) for name in class_names]}
+                    "class_names": [str(name) for name in class_names], "test_time_flip": test_time_flip}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = mlflow.pyfunc.log_model(
