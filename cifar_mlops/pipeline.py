@@ -81,10 +81,11 @@ class Batches(keras.utils.PyDataset):
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.images), self.seed, epoch))
         idx = self._order[1][rows]
-        images = self.images[idx]
+        images, labels = self.images[idx], self.labels[idx]
         if self.augmenter is not None:
             images = self.augmenter(images, epoch, index)
-        return images, self.labels[idx]
+            images, labels = self.augmenter.mix(images, labels, epoch, index)
+        return images, labels
 
     def on_epoch_end(self) -> None:
         if self.training:
@@ -111,6 +112,7 @@ class Augmenter:
         # keras.layers.RandomGaussianBlur (keras 3.15) caps sigma at 1 and draws one sigma per batch: own blur instead.
         self.sigma_seed = keras.random.SeedGenerator(seed + 3) if self.blur else None
         self.cutout = augment.cutout
+        self.mixup, self.cutmix = augment.mixup, augment.cutmix
         self.cutout_seed = keras.random.SeedGenerator(seed + 4) if self.cutout else None
         self.generators = [layer.generator for layer in layers] + [g for g in (self.sigma_seed, self.cutout_seed) if g]
         self.seed = seed
@@ -121,12 +123,26 @@ class Augmenter:
             self._draw = tf.function(self._apply, reduce_retracing=True)
 
     def __call__(self, images: np.ndarray, epoch: int, step: int) -> np.ndarray:
-        if not self.generators:
+        if not self.generators:  # no draw on the backend (MixUp and CutMix draw in NumPy: `mix`)
             return images
         # one stream per draw, keyed by (seed, draw, epoch, batch); wrapped to the generators' dtype (uint32)
         states = np.array([[(self.seed % 2**32) * 8 + k, epoch * 2**24 + step] for k in range(len(self.generators))],
                           dtype=np.int64).astype(self.generators[0].state.dtype)
         return ops.convert_to_numpy(self._draw(images, states))
+
+    def mix(self, images: np.ndarray, labels: np.ndarray, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """MixUp and CutMix (where set) of a uint8 batch and its one-hot labels, with another image of the batch
+        each, drawn from (seed, epoch, batch number) like every other draw."""
+        if not (self.mixup or self.cutmix):
+            return images, labels
+        rng = np.random.default_rng([self.seed % 2**32, epoch, step])
+        if self.mixup:
+            images, labels = mixup(images, labels, rng.beta(self.mixup, self.mixup, len(images)),
+                                   rng.permutation(len(images)))
+        if self.cutmix:
+            images, labels = cutmix(images, labels, rng.beta(self.cutmix, self.cutmix, len(images)),
+                                    rng.permutation(len(images)), rng.random((len(images), 2)))
+        return images, labels
 
     def _apply(self, images, states):
         for k, generator in enumerate(self.generators):  # indexed: a graph cannot iterate a tensor
@@ -140,6 +156,30 @@ class Augmenter:
         if self.cutout:
             z = cutout(z, self.cutout, keras.random.uniform((ops.shape(z)[0], 2), seed=self.cutout_seed))
         return ops.cast(ops.clip(ops.round(z), 0, 255), "uint8")
+
+
+def mixup(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, partners: np.ndarray):
+    """uint8 images and their labels, each blended with `partners`' (indices into the batch): weight w of its own
+    image and label, 1 - w of its partner's (Zhang et al.'s MixUp)."""
+    w = weights.astype(np.float32)
+    blended = w[:, None, None, None] * images + (1 - w[:, None, None, None]) * images[partners]
+    return np.round(blended).astype(np.uint8), w[:, None] * labels + (1 - w[:, None]) * labels[partners]
+
+
+def cutmix(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, partners: np.ndarray, where: np.ndarray):
+    """uint8 images and their labels, each with a box of its partner's image pasted over it (Yun et al.'s CutMix):
+    the box's sides are sqrt(1 - w) of the image's, centred where `where` (uniform in [0, 1), row and column)
+    points, cut at the border; the labels are weighted by the area each image keeps."""
+    n, height, width = images.shape[:3]
+    side = np.sqrt(1 - weights)
+    rows, cols = np.arange(height)[None, :], np.arange(width)[None, :]
+    top, left = (np.floor(where[:, k] * size) - np.floor(side * size / 2) for k, size in ((0, height), (1, width)))
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + np.round(side * height)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + np.round(side * width)[:, None])
+    box = in_rows[:, :, None] & in_cols[:, None, :]  # (n, height, width)
+    pasted = np.where(box[..., None], images[partners], images)
+    kept = 1 - box.reshape(n, -1).mean(axis=1, dtype=np.float32)
+    return pasted, kept[:, None] * labels + (1 - kept[:, None]) * labels[partners]
 
 
 def cutout(images, side: int, where):

@@ -583,6 +583,39 @@ def test_cutout_greys_one_square_per_image_within_the_image():
     assert 0 < changed.sum(axis=(1, 2)).min() and changed.sum(axis=(1, 2)).max() <= 144
 
 
+def test_mixup_and_cutmix_mix_images_and_labels_by_what_each_image_keeps():
+    from cifar_mlops.pipeline import cutmix, mixup
+
+    images = np.stack([np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 200, np.uint8)])
+    labels = np.eye(2, dtype=np.float32)
+    mixed, mixed_labels = mixup(images, labels, np.array([0.25, 1.0]), np.array([1, 0]))
+    assert mixed.dtype == np.uint8 and set(np.unique(mixed[0])) == {150} and set(np.unique(mixed[1])) == {200}
+    np.testing.assert_allclose(mixed_labels, [[0.25, 0.75], [0.0, 1.0]])
+
+    # w = 0.75: a box of half the side (16 x 16) from the partner; the second one's box is cut at the corner
+    pasted, pasted_labels = cutmix(images, labels, np.array([0.75, 0.75]), np.array([1, 0]),
+                                   np.array([[0.5, 0.5], [0.0, 0.0]]))
+    assert np.argwhere(pasted[0, ..., 0] == 200).min(axis=0).tolist() == [8, 8] and (pasted[0] == 200).sum() == 16 * 16 * 3
+    assert (pasted[1, ..., 0] == 0).sum() == 8 * 8 and (pasted[1, :8, :8] == 0).all()
+    np.testing.assert_allclose(pasted_labels, [[0.75, 0.25], [1 / 16, 15 / 16]])
+
+
+@pytest.mark.core
+def test_mixed_batches_keep_labels_summing_to_one_and_repeat_with_the_seed():
+    from cifar_mlops.pipeline import Batches
+
+    x, y, _, _ = data.synthetic_arrays(64, 10, seed=0)
+    for augment in (AugmentConfig(mixup=1.0), AugmentConfig(cutmix=1.0), AugmentConfig(flip=True, mixup=0.4, cutmix=0.4)):
+        (images, labels), (again, again_labels) = (
+            _epoch(Batches(x, y, batch_size=32, num_classes=10, training=True, augment=augment, seed=2)) for _ in range(2))
+        np.testing.assert_array_equal(images, again)
+        np.testing.assert_array_equal(labels, again_labels)
+        np.testing.assert_allclose(labels.sum(axis=1), 1.0, rtol=1e-6)
+        assert (labels.max(axis=1) < 1).mean() > 0.5, augment  # most images are mixed with another
+    plain = _epoch(Batches(x, y, batch_size=32, num_classes=10, training=False, augment=AugmentConfig(mixup=1.0)))
+    np.testing.assert_array_equal(plain[0], x)  # never at evaluation
+
+
 def test_class_weights_balanced():
     y = np.array([0] * 10 + [1] * 30)
     assert data.class_weights(y, 3) == pytest.approx({0: 2.0, 1: 40 / 60, 2: 1.0})
