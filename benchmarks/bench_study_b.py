@@ -24,7 +24,7 @@ PUBLISHED = {"b0": 0.5336, "b5": 0.667}  # the study's validation accuracy, firs
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exps", default="b0,b1,b2,b3,b4,b5,b6,b7,b8")
+    parser.add_argument("--exps", default="b0,b1,b2,b3,b4,b5,b6,b7,b8,b9")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=0, help="0: each iteration's own train.epochs")
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
@@ -49,7 +49,7 @@ def main() -> None:
         if old.get("epochs_override") == (args.epochs or None):
             done = {(r["exp"], r["seed"]) for r in runs}
             runs = [r for r in old["runs"] if (r["exp"], r["seed"]) not in done] + runs
-            order = ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8"]
+            order = ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"]
             exps = sorted({r["exp"] for r in runs}, key=lambda e: (order.index(e) if e in order else 99, e))
 
     summary, rows = [], []

@@ -308,7 +308,7 @@ def section_throughput(r: dict | None) -> list[str]:
 def section_study_b(r: dict | None) -> list[str]:
     out = ["## Accuracy on real images: study B (item 5)", ""]
     if not r:
-        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_study_b.py             # 8 iterations x 3 "
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_study_b.py             # 10 iterations x 3 "
                       "seeds, about 1-2 CPU hours here", ""]
     seeds = sorted({x["seed"] for x in r["runs"]})
     out += [f"`cifar-mlops train --no-register` on the real CIFAR-10 sample: 3,336 train / 834 validation images "
@@ -370,11 +370,53 @@ def section_study_b_final(precision: dict | None, screening: dict | None) -> lis
                 "3,336 / 834 split), each one change against b5, written as the `--set` that makes it. One seed "
                 "cannot separate changes of a point or two (the whitening runs alone range over 4 points of test "
                 "accuracy); these runs only chose what b8 became, the 3-seed figures are the result. "
-                f"{screening['note'][0].upper() + screening['note'][1:]}.", "",
-                "| run | change against b5 (`--set`) | val acc % | test acc % (sample) | CPU min |", "|---|---|---|---|---|"]
-        out += [f"| {x['run']} | {x['change']} | {100 * x['val_accuracy']:.1f} | {100 * x['test_accuracy']:.1f} | "
-                f"{x['cpu_s'] / 60:.1f} |" for x in screening["runs"]]
-        out += ["", f"Measured {screening['finished']}. Command: `{screening['command']}`.", ""]
+                f"{screening['note'][0].upper() + screening['note'][1:]}.", ""] + screening_table(screening, "b5")
+    return out
+
+
+def screening_table(screening: dict, against: str) -> list[str]:
+    """One-seed screening runs (a results file of rows: run, change, val/test accuracy, CPU seconds) as a table."""
+    out = [f"| run | change against {against} (`--set`) | val acc % | test acc % (sample) | CPU min |",
+           "|---|---|---|---|---|"]
+    out += [f"| {x['run']} | {x['change']} | {100 * x['val_accuracy']:.1f} | {100 * x['test_accuracy']:.1f} | "
+            f"{x['cpu_s'] / 60:.1f} |" for x in screening["runs"]]
+    return out + ["", f"Measured {screening['finished']}. Command: `{screening['command']}`.", ""]
+
+
+UNCONSTRAINED_TARGET, UNCONSTRAINED_BUDGET_MIN = 0.80, 15
+
+
+def section_beyond_the_rules(study_b: dict | None, screening: dict | None) -> list[str]:
+    """Issue 18, item 2: b9 (study B's rules lifted: augmentation, test-time flips, known architectures; no
+    pretrained weights) against its 80% target in 15 CPU-minutes, b7 beside it, and the screening behind it."""
+    out = ["## Beyond study B's rules: b9 (issue 18)", ""]
+    summary = {x["exp"]: x for x in (study_b or {}).get("summary", [])}
+    if "b9" not in summary:
+        out += [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_study_b.py --exps b9 --merge   # 3 seeds, "
+                "about 40 CPU-minutes here", ""]
+    else:
+        runs = [x for x in study_b["runs"] if x["exp"] == "b9"]
+        b9, b7 = summary["b9"], summary.get("b7")
+        acc, sd = b9["test_accuracy"]
+        cpu_max = max(x["cpu_s"] for x in runs) / 60
+        met = acc >= UNCONSTRAINED_TARGET and cpu_max <= UNCONSTRAINED_BUDGET_MIN and len(runs) >= 3
+        policies = sorted({x.get("dtype_policy") or "?" for x in runs})
+        out += [f"b9 (`experiments/b9.yaml`) on the sample as in the study B table, seeds {sorted(x['seed'] for x in runs)}, "
+                f"in {', '.join(policies)}: test {100 * acc:.1f} ± {100 * sd:.1f}%, val {100 * b9['val_accuracy'][0]:.1f} ± "
+                f"{100 * b9['val_accuracy'][1]:.1f}%, train {100 * b9['train_accuracy'][0]:.1f}%, "
+                f"{b9['cpu_s'][0] / 60:.1f} CPU-minutes per run on average ({cpu_max:.1f} at most)"
+                + (f"; b7, the best iteration with augmentation before it: {100 * b7['test_accuracy'][0]:.1f} ± "
+                   f"{100 * b7['test_accuracy'][1]:.1f}% at {b7['cpu_s'][0] / 60:.1f} CPU-minutes" if b7 else "") + ".", "",
+                f"Target: at least {100 * UNCONSTRAINED_TARGET:.0f}% mean test accuracy over 3 seeds in at most "
+                f"{UNCONSTRAINED_BUDGET_MIN} CPU-minutes per run, augmentation and test-time flips allowed, no "
+                f"pretrained weights: **{'met' if met else 'missed'}**"
+                + ("" if acc >= UNCONSTRAINED_TARGET else f" ({100 * (UNCONSTRAINED_TARGET - acc):.1f} points short)")
+                + ".", ""]
+    if screening:
+        out += ["How b9 was found: single runs of seed 0 on the same split, each row a set of changes against the "
+                "first b9 (the `--set` that makes it); one seed moves test accuracy by about ±1.4 points, so rows "
+                f"closer than that are not told apart. {screening['note'][0].upper() + screening['note'][1:]}.", ""]
+        out += screening_table(screening, "b9 as first written")
     return out
 
 
@@ -618,7 +660,7 @@ def section_gpu_check() -> list[str]:
 
 def main() -> None:
     results = {n: load(n) for n in ("startup", "memory", "tracking", "throughput", "study_b", "study_b_screening",
-                                    "tuning", "pruning", "precision", "ablation", "serving", "backends")}
+                                    "study_b_unconstrained_screening", "tuning", "pruning", "precision", "ablation", "serving", "backends")}
     lines = ["# Benchmarks: results", "",
              "Generated by `.venv/bin/python benchmarks/report_results.py` from `benchmarks/results/*.json`; "
              "do not edit by hand. Rerun everything with `.venv/bin/python benchmarks/run_all.py` "
@@ -631,6 +673,7 @@ def main() -> None:
     lines += section_startup(results["startup"]) + section_memory(results["memory"])
     lines += section_tracking(results["tracking"]) + section_throughput(results["throughput"])
     lines += section_study_b(results["study_b"]) + section_study_b_final(results["precision"], results["study_b_screening"])
+    lines += section_beyond_the_rules(results["study_b"], results["study_b_unconstrained_screening"])
     lines += section_precision(results["precision"])
     lines += section_tuning(results["tuning"]) + section_pruning(results["pruning"])
     lines += section_ablation(results["ablation"]) + section_serving(results["serving"])

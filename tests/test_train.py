@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from cifar_mlops import backend, data, evaluation
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
-from cifar_mlops.train import TrainingFailed, train
+from cifar_mlops.train import TrainingFailed, dtype_policy, train
 from tests.conftest import SAMPLE_DIR, TRAINABLE, covering_experiments, needs_sample, tiny
 
 FINAL_METRICS = [f"{split}_{name}" for split in ("train", "val", "test") for name in ("accuracy", "f1_macro", "loss")]
@@ -240,6 +240,7 @@ def test_precision_auto_follows_the_device_and_mixed_float16_trains_and_reloads(
         "mixed_float16" if gpu else "mixed_bfloat16" if backend.cpu_has_bfloat16() else "float32")
     assert b5_run.info.status == "FINISHED" and not math.isnan(b5_run.data.metrics["val_loss"])
     assert cfg.resolve("b8").train.precision == "float32"  # b8 keeps float32 for its target (see experiments/b8.yaml)
+    assert dtype_policy(cfg.resolve("b9").train, "cnn_b9") == b5_run.data.params["train.dtype_policy"]
     assert mixed_run.info.status == "FINISHED" and mixed_run.data.params["train.dtype_policy"] == "mixed_float16"
     assert keras.config.dtype_policy().name == "float32"  # the global default is restored for the next model
 
