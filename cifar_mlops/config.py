@@ -67,9 +67,9 @@ class AugmentConfig(Strict):
     # px, side of a square set to mid-grey at a random place of every image (Cutout; it may reach past the
     # border, so less is hidden near one); 0: off
     cutout: int = Field(0, ge=0, le=32)
-    # alpha of the Beta(alpha, alpha) draw of each image's mixing weight, per batch: MixUp blends every image
-    # (and its one-hot label) with another image of the batch, CutMix pastes a box of another image over it
-    # (its label weighted by the box's area); 0: off (0.2-1 are usual values)
+    # alpha of the Beta(alpha, alpha) distribution each training image's mixing weight is drawn from: MixUp
+    # blends every image (and its one-hot label) with another image of its batch, CutMix pastes a box of another
+    # image over it (the labels weighted by the area each keeps); 0: off (0.2-1 are usual values)
     mixup: float = Field(0.0, ge=0, le=10)
     cutmix: float = Field(0.0, ge=0, le=10)
 

@@ -68,9 +68,7 @@ def plain_cnn(
         x = layers.Resizing(image_size, image_size, interpolation=interpolation, name="resize")(x)
     x = layers.Rescaling(1 / 255, name="rescale")(x)  # also casts uint8 -> float32
     if whiten:
-        # each of the k*k*3 whitened patch directions twice, with both signs: the relu after the first
-        # stage keeps both halves
-        x = layers.Conv2D(2 * whiten * whiten * 3, whiten, padding="same", trainable=False, name=WHITENING_LAYER)(x)
+        x = whitening(x, whiten)  # the relu after the first stage keeps both signs
     for i, (filters, size) in enumerate(zip(stages, kernels), start=1):
         x = layers.Conv2D(scale(filters), size, padding="same", use_bias=not batchnorm, name=f"conv{i}")(x)
         if batchnorm:
@@ -89,6 +87,14 @@ def plain_cnn(
         x = layers.Dropout(rate, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def whitening(x, side: int):
+    """The fixed patch-whitening layer on `x`: each of the side*side*3 whitened directions of a patch twice,
+    with both signs, so the activation after it keeps both halves. Frozen; `init_whitening` sets it."""
+    from keras import layers
+
+    return layers.Conv2D(2 * side * side * 3, side, padding="same", trainable=False, name=WHITENING_LAYER)(x)
 
 
 def init_whitening(model: keras.Model, images, seed: int = 0, patches: int = 100_000, eps: float = 5e-4) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cifar_mlops.models import register_model
-from cifar_mlops.models.cnn import FAMILY, WHITENING_LAYER
+from cifar_mlops.models.cnn import FAMILY, whitening
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -34,9 +34,7 @@ def stacked_cnn(name: str, stages: tuple[int, ...], *, num_classes: int = 10, wi
     inputs = keras.Input(shape=(32, 32, 3), dtype="uint8", name="image")
     x = layers.Rescaling(1 / 255, name="rescale")(inputs)  # also casts uint8 -> float32
     if whiten:
-        # each whitened patch direction with both signs (see cnn.plain_cnn): the GELU keeps both halves
-        x = layers.Conv2D(2 * whiten * whiten * 3, whiten, padding="same", trainable=False, name=WHITENING_LAYER)(x)
-        x = layers.Activation("gelu", name="whiten_gelu")(x)
+        x = layers.Activation("gelu", name="whiten_gelu")(whitening(x, whiten))
     for i, filters in enumerate(stages, start=1):
         filters = max(4, round(filters * width))
         for part in ("a", "b"):
