@@ -215,9 +215,10 @@ def test_test_time_flips_are_evaluated_and_served_alike_and_blind_to_mirroring(s
 
 @needs_sample
 def test_final_study_b_cnn_learns_real_cifar10_images(store) -> None:
-    # 3,336 training / 834 validation images of the real sample; its test batch is unseen.
+    # 3,336 training / 834 validation images of the real sample; its test batch is unseen. Half the filters:
+    # the same network learns past 40% in 4 epochs at about a quarter of the cost (49% test on this VM)
     config = cfg.resolve("b5", {"data.data_dir": str(SAMPLE_DIR), "data.train_size": 3336, "data.val_size": 834,
-                                "train.epochs": 4, "train.checkpoint_every": 0})
+                                "train.epochs": 4, "train.checkpoint_every": 0, "model.width": 0.5})
     metrics = train(config, register=False)
     [run] = ablation_runs()
     assert run.data.tags["data_source"] == "cifar10-partial"

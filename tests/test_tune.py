@@ -145,7 +145,7 @@ def test_a_replay_on_an_unpruned_study_is_what_the_pruned_study_does(store: str)
     the unpruned study's curves must cut exactly where the real pruned study does."""
     from cifar_mlops import config as cfg
 
-    settings = {**TINY, "search.epochs.low": 3, "search.epochs.high": 4, "data.synthetic_train_pool": 400,
+    settings = {**TINY, "search.epochs.low": 2, "search.epochs.high": 3, "data.synthetic_train_pool": 400,
                 "data.val_size": 100, "search.learning_rate.low": 1e-6, "search.learning_rate.high": 0.05,
                 "search.pruning_startup_trials": 1, "search.pruning_warmup_epochs": 0}
     tune.tune("smoke", 5, overrides=settings, study_name="unpruned", pruner="none", seed=4, sampler="random")
