@@ -1,6 +1,7 @@
 """Issue 14's benchmark: ablations on the real CIFAR-10 sample, effects with intervals and verdicts, and their cost.
 
     .venv/bin/python benchmarks/bench_ablation.py [--ablations b5:leave-one-out,b5:path] [--seeds 3] [--epochs N]
+        [--enhancements A,B] [--merge]
 
 Each ablation is `cifar-mlops ablate --exp EXP --design DESIGN --seeds SEEDS --data-dir SAMPLE --set
 data.train_size=3336 --set data.val_size=834 [--set train.epochs=N]` in a fresh subprocess (throwaway MLflow
@@ -13,6 +14,7 @@ here); a shortened run measures the machinery and the order of the effects, not 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 
@@ -42,6 +44,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="3")
     parser.add_argument("--epochs", type=int, default=0, help="0: each variant's own train.epochs")
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
+    parser.add_argument("--enhancements", default="", help="passed to every ablation (only these enhancements)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the ablations of results/ablation.json that are not rerun (same seeds)")
     args = parser.parse_args()
 
     before = common.load_snapshot()
@@ -52,7 +57,8 @@ def main() -> None:
             exp, design = item.split(":")
             sets = {**common.SAMPLE_SPLIT, **({"train.epochs": args.epochs} if args.epochs else {})}
             cmd = [common.CLI, "ablate", "--exp", exp, "--design", design, "--seeds", args.seeds,
-                   "--data-dir", args.data_dir, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+                   "--data-dir", args.data_dir, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
+                   *(["--enhancements", args.enhancements] if args.enhancements else [])]
             cpu0 = cpu_seconds()
             wall, proc = common.timed_run(cmd, env=env, cwd=tmp)
             cpu = cpu_seconds() - cpu0
@@ -60,13 +66,24 @@ def main() -> None:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{exp} {design} failed (exit {proc.returncode})")
             found = tables(proc.stdout)
-            results.append({"exp": exp, "design": design, "wall_min": round(wall / 60, 1), "cpu_min": round(cpu / 60, 1),
+            results.append({"exp": exp, "design": design, "enhancements": args.enhancements or "all",
+                            "epochs_override": args.epochs or None,
+                            "wall_min": round(wall / 60, 1), "cpu_min": round(cpu / 60, 1),
                             "variants_table": found[0] if found else [], "effects_table": found[1] if len(found) > 1 else []})
             print(f"{exp} {design}: {wall / 60:.1f} wall min, {cpu / 60:.1f} CPU min", file=sys.stderr)
             print("\n".join(results[-1]["variants_table"] + [""] + results[-1]["effects_table"]))
+    previous = common.RESULTS / "ablation.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("seeds") != args.seeds:
+            raise SystemExit(f"--merge: results/ablation.json has seeds {old.get('seeds')}; rerun without --merge")
+        rerun = {(r["exp"], r["design"]) for r in results}
+        # ablations written before each kept its own epochs took the file's
+        results = [{"epochs_override": old.get("epochs_override"), **r} for r in old["ablations"]
+                   if (r["exp"], r["design"]) not in rerun] + results
     common.write_result("ablation", {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
                                      "split": common.SAMPLE_SPLIT, "seeds": args.seeds,
-                                     "epochs_override": args.epochs or None, "ablations": results,
+                                     "ablations": results,
                                      "load_before": before, "load_after": common.load_snapshot()})
 
 

@@ -567,16 +567,17 @@ def section_ablation(r: dict | None) -> list[str]:
     if not r:
         return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_ablation.py   # leave-one-out of b5 and "
                       "the path b0 -> b5, 3 seeds: about two CPU hours here", ""]
-    epochs = (f"every variant trained {r['epochs_override']} epochs (shortened: the effects are those of short "
-              "trainings, not of the iterations as catalogued)" if r.get("epochs_override")
-              else "each variant's own epochs")
     out += [f"`cifar-mlops ablate` on the real CIFAR-10 sample (3,336 train / 834 validation images, test = its "
-            f"1,000-image test batch, NOT the official test set), seeds `{r['seeds']}`, {epochs}. Effects: metric "
+            f"1,000-image test batch, NOT the official test set), seeds `{r['seeds']}`. Effects: metric "
             "with the change minus without it, paired by seed, 95% t-interval; verdicts from the paired t-test "
             "across seeds, Holm-corrected; cmh_p: the test images, stratified by seed.", ""]
     for a in r["ablations"]:
-        out += [f"### {a['exp']} {a['design']}: {a['wall_min']} wall minutes, {a['cpu_min']} CPU minutes", "",
-                *a["variants_table"], "", *a["effects_table"], ""]
+        epochs = a.get("epochs_override", r.get("epochs_override"))  # older files: one value for all
+        trained = (f"every variant trained {epochs} epochs (shortened: the effects are those of short trainings, "
+                   "not of the iteration as catalogued)" if epochs else "each variant at its own epochs")
+        only = f", only {a['enhancements']}" if a.get("enhancements", "all") != "all" else ""
+        out += [f"### {a['exp']} {a['design']}{only}: {a['wall_min']} wall minutes, {a['cpu_min']} CPU minutes", "",
+                f"{trained[0].upper()}{trained[1:]}.", "", *a["variants_table"], "", *a["effects_table"], ""]
     return out + [load_line(r), ""]
 
 
