@@ -4,8 +4,8 @@
         [--enhancements A,B] [--merge]
 
 Each ablation is `cifar-mlops ablate --exp EXP --design DESIGN --seeds SEEDS --data-dir SAMPLE --set
-data.train_size=3336 --set data.val_size=834 [--set train.epochs=N]` in a fresh subprocess (throwaway MLflow
-store), as a user runs it. Recorded: the command's variants and effects tables (its stdout), and the wall and
+data.train_size=3336 --set data.val_size=834 [--set train.epochs=N] [--enhancements A,B]` in a fresh
+subprocess (throwaway MLflow store), as a user runs it. Recorded: the command's variants and effects tables (its stdout), and the wall and
 CPU minutes of the whole ablation (user + sys CPU of the subprocess and its children: both cores count).
 `--epochs` shortens every variant's training (the full ablations at their own epochs take about two CPU hours
 here); a shortened run measures the machinery and the order of the effects, not the studies' final numbers.
@@ -49,6 +49,10 @@ def main() -> None:
                         help="keep the ablations of results/ablation.json that are not rerun (same seeds)")
     args = parser.parse_args()
 
+    previous = common.RESULTS / "ablation.json"
+    kept = json.loads(previous.read_text()) if args.merge and previous.exists() else None
+    if kept is not None and kept.get("seeds") != args.seeds:  # checked before hours of training, not after
+        raise SystemExit(f"--merge: results/ablation.json has seeds {kept.get('seeds')}; rerun without --merge")
     before = common.load_snapshot()
     results = []
     with common.tempdir("ablation") as tmp:
@@ -72,14 +76,10 @@ def main() -> None:
                             "variants_table": found[0] if found else [], "effects_table": found[1] if len(found) > 1 else []})
             print(f"{exp} {design}: {wall / 60:.1f} wall min, {cpu / 60:.1f} CPU min", file=sys.stderr)
             print("\n".join(results[-1]["variants_table"] + [""] + results[-1]["effects_table"]))
-    previous = common.RESULTS / "ablation.json"
-    if args.merge and previous.exists():
-        old = json.loads(previous.read_text())
-        if old.get("seeds") != args.seeds:
-            raise SystemExit(f"--merge: results/ablation.json has seeds {old.get('seeds')}; rerun without --merge")
+    if kept is not None:
         rerun = {(r["exp"], r["design"]) for r in results}
         # ablations written before each kept its own epochs took the file's
-        results = [{"epochs_override": old.get("epochs_override"), **r} for r in old["ablations"]
+        results = [{"epochs_override": kept.get("epochs_override"), **r} for r in kept["ablations"]
                    if (r["exp"], r["design"]) not in rerun] + results
     common.write_result("ablation", {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
                                      "split": common.SAMPLE_SPLIT, "seeds": args.seeds,
