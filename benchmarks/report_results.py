@@ -572,7 +572,7 @@ def section_ablation(r: dict | None) -> list[str]:
             "with the change minus without it, paired by seed, 95% t-interval; verdicts from the paired t-test "
             "across seeds, Holm-corrected; cmh_p: the test images, stratified by seed.", ""]
     for a in r["ablations"]:
-        epochs = a.get("epochs_override", r.get("epochs_override"))  # older files: one value for all
+        epochs = a["epochs_override"]
         trained = (f"every variant trained {epochs} epochs (shortened: the effects are those of short trainings, "
                    "not of the iteration as catalogued)" if epochs else "each variant at its own epochs")
         only = f", only {a['enhancements']}" if a.get("enhancements", "all") != "all" else ""
