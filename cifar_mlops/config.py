@@ -130,6 +130,10 @@ class TrainConfig(Strict):
     # before, so `train --resume RUN_ID` can continue a lost training; 0: no checkpoints
     checkpoint_every: int = Field(1, ge=0)
     steps_per_execution: int = Field(1, ge=1)  # batches per compiled call; higher cuts Python overhead
+    # training images whose batch statistics replace BatchNorm's moving averages before each epoch's
+    # validation ("precise BN", cifar_mlops.batchnorm): the evaluated model's statistics are those of its
+    # weights; 0: keep the moving averages
+    bn_recompute_images: int = Field(1024, ge=0)
     # devices trained on at once, data-parallel (each step's train.batch_size images split between them):
     # 1, N or "all"; GPUs where there are, else the CPU (see cifar_mlops.backend.data_parallel)
     devices: Annotated[int, Field(ge=1)] | Literal["all"] = 1

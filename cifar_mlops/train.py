@@ -105,6 +105,27 @@ def stop_on_nan():
     return StopOnNaN()
 
 
+def validate_each_epoch(val_ds, bn_batches, bn_images: int):
+    """At each epoch's end, first of the callbacks that read its logs: set the BatchNorm statistics from the
+    epoch's weights (`batchnorm.recompute` over `bn_images` training images), then evaluate the validation
+    split and add `val_loss` and `val_accuracy` to the epoch's logs, where early stopping, Optuna's pruning,
+    the run's curves and the checkpoint read them. (Keras's own validation runs before any callback could
+    correct the statistics.)"""
+    import keras
+
+    from cifar_mlops import batchnorm
+
+    class ValidateEachEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            bn_batches.clock.epoch = epoch  # the epoch's own order and augmentation: a resumed run draws the same
+            batchnorm.recompute(self.model, bn_batches, bn_images)
+            results = self.model.evaluate(val_ds, verbose=0, return_dict=True)
+            if logs is not None:
+                logs.update({f"val_{name}": float(value) for name, value in results.items()})
+
+    return ValidateEachEpoch()
+
+
 def follow_epochs(clock):
     """Tells the training batches' `pipeline.EpochClock` which epoch begins, before Keras starts that epoch's pass over it."""
     import keras
@@ -196,9 +217,13 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
                        training=True, augment=config.augment, seed=cfg.seed, clock=clock, multiple_of=devices)
     val_ds = Batches(splits.x_val, splits.y_val, batch_size=cfg.batch_size, num_classes=splits.num_classes,
                      training=False, multiple_of=devices)
+    bn_ds = Batches(splits.x_train, splits.y_train, batch_size=cfg.batch_size, num_classes=splits.num_classes,
+                    training=True, augment=config.augment, seed=cfg.seed, clock=EpochClock(start),
+                    multiple_of=devices)
     steps_per_epoch = len(train_ds)  # the batches an epoch has (with several devices, maybe one fewer)
     class_weight = data.class_weights(splits.y_train, splits.num_classes) if cfg.class_weight == "balanced" else None
-    callbacks = [follow_epochs(clock), stop_on_nan(), *callbacks]
+    callbacks = [follow_epochs(clock), stop_on_nan(), validate_each_epoch(val_ds, bn_ds, cfg.bn_recompute_images),
+                 *callbacks]
     if cfg.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.early_stopping_patience,
                                                        restore_best_weights=True))
@@ -215,7 +240,7 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
             compile_model(model, cfg, learning_rate, (end - first) * steps_per_epoch)
         else:  # resumed inside this phase: the checkpoint's model is compiled for it
             log(f"epochs {start + 1}-{end}: going on from the checkpoint after epoch {start}")
-        phase = model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=max(first, start),
+        phase = model.fit(train_ds, epochs=end, initial_epoch=max(first, start),
                           class_weight=class_weight, callbacks=callbacks, verbose=verbose,
                           shuffle=False)  # the dataset orders each epoch itself (data.epoch_order)
         for key, values in phase.history.items():
