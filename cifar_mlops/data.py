@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cifar_mlops.errors import UserError
+from cifar_mlops.errors import UserError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from cifar_mlops.config import DataConfig
@@ -238,7 +238,7 @@ def _load_pickle(path: Path) -> dict:
             content = _BatchUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError,
             UnicodeDecodeError, OverflowError, MemoryError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = first_line(err)
         raise DataError(
             f"{path} is truncated or corrupt ({detail}); delete the folder and extract or download CIFAR-10 again"
         ) from None
@@ -304,7 +304,7 @@ def fetch_cifar10(cache: str | os.PathLike, url: str = CIFAR10_URL, md5: str = C
 
 def _fetch_error(err: Exception, archive: Path, url: str, md5: str, by_hand: str) -> DataError:
     """The DataError for what keras.utils.get_file raised, told apart by what it left behind."""
-    detail = (str(err).splitlines() or [""])[0] or type(err).__name__
+    detail = first_line(err)
     if not archive.is_file():  # get_file deletes the archive when the download fails
         # "URL fetch failure on <url>: <HTTP code or None> -- <reason>" -> "HTTP 404: File not found" / the reason
         head, sep, reason = detail.rpartition(" -- ")

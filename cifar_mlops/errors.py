@@ -25,7 +25,13 @@ def redact(url: str | None) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message (of the driver's error under a SQLAlchemy one), for one-line errors."""
-    text = str(getattr(err, "orig", None) or err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
+def first_line(err: BaseException, typed: bool = False, limit: int = 300) -> str:
+    """The first line of an error's message (of the driver's error under a SQLAlchemy one), for one-line errors.
+
+    An empty message gives the error's type name; `typed` puts the type name in front ("KeyError: 'x'").
+    """
+    text = str(getattr(err, "orig", None) or err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(err).__name__}: {line}" if typed else line

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cifar_mlops.errors import UserError
+from cifar_mlops.errors import UserError, first_line
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import image_model, runs, served
 
@@ -93,8 +93,7 @@ def predict(model_uri: str, paths: Sequence[str], batch_size: int = 256, top_k: 
     try:
         answer = served.predictor(model_uri, batch_size)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a URI it cannot resolve or load
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PredictError(f"cannot load model {model_uri!r}: {first_line}") from None
+        raise PredictError(f"cannot load model {model_uri!r}: {first_line(err)}") from None
     tables = []
     done = 0
     for batch in _batches(files, batch_size):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from cifar_mlops import backend, data, evaluation
 from cifar_mlops.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, check_kind, flatten
-from cifar_mlops.errors import UserError
+from cifar_mlops.errors import UserError, first_line
 from cifar_mlops.models import create_model, init_from_data
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, runs
@@ -371,7 +371,7 @@ def resume(run_id: str, *, force: bool = False, exp_id: str | None = None, overr
                 restore_random_state(model, point.state["random_state"])
             except Exception as err:  # noqa: BLE001 - Keras raises many kinds for a file it cannot load
                 raise runs.ResumeRefused(f"the checkpoint of run {run_id} cannot be loaded "
-                                         f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})",
+                                         f"({first_line(err, typed=True, limit=200)})",
                                          run_id) from None
             return train(config, splits=splits, callbacks=callbacks, register=register,
                          resume=ResumedTraining(point, model))

@@ -20,7 +20,7 @@ from cifar_mlops.backend import BackendError
 from cifar_mlops.config import ConfigError
 from cifar_mlops.data import DataError
 from cifar_mlops.ensemble import EnsembleFailed
-from cifar_mlops.errors import StoreUnavailable, UserError
+from cifar_mlops.errors import StoreUnavailable, UserError, first_line
 from cifar_mlops.models import ModelSettingError, UnknownModel, WeightsUnavailable
 from cifar_mlops.promote import PromotionError
 from cifar_mlops.report import ReportError
@@ -345,6 +345,13 @@ def test_the_error_boundary_lets_a_bug_keep_its_traceback() -> None:
     result = CliRunner().invoke(_boundary_raising(ValueError("a genuine bug")), ["go"])
     assert isinstance(result.exception, ValueError) and result.exc_info[2] is not None  # not turned into a line
     assert "error:" not in result.stderr
+
+
+def test_first_line_is_one_line_and_never_empty() -> None:
+    assert first_line(ValueError("bad value\nmore detail")) == "bad value"
+    assert first_line(ValueError("")) == first_line(ValueError(" \n ")) == "ValueError"  # no IndexError
+    assert first_line(KeyError("x"), typed=True) == "KeyError: 'x'" and first_line(OSError(), typed=True) == "OSError"
+    assert first_line(ValueError("x" * 500)) == "x" * 300 and first_line(ValueError("x" * 500), limit=20) == "x" * 20
 
 
 @pytest.mark.parametrize("error", [ConfigError, DataError, TrainingFailed, EnsembleFailed, RegistryError,

@@ -22,7 +22,7 @@ import hashlib
 import os
 from typing import TYPE_CHECKING
 
-from cifar_mlops.errors import UserError
+from cifar_mlops.errors import UserError, first_line
 from cifar_mlops.models import ModelSettingError, register_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,7 +139,7 @@ def _weights_file(weights: str, fname: str, url: str, md5: str | None = None) ->
     try:
         return keras.utils.get_file(fname, url, cache_subdir="models", cache_dir=cache_dir, file_hash=md5)
     except Exception as err:  # noqa: BLE001 - get_file raises a bare Exception: offline, proxy, HTTP error, bad hash
-        reason = (str(err).splitlines() or [type(err).__name__])[0].rsplit(" -- ", 1)[-1]  # drop the URL
+        reason = first_line(err).rsplit(" -- ", 1)[-1]  # drop the URL
         raise WeightsUnavailable(f"cannot download ImageNet weights {fname} ({reason}); {remedy}") from None
 
 

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from cifar_mlops.config import Config, ConfigError, ExperimentConfig, from_yaml, to_yaml
-from cifar_mlops.errors import UserError
+from cifar_mlops.errors import UserError, first_line
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, served, store
 
@@ -333,8 +333,8 @@ def _download_checkpoint(run, config: ExperimentConfig, epoch: int, sha: str, fo
             archive.extractall(folder)
         state = json.loads((folder / "state.json").read_text())
     except (mlflow.exceptions.MlflowException, OSError, zipfile.BadZipFile, json.JSONDecodeError, KeyError) as err:
-        raise ResumeRefused(f"the checkpoint of run {run_id} cannot be read ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})", run_id) from None
+        raise ResumeRefused(f"the checkpoint of run {run_id} cannot be read ({first_line(err, typed=True)})",
+                            run_id) from None
     if state.get("epoch") != epoch:
         raise ResumeRefused(f"the checkpoint of run {run_id} holds epoch {state.get('epoch')}, its tag says {epoch}",
                             run_id)

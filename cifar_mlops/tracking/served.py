@@ -22,6 +22,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from cifar_mlops import backend
+from cifar_mlops.errors import first_line
 from cifar_mlops.tracking import image_model, store
 from cifar_mlops.tracking.registry import RegisteredVersion, RegistryError
 
@@ -78,7 +79,7 @@ def image_contract(version: RegisteredVersion) -> int:
     try:
         info = mlflow.models.get_model_info(version.uri)
     except mlflow.exceptions.MlflowException as err:
-        raise RegistryError(f"{version}: cannot read its model ({str(err).splitlines()[0]})") from None
+        raise RegistryError(f"{version}: cannot read its model ({first_line(err)})") from None
     signature = info.signature
     expected = f"uint8 {RAW_IMAGE_SHAPE}"
     if signature is None or signature.inputs is None:
