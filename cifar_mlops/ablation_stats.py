@@ -163,10 +163,12 @@ def _right(predictions: dict[tuple[str, int], np.ndarray], variant: str, seed: i
     return predicted == y_test
 
 
-def _mcnemar_table(with_right: np.ndarray, without_right: np.ndarray) -> np.ndarray:
-    """[[both right, only with right], [only without right, both wrong]] (image counts)."""
-    return np.array([[np.sum(with_right & without_right), np.sum(with_right & ~without_right)],
-                     [np.sum(~with_right & without_right), np.sum(~with_right & ~without_right)]])
+def mcnemar_table(a_right: np.ndarray, b_right: np.ndarray) -> np.ndarray:
+    """McNemar's table of two models' right/wrong on the same images (image counts):
+    [[both right, only a right], [only b right, both wrong]]. Shared with `promote`."""
+    a_right, b_right = np.asarray(a_right, dtype=bool), np.asarray(b_right, dtype=bool)
+    return np.array([[np.sum(a_right & b_right), np.sum(a_right & ~b_right)],
+                     [np.sum(~a_right & b_right), np.sum(~a_right & ~b_right)]])
 
 
 def _variant_by_outcome_table(with_right: np.ndarray, without_right: np.ndarray) -> np.ndarray:
@@ -239,7 +241,7 @@ def _image_level(comparison: Comparison, seeds: Sequence[int], predictions: dict
     for seed in seeds:
         with_right = _right(predictions, comparison.with_, seed, y_test)
         without_right = _right(predictions, comparison.without, seed, y_test)
-        paired = _mcnemar_table(with_right, without_right)
+        paired = mcnemar_table(with_right, without_right)
         # exact binomial on the discordant pairs; no discordant pair at all gives p = 1, as it should
         mcnemar_ps.append(float(mcnemar(paired, exact=True).pvalue))
         discordant += int(paired[0, 1] + paired[1, 0])

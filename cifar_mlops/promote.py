@@ -124,10 +124,11 @@ def mcnemar_exact(y_true: np.ndarray, pred_candidate: np.ndarray, pred_holder: n
     """McNemar's exact test on paired predictions: (p-value, candidate-only right, holder-only right)."""
     from statsmodels.stats.contingency_tables import mcnemar
 
-    a = np.asarray(pred_candidate) == np.asarray(y_true)
-    b = np.asarray(pred_holder) == np.asarray(y_true)
-    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
-    return float(mcnemar(table, exact=True).pvalue), table[0][1], table[1][0]
+    from cifar_mlops.ablation_stats import mcnemar_table
+
+    y_true = np.asarray(y_true)
+    table = mcnemar_table(np.asarray(pred_candidate) == y_true, np.asarray(pred_holder) == y_true)
+    return float(mcnemar(table, exact=True).pvalue), int(table[0, 1]), int(table[1, 0])
 
 
 def scoring_data_config(candidate: RegisteredVersion, holder: RegisteredVersion | None,
