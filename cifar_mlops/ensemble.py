@@ -37,18 +37,11 @@ class Member:
     weight: float
 
 
-def _softmax(theta: np.ndarray) -> np.ndarray:
-    e = np.exp(theta - theta.max())
-    return e / e.sum()
-
-
-def _val_loss(w: np.ndarray, stacked: np.ndarray, y: np.ndarray) -> float:
-    p_true = np.tensordot(w, stacked[:, np.arange(len(y)), y], axes=1)
-    return float(-np.mean(np.log(np.clip(p_true, 1e-7, None))))
-
-
-def _accuracy(w: np.ndarray, stacked: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(np.tensordot(w, stacked, axes=1).argmax(axis=1) == y))
+def _val_scores(w: np.ndarray, stacked: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(log-loss, accuracy) of the vote weighted by `w`, computed as the ensemble's run logs `val_loss` and
+    `val_accuracy` (float32 votes; sklearn's log_loss over every class, accuracy_score)."""
+    scores = evaluation.split_metrics("val", y, soft_vote(list(stacked), w))
+    return scores["val_loss"], scores["val_accuracy"]
 
 
 def fit_weights(val_probabilities: Sequence[np.ndarray], y_val: np.ndarray,
@@ -62,6 +55,7 @@ def fit_weights(val_probabilities: Sequence[np.ndarray], y_val: np.ndarray,
     returned unchanged, so fitting never scores worse on validation.
     """
     from scipy.optimize import minimize
+    from scipy.special import softmax
 
     stacked = np.stack([np.asarray(p, dtype=np.float64) for p in val_probabilities])
     y = np.asarray(y_val)
@@ -69,15 +63,15 @@ def fit_weights(val_probabilities: Sequence[np.ndarray], y_val: np.ndarray,
     p_members = stacked[:, np.arange(len(y)), y]  # (members, images): each member's probability of the truth
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = _softmax(theta)
+        w = softmax(theta)
         p_true = np.clip(w @ p_members, 1e-7, None)
         grad_w = -np.mean(p_members / p_true, axis=1)
         return float(-np.mean(np.log(p_true))), w * (grad_w - w @ grad_w)
 
     result = minimize(objective, np.log(np.clip(start, 1e-6, None)), jac=True, method="L-BFGS-B")
-    fitted = _softmax(result.x)
-    better_loss = _val_loss(fitted, stacked, y) < _val_loss(start, stacked, y) - 1e-9
-    if better_loss and _accuracy(fitted, stacked, y) >= _accuracy(start, stacked, y):
+    fitted = softmax(result.x)
+    (fitted_loss, fitted_accuracy), (start_loss, start_accuracy) = (_val_scores(w, stacked, y) for w in (fitted, start))
+    if fitted_loss < start_loss - 1e-9 and fitted_accuracy >= start_accuracy:
         return fitted, True
     return start, False
 

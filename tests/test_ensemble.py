@@ -123,14 +123,16 @@ def test_fitted_weights_never_score_worse_on_validation(registry) -> None:
         for metric in ("loss", "accuracy"):
             fitted_score = ensemble.evaluation.split_metrics("val", y, ensemble.soft_vote(members, weights))
             equal_score = ensemble.evaluation.split_metrics("val", y, ensemble.soft_vote(members, [1, 1]))
-            if metric == "loss":
-                assert fitted_score["val_loss"] <= equal_score["val_loss"] + 1e-6
+            if metric == "loss":  # scored as the run logs it: no tolerance needed beyond rounding
+                assert fitted_score["val_loss"] <= equal_score["val_loss"] + 1e-12
             else:
                 assert fitted_score["val_accuracy"] >= equal_score["val_accuracy"]
+    weights, _ = ensemble.fit_weights([noise, good], y % 9)  # class 9 absent from val: still scored over 10 classes
+    assert weights.sum() == pytest.approx(1.0)
 
     equal = ensemble.build(tiny_ensemble(fit_weights=False), register=False)
     fitted = ensemble.build(tiny_ensemble(fit_weights=True), register=False)
-    assert fitted["val_loss"] <= equal["val_loss"] + 1e-6
+    assert fitted["val_loss"] <= equal["val_loss"] + 1e-12
     assert fitted["val_accuracy"] >= equal["val_accuracy"]
     assert fitted["weight_0"] + fitted["weight_1"] == pytest.approx(1.0)
 
