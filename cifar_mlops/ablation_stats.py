@@ -125,15 +125,15 @@ def _paired_metric(runs: pd.DataFrame, comparison: Comparison, metric: str) -> p
 def _t_test(with_values: np.ndarray, without_values: np.ndarray) -> tuple[float, float, float]:
     """(p, ci_low, ci_high): two-sided paired t-test and the CONFIDENCE t-interval of the mean difference."""
     diffs = with_values - without_values
-    n, mean = len(diffs), float(np.mean(diffs))
+    mean = float(np.mean(diffs))
     if np.all(diffs == diffs[0]):
         # Zero spread: t = mean / 0 is undefined (scipy returns NaN). Identical differences that are all 0
         # are no evidence of an effect (p = 1); the same non-zero difference in every seed is the limit of
         # ever smaller spread, where p -> 0.
         return (1.0 if mean == 0 else 0.0), mean, mean
-    p = float(stats.ttest_rel(with_values, without_values).pvalue)
-    low, high = stats.t.interval(CONFIDENCE, df=n - 1, loc=mean, scale=stats.sem(diffs))
-    return p, float(low), float(high)
+    result = stats.ttest_rel(with_values, without_values)
+    low, high = result.confidence_interval(CONFIDENCE)
+    return float(result.pvalue), float(low), float(high)
 
 
 def _mde_seeds(diffs: np.ndarray, alpha: float, power: float) -> float:
