@@ -253,3 +253,16 @@ def test_precision_auto_follows_the_device_and_mixed_float16_trains_and_reloads(
     probabilities = served_model.unwrap_python_model().probabilities(images)
     assert probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-3)
+
+
+def test_log_batch_logs_more_than_one_mlflow_batch_and_cuts_long_values(store) -> None:
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("batches")).info.run_id
+    runs.log_batch(run_id, params={f"p{i}": i for i in range(250)}, metrics={f"m{i}": i for i in range(1200)},
+                   tags={**{f"t{i}": i for i in range(150)}, "long": "x" * 9000}, step=3)
+    logged = client.get_run(run_id).data
+    assert logged.params == {f"p{i}": str(i) for i in range(250)}
+    assert logged.metrics == {f"m{i}": float(i) for i in range(1200)}
+    assert {f"t{i}": str(i) for i in range(150)}.items() <= logged.tags.items()
+    assert logged.tags["long"] == "x" * runs.TAG_LIMIT
+    assert {m.step for m in client.get_metric_history(run_id, "m1199")} == {3}
