@@ -16,11 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pydantic
-import yaml
 
 from cifar_mlops import data, evaluation
-from cifar_mlops.config import DataConfig, resolve
+from cifar_mlops.config import ConfigError, DataConfig, from_yaml, resolve
 from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, runs, served
@@ -142,8 +140,8 @@ def scoring_data_config(candidate: RegisteredVersion, holder: RegisteredVersion 
             text = runs.run_text_artifact(version.run_id, "config.yaml") if version and version.run_id else None
             if text:
                 try:
-                    data_config = DataConfig.model_validate((yaml.safe_load(text) or {}).get("data") or {})
-                except (yaml.YAMLError, pydantic.ValidationError, AttributeError):  # unreadable: as if none
+                    data_config = from_yaml(text, f"config.yaml of the run of {version}").data
+                except ConfigError:  # unreadable: as if none
                     continue
                 origin = f"the run of {version}"
                 break
