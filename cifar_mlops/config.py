@@ -442,16 +442,34 @@ def resolve(exp_id: str, overrides: dict[str, Any] | None = None, *,
             raise ConfigError(f"unknown enhancement {unknown[0]!r}; known: {', '.join(known)}")
     layered, meta, kind = _layer_experiment(exp_id, seen=(), wanted=None if enhancements is None
                                             else tuple(enhancements))
-    for dotted, value in (overrides or {}).items():
-        if dotted.split(".")[0] in META_KEYS + ("exp_id",):
-            raise ConfigError(f"--set {dotted}: experiment metadata cannot be overridden")
-        layered.set(dotted, value, "--set")
+    _set_overrides(layered, overrides)
     schema = EnsembleConfig if kind == "ensemble" else ExperimentConfig
     fields = {**layered.values, **meta, "exp_id": exp_id}
     try:
         return schema.model_validate(fields)
     except ValidationError as err:
         raise ConfigError(_describe(err, layered, schema, _show(_experiment_path(exp_id)))) from None
+
+
+def with_overrides(config: Config, overrides: dict[str, Any], where: str) -> Config:
+    """`config` (read from `where`, e.g. a run's config.yaml) with dotted `--set` overrides applied as
+    `resolve` applies them, validated again; a bad key or value is a ConfigError naming it."""
+    layered = _Layered()
+    layered.merge(config.model_dump(mode="json", exclude={"exp_id", *META_KEYS}), where)
+    _set_overrides(layered, overrides)
+    schema = type(config)
+    meta = config.model_dump(mode="json", include={"exp_id", *META_KEYS})
+    try:
+        return schema.model_validate({**layered.values, **meta})
+    except ValidationError as err:
+        raise ConfigError(_describe(err, layered, schema, where)) from None
+
+
+def _set_overrides(layered: _Layered, overrides: dict[str, Any] | None) -> None:
+    for dotted, value in (overrides or {}).items():
+        if dotted.split(".")[0] in META_KEYS + ("exp_id",):
+            raise ConfigError(f"--set {dotted}: experiment metadata cannot be overridden")
+        layered.set(dotted, value, "--set")
 
 
 def _layer_experiment(exp_id: str, seen: tuple[str, ...],

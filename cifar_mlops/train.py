@@ -16,10 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from cifar_mlops import backend, data, evaluation
-from cifar_mlops.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, check_kind, flatten
+from cifar_mlops.config import DataConfig, ExperimentConfig, TrainConfig, check_kind, flatten, with_overrides
 from cifar_mlops.errors import UserError, first_line
 from cifar_mlops.models import create_model, init_from_data
 from cifar_mlops.progress import log
@@ -388,18 +386,7 @@ def resumed_config(point: runs.ResumePoint, exp_id: str | None, overrides: dict[
                                  "keeps its own config (drop --exp)", point.run_id)
     if not overrides:
         return config
-    tree = config.model_dump(mode="json")
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        node = tree
-        for section in sections:
-            node = node.setdefault(section, {}) if isinstance(node, dict) else {}
-        node[key] = value
-    try:
-        changed = ExperimentConfig.model_validate(tree)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"--set {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    changed = with_overrides(config, overrides, f"config.yaml of run {point.run_id}")
     before, after = flatten(config.model_dump(mode="json")), flatten(changed.model_dump(mode="json"))
     differ = [key for key in after if after[key] != before.get(key) and key != "data.data_dir"]
     if differ:

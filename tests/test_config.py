@@ -101,6 +101,20 @@ def test_precedence_defaults_base_enhancement_file_set() -> None:
     assert cfg.resolve("2.2", {"train.epochs": 3}).train.epochs == 3  # --set beats everything
 
 
+def test_with_overrides_sets_keys_of_a_resolved_config_as_resolve_does() -> None:
+    for exp_id in ("2.4", "3.2"):  # a training and an ensemble
+        config = cfg.resolve(exp_id)
+        assert cfg.with_overrides(config, {"data.val_size": 123}, "x") == cfg.resolve(exp_id, {"data.val_size": 123})
+        assert cfg.with_overrides(config, {}, "x") == config
+    config = cfg.resolve("2.4")
+    for overrides, expected in [({"train.epoch": 5}, "--set: train.epoch: unknown key; known keys here: epochs"),
+                                ({"train.epochs": "ten"}, "--set: train.epochs: Input should be a valid integer"),
+                                ({"train.epochs.x": 1}, "--set: train.epochs is a value, not a section"),
+                                ({"parent": "x"}, "--set parent: experiment metadata cannot be overridden")]:
+        with pytest.raises(cfg.ConfigError, match=f"^{expected}"):
+            cfg.with_overrides(config, overrides, "config.yaml of run abc")
+
+
 def test_resolved_config_is_frozen_and_round_trips_through_yaml() -> None:
     import yaml
 
