@@ -21,7 +21,7 @@ beside it), one self-contained HTML file (plots embedded as data URIs) or CSV
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import tempfile
 import time
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pandas as pd
 
 from cifar_mlops import config as cfg
@@ -199,6 +200,11 @@ class Table:
         if "published" in self.records and len(self.records) == len(self.frame):
             return [bool(p) for p in self.records["published"]]
         return [False] * len(self.frame)
+
+    @property
+    def rows(self) -> list[tuple[bool, list[str]]]:
+        """(published?, the row's cells as text) for each row."""
+        return list(zip(self.published, ([str(c) for c in row] for row in self.frame.itertuples(index=False))))
 
 
 @dataclass
@@ -540,58 +546,19 @@ def render_markdown(report: Report, image_prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-HTML_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1400px;
-       padding: 0 1rem; color: #1b1f24; background: #fff; line-height: 1.45; }
-h1 { border-bottom: 2px solid #d0d7de; padding-bottom: .3rem; }
-h2 { margin-top: 2.2rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
-table { border-collapse: collapse; margin: .6rem 0 1.4rem; font-size: .88rem; }
-th, td { border: 1px solid #d0d7de; padding: .3rem .55rem; text-align: right; white-space: nowrap; }
-th { background: #f0f3f6; white-space: normal; vertical-align: bottom; }
-td:first-child, th:first-child { text-align: left; }
-tr.published td { background: #fff8e1; font-style: italic; }
-td.mark { text-align: center; color: #1a7f37; font-weight: bold; }
-p.note { color: #57606a; font-size: .88rem; margin: .2rem 0; }
-p.synthetic { color: #9a6700; font-weight: bold; }
-figure { margin: .5rem 0 1.5rem; } figure img { max-width: 100%; border: 1px solid #d0d7de; }
-figcaption { color: #57606a; font-size: .85rem; }
-.scroll { overflow-x: auto; }
-"""
+@functools.cache
+def _html_template() -> jinja2.Template:
+    """templates/report.html, shipped in the package (package data)."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cifar_mlops", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.tests.update(table=lambda block: isinstance(block, Table), figure=lambda block: isinstance(block, Figure))
+    env.filters["base64"] = lambda png: base64.b64encode(png).decode("ascii")
+    return env.get_template("report.html")
 
 
 def render_html(report: Report) -> str:
     """One self-contained HTML file: inline style, figures as base64 data URIs, no scripts."""
-    e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{e(report.title)}</title><style>{HTML_STYLE}</style></head><body>",
-           f"<h1>{e(report.title)}</h1>", "<ul>" + "".join(f"<li>{e(line)}</li>" for line in report.header) + "</ul>"]
-    for section in report.sections:
-        out.append(f"<section><h2>{e(section.title)}</h2>")
-        for block in section.blocks:
-            if isinstance(block, Table):
-                out.append(f"<h3>{e(block.title)}</h3>")
-                if block.note:
-                    css = "note synthetic" if "NOT CIFAR-10" in block.note else "note"
-                    out.append(f'<p class="{css}">{e(block.note)}</p>')
-                if len(block.frame):
-                    out.append('<div class="scroll"><table><thead><tr>'
-                               + "".join(f"<th>{e(c)}</th>" for c in block.columns) + "</tr></thead><tbody>")
-                    for published, row in zip(block.published, block.frame.itertuples(index=False)):
-                        css = ' class="published"' if published else ""
-                        cells = "".join(f'<td class="mark">{e(c)}</td>' if c == "✔" else f"<td>{e(str(c))}</td>"
-                                        for c in row)
-                        out.append(f"<tr{css}>{cells}</tr>")
-                    out.append("</tbody></table></div>")
-            elif isinstance(block, Figure):
-                data = base64.b64encode(block.png).decode("ascii")
-                out.append(f'<figure><img alt="{e(block.caption)}" src="data:image/png;base64,{data}">'
-                           f"<figcaption>{e(block.caption)}</figcaption></figure>")
-            else:
-                out.append(f'<p class="note">{e(block)}</p>')
-        out.append("</section>")
-    out.append("</body></html>")
-    return "\n".join(out)
+    return _html_template().render(report=report)
 
 
 CSV_FIRST = ["table", "study", "exp_id", "published", "data_source", "builds_on", "family", "selection", "n_seeds",

@@ -299,6 +299,24 @@ def test_html_opens_in_headless_chromium_with_tables_and_plots(filled, latest, t
     assert plotted, "matplotlib's blue training curve is not on the screenshot"
 
 
+def test_html_escapes_every_value_and_marks_published_rows_and_synthetic_notes() -> None:
+    frame = pd.DataFrame({"Iteration <i>": ["b0", "2.4"], "Acc test": ["✔", "88.4 & 'x'"]})
+    table = reporting.Table("Results <on> synthetic", frame, pd.DataFrame({"published": [False, True]}),
+                            note="synthetic (NOT CIFAR-10)")
+    figure = reporting.Figure("curves", "b5 <curves>", b"\x89PNG")
+    page = reporting.render_html(reporting.Report("A & B", ["one <line>"], [
+        reporting.Section("Study <B>", [table, reporting.Table("Empty", frame.iloc[:0], pd.DataFrame()), figure,
+                                        "No run of `b5` <yet>."])], "cifar10-ablation", "latest"))
+    assert page.startswith("<!DOCTYPE html>") and page.endswith("</body></html>") and "<script" not in page
+    assert "<title>A &amp; B</title>" in page and "<li>one &lt;line&gt;</li>" in page
+    assert "<h2>Study &lt;B&gt;</h2>" in page and '<p class="note synthetic">synthetic (NOT CIFAR-10)</p>' in page
+    assert "<th>Iteration &lt;i&gt;</th>" in page and '<tr><td>b0</td><td class="mark">✔</td></tr>' in page
+    assert '<tr class="published"><td>2.4</td><td>88.4 &amp; &#39;x&#39;</td></tr>' in page
+    assert page.count("<table>") == 1 and "<h3>Empty</h3>" in page  # a table without rows: its title only
+    assert '<img alt="b5 &lt;curves&gt;" src="data:image/png;base64,iVBORw==">' in page
+    assert '<p class="note">No run of `b5` &lt;yet&gt;.</p>' in page
+
+
 def test_markdown_writes_its_plots_beside_it(filled, latest, tmp_path) -> None:
     written = reporting.write(latest, "markdown", tmp_path / "ablation.md")
     text = (tmp_path / "ablation.md").read_text()
