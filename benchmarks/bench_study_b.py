@@ -14,7 +14,6 @@ CPU minutes per run = user + sys CPU time of the subprocess (both cores count), 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import common
@@ -32,46 +31,8 @@ def main() -> None:
                         help="keep results/study_b.json runs (exp, seed) not rerun (build the table in several goes)")
     args = parser.parse_args()
 
-    before = common.load_snapshot()
-    runs = []
-    for exp in args.exps.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            run = common.train_on_sample(exp, seed, {"train.epochs": args.epochs} if args.epochs else None,
-                                         data_dir=args.data_dir)
-            runs.append(run)
-            print(f"{exp} seed {seed}: test {run['test_accuracy']:.4f}, val {run['val_accuracy']:.4f}, "
-                  f"{run['cpu_s'] / 60:.1f} CPU min, {run['wall_s'] / 60:.1f} wall min", file=sys.stderr)
-    after = common.load_snapshot()
-    exps = args.exps.split(",")
-    previous = common.RESULTS / "study_b.json"
-    if args.merge and previous.exists():
-        old = json.loads(previous.read_text())
-        if old.get("epochs_override") == (args.epochs or None):
-            done = {(r["exp"], r["seed"]) for r in runs}
-            runs = [r for r in old["runs"] if (r["exp"], r["seed"]) not in done] + runs
-            order = ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"]
-            exps = sorted({r["exp"] for r in runs}, key=lambda e: (order.index(e) if e in order else 99, e))
-
-    summary, rows = [], []
-    for exp in exps:
-        rs = [r for r in runs if r["exp"] == exp]
-        row = {"exp": exp, "seeds": len(rs)}
-        for key in ("train_accuracy", "val_accuracy", "test_accuracy", "cpu_s", "wall_s"):
-            row[key] = common.mean_std([r.get(key) for r in rs])
-        row["published_val"] = PUBLISHED.get(exp)
-        summary.append(row)
-        def pct(ms):
-            return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}" if ms[0] is not None else "-"
-        rows.append([exp, len(rs), pct(row["train_accuracy"]), pct(row["val_accuracy"]), pct(row["test_accuracy"]),
-                     f"{row['cpu_s'][0] / 60:.1f}", f"{row['wall_s'][0] / 60:.1f}",
-                     f"{100 * PUBLISHED[exp]:.2f}" if exp in PUBLISHED else ""])
-    common.print_table(["exp", "seeds", "train acc %", "val acc %", "test acc % (sample)", "CPU min/run",
-                        "wall min/run", "published val %"], rows)
-    common.write_result("study_b", {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
-                                    "split": common.SAMPLE_SPLIT,
-                                    "epochs_override": args.epochs or None, "runs": runs, "summary": summary,
-                                    "load_before": before, "load_after": after})
-
+    common.sample_study("study_b", args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
+                        args.data_dir, args.merge, PUBLISHED, "published val %")
 
 if __name__ == "__main__":
     sys.exit(main())

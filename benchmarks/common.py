@@ -230,4 +230,50 @@ def train_on_sample(exp: str, seed: int, sets: dict | None = None, data_dir: str
         (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1)
     return {"exp": exp, "seed": seed, **({"sets": sets} if sets else {}), "wall_s": round(wall, 1),
             "cpu_s": round(cpu, 1), **{k: v for k, v in run.data.metrics.items() if not k.startswith("epoch_")},
+            "last_epoch_train_accuracy": run.data.metrics.get("epoch_train_accuracy"),  # Keras's own, last epoch
             "dtype_policy": run.data.params.get("train.dtype_policy"), "loadavg": loadavg()[0]}
+
+
+def sample_study(name: str, exps: list[str], seeds: list[int], epochs: int, data_dir: str, merge: bool,
+                 published: dict[str, float], published_key: str) -> None:
+    """Train each of `exps` with each of `seeds` on the sample (`train_on_sample`; `epochs` > 0 overrides
+    train.epochs), print the table (mean ± sd over seeds) and write results/<name>.json with every run's metrics.
+    `merge`: keep the runs of results/<name>.json (same epochs) not rerun. `published`: the source study's figure
+    per experiment, shown under `published_key` (e.g. published_val)."""
+    before = load_snapshot()
+    runs = []
+    for exp in exps:
+        for seed in seeds:
+            run = train_on_sample(exp, seed, {"train.epochs": epochs} if epochs else None, data_dir=data_dir)
+            runs.append(run)
+            print(f"{exp} seed {seed}: test {run['test_accuracy']:.4f}, val {run['val_accuracy']:.4f}, "
+                  f"{run['cpu_s'] / 60:.1f} CPU min, {run['wall_s'] / 60:.1f} wall min", file=sys.stderr)
+    after = load_snapshot()
+    previous = RESULTS / f"{name}.json"
+    if merge and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("epochs_override") == (epochs or None):
+            done = {(r["exp"], r["seed"]) for r in runs}
+            runs = [r for r in old["runs"] if (r["exp"], r["seed"]) not in done] + runs
+            first_seen = list(dict.fromkeys([*old.get("exps", []), *(r["exp"] for r in old["runs"]), *exps]))
+            exps = [e for e in first_seen if any(r["exp"] == e for r in runs)]
+
+    def pct(ms):
+        return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}" if ms[0] is not None else "-"
+
+    summary, rows = [], []
+    for exp in exps:
+        rs = [r for r in runs if r["exp"] == exp]
+        row = {"exp": exp, "seeds": len(rs)}
+        for key in ("train_accuracy", "last_epoch_train_accuracy", "val_accuracy", "test_accuracy", "cpu_s", "wall_s"):
+            row[key] = mean_std([r.get(key) for r in rs])
+        row[published_key] = published.get(exp)
+        summary.append(row)
+        rows.append([exp, len(rs), pct(row["train_accuracy"]), pct(row["val_accuracy"]), pct(row["test_accuracy"]),
+                     f"{row['cpu_s'][0] / 60:.1f}", f"{row['wall_s'][0] / 60:.1f}",
+                     f"{100 * published[exp]:.2f}" if exp in published else ""])
+    print_table(["exp", "seeds", "train acc %", "val acc %", "test acc % (sample)", "CPU min/run", "wall min/run",
+                 published_key.replace("_", " ") + " %"], rows)
+    write_result(name, {"data": f"CIFAR-10 sample {repo_relative(data_dir)}", "split": SAMPLE_SPLIT,
+                        "epochs_override": epochs or None, "exps": exps, "runs": runs, "summary": summary,
+                        "load_before": before, "load_after": after})

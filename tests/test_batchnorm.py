@@ -4,6 +4,7 @@ counts, so what is validated, logged, pruned on and registered is the model its 
 from __future__ import annotations
 
 import keras
+import mlflow
 import numpy as np
 import pytest
 
@@ -104,6 +105,11 @@ def test_each_epoch_is_validated_with_the_statistics_of_its_weights(store) -> No
         assert logged == pytest.approx(evaluated, abs=1e-6)
         np.testing.assert_allclose(moving_mean, input_mean, rtol=0.02, atol=1e-3)
     assert metrics["val_accuracy"] == pytest.approx(seen[-1][0], abs=1e-6)  # the final evaluation: the same model
+    # the logged model, what is registered and served, holds the last epoch's statistics
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").unwrap_python_model()
+    logged = served.member_models[0].get_raw_model().get_layer("backbone").get_layer("bn_Conv1")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(logged.moving_mean), seen[-1][2], rtol=1e-6, atol=1e-7)
 
 
 def test_recomputing_nothing_keeps_the_moving_averages(store) -> None:
