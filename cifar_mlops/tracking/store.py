@@ -69,16 +69,18 @@ def open_store(uri: str) -> None:
 
 @functools.cache
 def _open_sqlite_store(uri: str) -> None:
-    """Create (or check) a SQLite store's tables while holding an exclusive lock on its file.
+    """Create (or check) a SQLite store's tables while holding an exclusive file lock.
 
     Two processes opening a new store at once (two `train` commands in a fresh folder)
     would both run MLflow's schema migrations and both fail; with the lock the second
-    finds the tables made. flock does not touch the POSIX locks SQLite itself uses.
+    finds the tables made. The lock is its own file beside the database (`mlflow.db.lock`,
+    left in place as filelock does), so it never meets the locks SQLite itself takes.
     """
-    import fcntl
+    from filelock import FileLock
 
-    with open(uri.removeprefix("sqlite:///"), "ab") as db:  # creates an empty file: SQLite takes it as a new store
-        fcntl.flock(db, fcntl.LOCK_EX)
+    path = uri.removeprefix("sqlite:///")
+    open(path, "ab").close()  # a file that cannot be made (no such folder, no permission) fails here, not in filelock
+    with FileLock(f"{path}.lock"):
         MlflowClient(uri)  # MLflow caches the store per URI: later clients reuse it
 
 
