@@ -112,7 +112,8 @@ class Augmenter:
         # keras.layers.RandomGaussianBlur (keras 3.15) caps sigma at 1 and draws one sigma per batch: own blur instead.
         self.sigma_seed = keras.random.SeedGenerator(seed + 3) if self.blur else None
         # Not keras.layers.CutMix/RandomErasing/MixUp: seeded like the layers above they repeat too, but their boxes stay
-        # inside the image, CutMix weighs labels by fractional box area (tests pin the papers'), MixUp redraws every run.
+        # inside the image and CutMix weighs labels by box area, not pixels kept (tests pin the papers' versions); Keras's
+        # MixUp matches ours but draws other numbers, so every seeded MixUp run would change.
         self.cutout = augment.cutout
         self.mixup, self.cutmix = augment.mixup, augment.cutmix
         self.cutout_seed = keras.random.SeedGenerator(seed + 4) if self.cutout else None
