@@ -76,6 +76,15 @@ def test_unknown_model_name_lists_the_known_ones():
         ModelConfig(name="resnet50")
 
 
+def test_list_models_filters_names_with_a_shell_pattern():
+    everything = list_models()
+    assert list_models("*") == everything == sorted(everything) and len(everything) >= 10
+    assert list_models("cnn_b[0-5]") == [f"cnn_b{i}" for i in range(6)]
+    assert list_models("*net*") == ["densenet121", "mobilenetv2"]
+    assert list_models("CNN_*") == [] and list_models("resnet*") == []  # case-sensitive; no match is an empty list
+    assert {get_model_entry(name).family for name in list_models("cnn_*")} == {"cnn"}
+
+
 def test_listing_the_registry_imports_neither_tensorflow_nor_the_config():
     # models/ knows nothing of experiment files: the dependency runs config -> models only
     code = ("import sys, cifar_mlops.models as m; m.list_models(); "

@@ -23,7 +23,7 @@ import os
 from typing import TYPE_CHECKING
 
 from cifar_mlops.errors import UserError, first_line
-from cifar_mlops.models import ModelSettingError, register_model
+from cifar_mlops.models.registry import ModelSettingError, register_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras

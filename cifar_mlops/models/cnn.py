@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cifar_mlops.models import register_model
+from cifar_mlops.models.registry import register_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -122,6 +122,12 @@ def init_whitening(model: keras.Model, images, seed: int = 0, patches: int = 100
     filters = np.concatenate([scaled, -scaled], axis=1)  # (k*k*c, 2*k*k*c), rows in (dy, dx, c) order
     layer.set_weights([filters.reshape(kernel.shape).astype(kernel.dtype), (-mean @ filters).astype(kernel.dtype)])
     return True
+
+
+def init_from_data(model: keras.Model, images, seed: int = 0) -> list[str]:
+    """Set the layers a model computes from its training images instead of learning them (a CNN's fixed
+    patch-whitening layer), once, before training; the names of the layers set."""
+    return [WHITENING_LAYER] if init_whitening(model, images, seed=seed) else []
 
 
 @register_model("cnn_tiny", family=FAMILY, settings_of=plain_cnn)

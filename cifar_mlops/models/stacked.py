@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cifar_mlops.models import register_model
 from cifar_mlops.models.cnn import FAMILY, whitening
+from cifar_mlops.models.registry import register_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
