@@ -19,11 +19,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifar_mlops.auth import MIN_PASSWORD_LENGTH
 from cifar_mlops.errors import UserError, first_line, redact
 from cifar_mlops.progress import log
 
 AUTH_SUFFIX, STUDIES_SUFFIX = "_auth", "_optuna"  # databases beside the runs' database on the same server
-MIN_PASSWORD_LENGTH = 12  # the basic-auth app refuses shorter ones
 
 
 class ServerError(UserError):

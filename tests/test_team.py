@@ -263,3 +263,15 @@ def test_server_bad_input_is_one_line(tmp_path: Path) -> None:
                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert no_admin.returncode == 2 and "no admin password: set MLFLOW_AUTH_ADMIN_PASSWORD" in no_admin.stderr
     assert "hunter2" not in no_admin.stderr and "Traceback" not in no_admin.stderr
+
+
+def test_the_password_rule_is_mlflows_and_team_reads_it_without_the_server_command() -> None:
+    from mlflow.utils.validation import _validate_password
+
+    from cifar_mlops.auth import MIN_PASSWORD_LENGTH
+
+    _validate_password("x" * MIN_PASSWORD_LENGTH)
+    with pytest.raises(mlflow.exceptions.MlflowException, match=f"at least {MIN_PASSWORD_LENGTH} characters"):
+        _validate_password("x" * (MIN_PASSWORD_LENGTH - 1))
+    code = "import sys, cifar_mlops.tracking.team; print('cifar_mlops.server' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -19,8 +19,8 @@ import warnings
 
 import mlflow
 
+from cifar_mlops.auth import MIN_PASSWORD_LENGTH
 from cifar_mlops.errors import UserError
-from cifar_mlops.server import MIN_PASSWORD_LENGTH
 from cifar_mlops.tracking import registry, store
 from cifar_mlops.tracking.results import REPORT_EXPERIMENT
 from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT
