@@ -29,9 +29,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
     parser.add_argument("--merge", action="store_true",
                         help="keep results/study_b.json runs (exp, seed) not rerun (build the table in several goes)")
+    parser.add_argument("--results", default="study_b",
+                        help="results/NAME.json to write (another name keeps study_b.json as it is)")
     args = parser.parse_args()
 
-    common.sample_study("study_b", args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
+    common.sample_study(args.results, args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
                         args.data_dir, args.merge, PUBLISHED, "published val %")
 
 if __name__ == "__main__":
