@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from cifar_mlops import config as cfg
 from cifar_mlops.errors import first_line, redact
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # this environment's commands: cifar-mlops, mlflow
 # The real CIFAR-10 sample sits beside the project on developer machines and in CI; a fresh clone
 # elsewhere does not have it, and tests that need it skip, everywhere, CI included: it is data, not a
 # service that CI could start. The session header says whether it was found (and `-ra` lists the skips).
@@ -180,6 +182,37 @@ def tiny(exp_id: str, **extra: Any) -> cfg.ExperimentConfig:
     """Experiment `exp_id` shrunk by `tiny_overrides`, then `extra` (dotted keys with `__` for `.`)."""
     overrides = {**tiny_overrides(exp_id), **{k.replace("__", "."): v for k, v in extra.items()}}
     return cfg.resolve(exp_id, overrides)
+
+
+def tiny_data_overrides() -> dict[str, Any]:
+    """The data section of `tiny("smoke")` as dotted overrides: the data the tiny members train on."""
+    return {f"data.{key}": value for key, value in tiny("smoke").data.model_dump().items()}
+
+
+def tiny_ensemble(**extra: Any) -> cfg.EnsembleConfig:
+    """`smoke-ensemble` on the members' tiny data (dotted keys with `__` for `.`)."""
+    overrides = {**tiny_data_overrides(), "batch_size": 16, **{k.replace("__", "."): v for k, v in extra.items()}}
+    return cfg.resolve("smoke-ensemble", overrides)
+
+
+def run_command(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """A command as a user's shell runs it: this environment's commands first on PATH, no MLFLOW_* variable
+    of the test run, `env` added."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update(env)
+    environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
+    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def assert_nothing_half_written() -> None:
+    """No RUNNING run and no model version in the current store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="attributes.status = 'RUNNING'")
+    assert running == []
+    assert client.search_model_versions() == []
 
 
 def _postgres(sql: str) -> None:

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 import mlflow
@@ -29,24 +28,7 @@ from cifar_mlops.tracking.registry import RegistryError
 from cifar_mlops.tracking.results import ReportSourceError
 from cifar_mlops.train import TrainingFailed
 from cifar_mlops.tune import TuneError
-from tests.conftest import REPO
-
-BIN = Path(sys.executable).parent
-
-
-def run_command(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    environment.update(env)
-    environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
-    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
-
-
-def assert_nothing_half_written() -> None:
-    client = MlflowClient()
-    running = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], filter_string="attributes.status = 'RUNNING'")
-    assert running == []
-    assert client.search_model_versions() == []
+from tests.conftest import BIN, REPO, assert_nothing_half_written, run_command
 
 
 def test_help_and_experiments_do_not_import_tensorflow_or_mlflow() -> None:

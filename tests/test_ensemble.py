@@ -21,7 +21,7 @@ from cifar_mlops import cli, data, ensemble
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs, served
 from cifar_mlops.train import train
-from tests.conftest import REPO, tiny, use_store
+from tests.conftest import REPO, tiny, tiny_data_overrides, tiny_ensemble, use_store
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("ensemble")
@@ -42,16 +42,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
         yield uri
         while mlflow.active_run():
             mlflow.end_run()
-
-
-def tiny_data_overrides() -> dict:
-    return {f"data.{key}": value for key, value in tiny("smoke").data.model_dump().items()}
-
-
-def tiny_ensemble(**extra) -> cfg.EnsembleConfig:
-    """`smoke-ensemble` on the members' tiny data (dotted keys with `__` for `.`)."""
-    overrides = {**tiny_data_overrides(), "batch_size": 16, **{k.replace("__", "."): v for k, v in extra.items()}}
-    return cfg.resolve("smoke-ensemble", overrides)
 
 
 def cli_tiny_data() -> list[str]:

@@ -21,8 +21,7 @@ from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
 from cifar_mlops.train import TrainingFailed, train
 from tests import conftest
-from tests.conftest import REPO
-from tests.test_cli import BIN, assert_nothing_half_written, run_command
+from tests.conftest import BIN, REPO, assert_nothing_half_written, run_command
 
 
 def tiny(exp_id: str, **extra):

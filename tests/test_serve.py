@@ -28,8 +28,7 @@ from PIL import Image
 from cifar_mlops import cli, data, ensemble
 from cifar_mlops.tracking import image_model, served
 from cifar_mlops.train import train
-from tests.conftest import free_port, server_process, skip_or_fail, tiny, use_store
-from tests.test_ensemble import tiny_ensemble
+from tests.conftest import free_port, server_process, skip_or_fail, tiny, tiny_ensemble, use_store
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("serve")
