@@ -77,52 +77,64 @@ def test_a_frozen_backbone_keeps_its_statistics_and_the_head_still_counts() -> N
     assert batchnorm.trainable_batchnorms(model) == []
 
 
-def test_each_epoch_is_validated_with_the_statistics_of_its_weights(store) -> None:
-    """What every later callback (early stopping, Optuna's pruning, the run's curves, the checkpoint) reads at an
-    epoch's end: the first BatchNorm's moving mean is the mean of its inputs over the training images under the
-    epoch's weights, not Keras's lagging average, and val_accuracy is the accuracy of that model."""
-    seen: list[tuple[float, float, np.ndarray, np.ndarray]] = []
+class Probe(keras.callbacks.Callback):
+    """Records, at each epoch's end, what a callback after the project's own sees (where Optuna's pruning, early
+    stopping, the run's curves and the checkpoint sit): the logged val_accuracy, an evaluation of the model as it
+    is then, the first BatchNorm's moving mean and the mean of that layer's inputs over the training images."""
 
-    class Probe(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            bn = self.model.get_layer("backbone").get_layer("bn_Conv1")
-            evaluated = self.model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
-            seen.append((logs["val_accuracy"], evaluated, keras.ops.convert_to_numpy(bn.moving_mean),
-                         first_bn_input_mean(self.model, splits_x)))
+    def __init__(self, splits) -> None:
+        super().__init__()
+        self.splits, self.epochs = splits, []
+        self.val = Batches(splits.x_val, splits.y_val, batch_size=32, num_classes=10, training=False)
 
-    # 2.4 is MobileNetV2 (momentum 0.999) at batch 256; 64 training images in two batches of 32, all recomputed.
-    config = tiny("2.4", train__epochs=2, data__synthetic_train_pool=104, data__val_size=40,
-                  train__bn_recompute_images=1024)
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        bn = self.model.get_layer("backbone").get_layer("bn_Conv1")
+        self.epochs.append({"logged": logs["val_accuracy"], "loss": logs["loss"],
+                            "evaluated": self.model.evaluate(self.val, verbose=0, return_dict=True)["accuracy"],
+                            "moving_mean": keras.ops.convert_to_numpy(bn.moving_mean),
+                            "input_mean": first_bn_input_mean(self.model, self.splits.x_train)})
+
+
+@pytest.fixture(scope="module")
+def trained_both_ways(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """2.4 (MobileNetV2, momentum 0.999) trained tiny twice, the same seed, with and without the recomputation:
+    64 training images in two batches of 32, all recomputed; no dropout, so both train the very same steps."""
     from cifar_mlops import data
+    from tests.conftest import use_store
 
-    splits = data.load_splits(config.data)
-    splits_x = splits.x_train
-    val = Batches(splits.x_val, splits.y_val, batch_size=32, num_classes=10, training=False)
-    metrics = train(config, splits=splits, callbacks=[Probe()], register=False)
+    out = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for images in (1024, 0):
+            use_store(tmp_path_factory.mktemp(f"bn-{images}"), patch)
+            config = tiny("2.4", train__epochs=2, data__synthetic_train_pool=104, data__val_size=40,
+                          model__dropout=0.0, train__bn_recompute_images=images)
+            splits = data.load_splits(config.data)
+            probe = Probe(splits)
+            metrics = train(config, splits=splits, callbacks=[probe], register=False)
+            [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+            served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").unwrap_python_model()
+            logged = served.member_models[0].get_raw_model().get_layer("backbone").get_layer("bn_Conv1")
+            out[images] = {"epochs": probe.epochs, "metrics": metrics,
+                           "logged_moving_mean": keras.ops.convert_to_numpy(logged.moving_mean)}
+    return out
 
-    assert len(seen) == 2
-    for logged, evaluated, moving_mean, input_mean in seen:
-        assert logged == pytest.approx(evaluated, abs=1e-6)
-        np.testing.assert_allclose(moving_mean, input_mean, rtol=0.02, atol=1e-3)
-    assert metrics["val_accuracy"] == pytest.approx(seen[-1][0], abs=1e-6)  # the final evaluation: the same model
-    # the logged model, what is registered and served, holds the last epoch's statistics
-    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").unwrap_python_model()
-    logged = served.member_models[0].get_raw_model().get_layer("backbone").get_layer("bn_Conv1")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(logged.moving_mean), seen[-1][2], rtol=1e-6, atol=1e-7)
+
+def test_each_epoch_is_validated_with_the_statistics_of_its_weights(trained_both_ways) -> None:
+    """What every later callback reads at an epoch's end: the first BatchNorm's moving mean is the mean of its
+    inputs over the training images under the epoch's weights, not Keras's lagging average, and val_accuracy is
+    the accuracy of that model; the final evaluation and the logged (registered, served) model are the same."""
+    run = trained_both_ways[1024]
+    assert len(run["epochs"]) == 2
+    for epoch in run["epochs"]:
+        assert epoch["logged"] == pytest.approx(epoch["evaluated"], abs=1e-6)
+        np.testing.assert_allclose(epoch["moving_mean"], epoch["input_mean"], rtol=0.02, atol=1e-3)
+    assert run["metrics"]["val_accuracy"] == pytest.approx(run["epochs"][-1]["logged"], abs=1e-6)
+    np.testing.assert_allclose(run["logged_moving_mean"], run["epochs"][-1]["moving_mean"], rtol=1e-6, atol=1e-7)
 
 
-def test_recomputing_nothing_keeps_the_moving_averages(store) -> None:
-    """bn_recompute_images=0: Keras's moving averages are evaluated as they are (0.999 over 4 steps: still
-    about their initial zeros), the contrast that shows the test above measures the recomputation."""
-    config = tiny("2.4", train__epochs=2, data__synthetic_train_pool=104, data__val_size=40,
-                  train__bn_recompute_images=0)
-    moving: list[np.ndarray] = []
-
-    class Probe(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            bn = self.model.get_layer("backbone").get_layer("bn_Conv1")
-            moving.append(keras.ops.convert_to_numpy(bn.moving_mean))
-
-    train(config, callbacks=[Probe()], register=False)
-    assert np.abs(moving[-1]).max() < 0.05
+def test_recomputing_changes_what_is_evaluated_not_what_is_trained(trained_both_ways) -> None:
+    """Without the recomputation (bn_recompute_images=0) the moving averages evaluated are Keras's, 0.999 over
+    4 steps: still about their initial zeros, far from the inputs' means; the training steps are the same."""
+    precise, kept = trained_both_ways[1024]["epochs"], trained_both_ways[0]["epochs"]
+    assert np.abs(kept[-1]["moving_mean"]).max() < 0.05 < np.abs(kept[-1]["input_mean"]).max()
+    assert [e["loss"] for e in precise] == pytest.approx([e["loss"] for e in kept], rel=1e-5)
