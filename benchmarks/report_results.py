@@ -305,6 +305,83 @@ def section_throughput(r: dict | None) -> list[str]:
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
+def section_batchnorm(bn: dict | None, study_b_bn: dict | None, study_b: dict | None,
+                      precision: dict | None) -> list[str]:
+    """Issue 29: precise BN against a step-derived momentum and Keras's own moving averages (study A, 2.4 on the
+    sample), its cost, and study B's b5 and b8 with it against their seed spread before it."""
+    out = ["## BatchNorm statistics that match the weights (issue 29)", ""]
+    if not bn:
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_batchnorm.py   # 2.4, three methods, "
+                      "about 20 CPU-minutes", ""]
+    out += ["`benchmarks/bench_batchnorm.py`: `train()` of the same experiment and seed on the sample (3,336 train / "
+            "834 validation, its 1,000 test images), once per way of setting BatchNorm's inference statistics: "
+            "**precise** = `train.bn_recompute_images=1024` (the default: `cifar_mlops.batchnorm.recompute` before "
+            "each epoch's validation, the mean of the batch statistics of the epoch's weights over 1,024 training "
+            "images); **momentum** = no recomputation, each training BatchNorm's momentum set from the steps per "
+            "epoch, clip(0.01 ** (1 / steps), 0.9, 0.99); **none** = no recomputation, Keras's momentum (what main "
+            "did). \"Keras last epoch\" is the accuracy Keras reports while training the last epoch (batch "
+            "statistics, dropout on); \"evaluated\" is the same images evaluated as the model is served.", "",
+            "| method | exp | seed | Keras last epoch train acc % | evaluated train acc % | val acc % | test acc % | "
+            "recompute, % of fit time | CPU min |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in bn["runs"]:
+        cost = f"{100 * r['recompute_s'] / r['fit_seconds']:.1f}" if r["method"] == "precise" else ""
+        label = r["method"] + (f" ({r['momentum']:.2f})" if r.get("momentum") else "")
+        out.append(f"| {label} | {r['exp']} | {r['seed']} | {100 * r['last_epoch_train_accuracy']:.1f} | "
+                   f"{100 * r['train_accuracy']:.1f} | {100 * r['val_accuracy']:.1f} | {100 * r['test_accuracy']:.1f} | "
+                   f"{cost} | {r['cpu_s'] / 60:.1f} |")
+    out += ["", load_line(bn), ""]
+    if study_b_bn:
+        before = {}
+        for run in (study_b or {}).get("runs", []) + [x for x in (precision or {}).get("runs", [])
+                                                      if x.get("precision") == "float32"]:
+            before.setdefault(run["exp"], []).append(run["test_accuracy"])
+        out += ["Study B with precise BN (the default now), `benchmarks/bench_study_b.py --exps b5,b8 --seeds 0 "
+                "--results study_b_precise_bn`, against the same iteration's test accuracy over seeds before it "
+                "(b5: results/study_b.json; b8: its float32 runs in results/precision.json):", "",
+                "| exp | seed | test acc % now | before: seeds, mean, range % | CPU min |", "|---|---|---|---|---|"]
+        for r in study_b_bn["runs"]:
+            old = before.get(r["exp"], [])
+            spread = (f"{len(old)}, {100 * sum(old) / len(old):.1f}, {100 * min(old):.1f}-{100 * max(old):.1f}"
+                      if old else "-")
+            out.append(f"| {r['exp']} | {r['seed']} | {100 * r['test_accuracy']:.1f} | {spread} | {r['cpu_s'] / 60:.1f} |")
+        out += ["", load_line(study_b_bn), ""]
+    return out
+
+
+def section_study_a(r: dict | None) -> list[str]:
+    """Issue 29, item 3: study A's iterations that need no ImageNet weights, trained as catalogued on the sample."""
+    out = ["## Accuracy on real images: study A (issue 29)", ""]
+    if not r:
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_study_a.py", ""]
+    out += ["`cifar-mlops train --no-register` of each iteration as catalogued (its epochs, batch size, image size, "
+            "optimizer; BatchNorm statistics recomputed, the default) on the real CIFAR-10 sample: 3,336 train / 834 "
+            "validation images from its 4,170 data-batch images, test = its 1,000-image test batch (real images, "
+            "NOT the official test set). data.seed = train.seed = the seed. \"Keras last epoch\" is the training "
+            "accuracy Keras reported for the last epoch; \"evaluated\" the same images evaluated as served.", "",
+            "**The published figures are not comparable and are not reproduced here**: they were trained on all "
+            "50,000 training images on a GPU and tested on the official 10,000 test images; 3.1 also starts from "
+            "ImageNet weights, which this machine cannot download (3.1 and 3.2 are not in the table).", "",
+            "| exp | seeds | Keras last epoch train acc % | evaluated train acc % | val acc % | test acc % (sample) | "
+            "CPU min / run | published test acc % (full data, GPU) |", "|---|---|---|---|---|---|---|---|"]
+
+    def pct(ms, seeds):
+        return "-" if not ms or ms[0] is None else f"{100 * ms[0]:.1f}" if seeds == 1 else \
+            f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+    for s in r["summary"]:
+        n = s["seeds"]
+        published = f"{100 * s['published_test']:.2f}" if s.get("published_test") else ""
+        out.append(f"| {s['exp']} | {n} | {pct(s.get('last_epoch_train_accuracy'), n)} | "
+                   f"{pct(s['train_accuracy'], n)} | {pct(s['val_accuracy'], n)} | {pct(s['test_accuracy'], n)} | "
+                   f"{s['cpu_s'][0] / 60:.1f} | {published} |")
+    missing = [e for e in ("1.0", "1.1", "2.0", "2.1", "2.2", "2.3", "2.4", "3.0") if e not in r["exps"]]
+    if missing:
+        out += ["", f"Not run for lack of time in the session that wrote this: {', '.join(missing)} "
+                f"(`.venv/bin/python benchmarks/bench_study_a.py --exps {','.join(missing)} --merge`)."]
+    return out + ["", "Mean ± sd over seeds where there are several. " + load_line(r)
+                  + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
+
+
 def section_study_b(r: dict | None) -> list[str]:
     out = ["## Accuracy on real images: study B (item 5)", ""]
     if not r:
@@ -661,7 +738,8 @@ def section_gpu_check() -> list[str]:
 
 def main() -> None:
     results = {n: load(n) for n in ("startup", "memory", "tracking", "throughput", "study_b", "study_b_screening",
-                                    "study_b_unconstrained_screening", "tuning", "pruning", "precision", "ablation", "serving", "backends")}
+                                    "study_b_unconstrained_screening", "tuning", "pruning", "precision", "ablation", "serving", "backends",
+                                    "batchnorm", "study_b_precise_bn", "study_a")}
     lines = ["# Benchmarks: results", "",
              "Generated by `.venv/bin/python benchmarks/report_results.py` from `benchmarks/results/*.json`; "
              "do not edit by hand. Rerun everything with `.venv/bin/python benchmarks/run_all.py` "
@@ -673,6 +751,8 @@ def main() -> None:
              "the load average measured around it.", ""]
     lines += section_startup(results["startup"]) + section_memory(results["memory"])
     lines += section_tracking(results["tracking"]) + section_throughput(results["throughput"])
+    lines += section_batchnorm(results["batchnorm"], results["study_b_precise_bn"], results["study_b"],
+                               results["precision"]) + section_study_a(results["study_a"])
     lines += section_study_b(results["study_b"]) + section_study_b_final(results["precision"], results["study_b_screening"])
     lines += section_beyond_the_rules(results["study_b"], results["study_b_unconstrained_screening"])
     lines += section_precision(results["precision"])
