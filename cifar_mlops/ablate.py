@@ -12,14 +12,18 @@ ablation in `cifar10-ablation`; seed k sets `train.seed = k` for every variant (
 initialisation and shuffling), so differences pair by seed. A (variant, seed) already FINISHED with
 the same resolved config is reused, never retrained, so rerunning the command resumes it. The effect
 of a change is metric(with it) - metric(without it); `ablation_stats` tests it.
+
+The runs go through a queue (`execution.queue`, in `optuna.journal` beside the SQLite MLflow store unless
+`--storage` names another): every process running the same ablation, worker processes (`--workers`) and
+commands started at the same moment on this machine or another, agrees on one parent run and trains each
+(variant, seed) once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -160,15 +164,11 @@ class AblationSpec:
     variants: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
     register: bool = False
-    storage: str | None = None  # the queue's storage (None: this process runs every task itself)
+    storage: str | None = None  # the queue's storage (None: optuna.journal beside the SQLite MLflow store)
     parent_run_id: str = ""
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> AblationSpec:
-        return cls(**json.loads(text))
+    def run(self) -> int:
+        return run_worker(self)
 
 
 class Ablation:
@@ -200,8 +200,7 @@ class Ablation:
 
     def work(self, task: str) -> None:
         """Train `task` as a nested run of the ablation, unless another process has meanwhile."""
-        from cifar_mlops.tracking import runs
-        from cifar_mlops.train import train
+        from cifar_mlops.train import RunContext, train
 
         if self.is_done(task):
             return
@@ -211,8 +210,8 @@ class Ablation:
                 "mlflow.runName": f"{variant.id} seed {seed}",
                 **({"removed": variant.removed} if variant.removed else {}),
                 **({"added": variant.added} if variant.added else {})}
-        metrics = train(config, register=self.spec.register, parent_run_id=self.spec.parent_run_id,
-                        on_run_start=lambda run_id: runs.log_batch(run_id, tags=tags))
+        metrics = train(config, RunContext(parent_run_id=self.spec.parent_run_id, tags=tags),
+                        register=self.spec.register)
         left = len(self.tasks) - len(self.finished())
         log(f"[{len(self.tasks) - left}/{len(self.tasks)}] {variant.id} seed {seed}: "
             f"test_accuracy={metrics['test_accuracy']:.4f}; {left} run{'s' if left != 1 else ''} left")
@@ -252,12 +251,14 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
            register: bool = False, workers: int = 1, storage: str | None = None) -> AblationResult:
     """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect.
 
-    With `workers` > 1 or a `storage`, the runs go through a queue (`tune.run_queue`) that worker
-    processes on this machine, and the same command on other machines, share."""
+    The runs go through the ablation's queue (`execution.queue.run_queue`, in `storage`), shared by `workers`
+    processes on this machine and by the same command started anywhere else on the same storage."""
+    from cifar_mlops.execution import queue
+    from cifar_mlops.execution.workers import worker_args
     from cifar_mlops.tracking import ablations, runs, store
 
     spec = AblationSpec(exp_id, design, list(seeds), list(enhancements), list(variants), dict(overrides or {}),
-                        register, storage)
+                        register, queue.absolute(storage))
     ablation_stats.check_seeds(spec.seeds)
     if not 0 < alpha < 1:
         raise AblationError(f"--alpha must be in (0, 1), got {alpha}")
@@ -267,29 +268,25 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
     for line in plan.skipped:
         log(line)
     store.quiet_mlflow()
+    study = queue.open_queue(queue_name(plan), spec.storage)
+    parent = f"parent run in {store.configure_store()}"  # one per MLflow store the queue serves
     spec.parent_run_id, experiment = ablations.ablation_run(plan.name, {
         "ablation_of": exp_id, "design": design, "seeds": ",".join(map(str, seeds)),
         "variants": " | ".join(v.id for v in plan.variants),
-        "overrides": " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "none"})
+        "overrides": " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "none"},
+        agreed=lambda: queue.elect(study, parent, valid=runs.is_active),
+        claim=lambda run_id: queue.elect(study, parent, run_id, valid=runs.is_active))
     ablation = Ablation(spec, plan)
     pending = [task for task in ablation.tasks if not ablation.is_done(task)]
     reused = len(ablation.tasks) - len(pending)
     log(f"ablation {plan.name!r}: {len(plan.variants)} variants x {len(seeds)} seeds = {len(ablation.tasks)} runs, "
         f"{reused} already finished; parent run {spec.parent_run_id} in MLflow experiment {experiment!r}")
     try:
-        if workers == 1 and storage is None:
-            for task in pending:
-                ablation.work(task)
-        else:
-            from cifar_mlops import tune
-
-            def worker_args(index: int) -> list[str]:
-                return ["ablate-worker", "--spec", spec.to_json()]
-
-            failures = tune.run_queue(f"ablation {plan.name}", storage, pending, ablation.work, ablation.is_done,
-                                      workers=workers, worker_args=worker_args, tracking_uri=store.configure_store())
-            for failure in failures:
-                log(f"{failure}; its run was picked up by another process")
+        failures = queue.run_queue(queue_name(plan), spec.storage, pending, ablation.work, ablation.is_done,
+                                   study=study, workers=[worker_args(spec)] * workers if workers > 1 else [],
+                                   tracking_uri=store.configure_store())
+        for failure in failures:
+            log(f"{failure}; its run was picked up by another process")
         frame, predictions, labels = ablation.results()
     except BaseException as err:
         status, reason = runs.failure(err)
@@ -316,17 +313,19 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
                           trained=trained, reused=reused)
 
 
+def queue_name(plan: Design) -> str:
+    return f"ablation {plan.name}"
+
+
 def run_worker(spec: AblationSpec) -> int:
     """One worker process of `ablate --workers K`: run the ablation's queued tasks; return how many."""
-    from cifar_mlops import tune
+    from cifar_mlops.execution import queue
     from cifar_mlops.tracking import store
 
     store.quiet_mlflow()
     plan = build_design(spec.exp_id, spec.design, enhancements=spec.enhancements, variants=spec.variants,
                         overrides=spec.overrides)
-    ablation = Ablation(spec, plan)
-    study, storage = tune.open_queue(f"ablation {plan.name}", spec.storage)
-    return tune.drain_queue(study, storage, ablation.work)
+    return queue.drain(queue.open_queue(queue_name(plan), spec.storage), Ablation(spec, plan).work)
 
 
 def variants_text(summary: pd.DataFrame) -> pd.DataFrame:

@@ -463,7 +463,7 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
               help="Worker processes on this machine sharing the runs (one GPU each when GPUs are visible).")
 @click.option("--storage", default="", metavar="URL",
               help="The runs' queue, shared by every process and machine running this ablation: postgresql://..., "
-                   "or a journal file (default with --workers: ./optuna.journal).")
+                   "or a journal file (default: optuna.journal beside a SQLite MLflow store, else ./optuna.journal).")
 @_override_options("train.epochs=5 (every variant)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
@@ -608,33 +608,17 @@ def set_role(name: str, role: str) -> None:
     click.echo(f"{name} is now {role}", err=True)
 
 
-@main.command("tune-worker", hidden=True)
-@click.option("--spec", required=True, help="JSON from the coordinating `tune` process.")
-def tune_worker(spec: str) -> None:
-    """One worker process of `tune --workers K` (internal)."""
+@main.command(hidden=True)
+@click.option("--spec", required=True, help="JSON from the coordinating process (`execution.workers.worker_args`).")
+def worker(spec: str) -> None:
+    """One worker process of `tune` or `ablate --workers K` (internal)."""
     with heavy_imports():
         import keras  # noqa: F401  (the worker trains: imported here, to be frozen)
 
-        from cifar_mlops import tune as tuning
+        from cifar_mlops.execution import workers
 
-    worker = tuning.WorkerSpec.from_json(spec)
-    try:
-        tuning.run_worker(worker)
-    except (UserError, KeyboardInterrupt) as err:
-        err.add_note(f"worker {worker.index}")
-        raise
-
-
-@main.command("ablate-worker", hidden=True)
-@click.option("--spec", required=True, help="JSON from the coordinating `ablate` process.")
-def ablate_worker(spec: str) -> None:
-    """One worker process of `ablate --workers K` (internal)."""
-    with heavy_imports():
-        import keras  # noqa: F401  (the worker trains: imported here, to be frozen)
-
-        from cifar_mlops import ablate as ablation
-
-    ablation.run_worker(ablation.AblationSpec.from_json(spec))
+        given = workers.from_json(spec)  # imports the module of its class (tune, ablate) while imports are frozen
+    given.run()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from cifar_mlops import backend, data, evaluation
@@ -275,26 +275,39 @@ class ResumedTraining:
     model: Any
 
 
-def train(config: ExperimentConfig, *, splits: data.Splits | None = None, callbacks: Iterable = (),
-          register: bool = True, experiment: str = runs.ABLATION_EXPERIMENT, parent_run_id: str | None = None,
-          on_run_start: Callable[[str], None] | None = None, resume: ResumedTraining | None = None) -> dict[str, float]:
+@dataclass(frozen=True)
+class RunContext:
+    """Where a training's run goes and who is told about it: built by the caller of `train` (the CLI and the
+    MLproject entry points, tuning, ablations), which the training itself does not need to know about."""
+
+    experiment: str = runs.ABLATION_EXPERIMENT  # the MLflow experiment of a new run
+    parent_run_id: str | None = None  # a nested run under this one (a tuning trial's, an ablation's)
+    tags: Mapping[str, Any] = field(default_factory=dict)  # set on the run as soon as it exists
+    on_start: Callable[[str], None] | None = None  # called with the run's id once it is described
+    resume: ResumedTraining | None = None  # go on in that run from its checkpoint (see `resume()`)
+
+
+def train(config: ExperimentConfig, context: RunContext | None = None, *, splits: data.Splits | None = None,
+          callbacks: Iterable = (), register: bool = True) -> dict[str, float]:
     """Train, evaluate, track and (if `register`) register experiment `config`; return its metrics.
 
-    `splits` lets a caller that trains many times (tuning) load the data once;
-    `on_run_start(run_id)` is called as soon as the run exists (tuning tags its trial there);
-    `resume` (see `resume()`) goes on in that run from its checkpoint instead of starting one.
+    `context`: where its run goes (default: a new run of its own in `cifar10-ablation`, or the one `mlflow run`
+    made); `splits` lets a caller that trains many times (tuning) load the data once.
     """
     import keras
 
+    context = context or RunContext()
+    resume = context.resume
     check_kind(config, "train")
-    checkpoints = resumable(config, parent_run_id)
+    checkpoints = resumable(config, context.parent_run_id)
     if resume is None:  # before any device scope opens: clearing the session would end it
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)
     # the devices first: a training that cannot have them starts no run
     with backend.data_parallel(config.train.devices, config.train.batch_size) as devices, \
-            runs.TrainingRun(config, experiment=experiment, parent_run_id=parent_run_id, on_start=on_run_start,
-                             resume=resume.point if resume else None, heartbeat=checkpoints) as run:
+            runs.TrainingRun(config, experiment=context.experiment, parent_run_id=context.parent_run_id,
+                             tags=context.tags, on_start=context.on_start, resume=resume.point if resume else None,
+                             heartbeat=checkpoints) as run:
         log(f"{config.exp_id}: tracking {run.url_hint}")
         splits = tracked_splits(run, config.data, splits)
 
@@ -371,8 +384,8 @@ def resume(run_id: str, *, force: bool = False, exp_id: str | None = None, overr
                 raise runs.ResumeRefused(f"the checkpoint of run {run_id} cannot be loaded "
                                          f"({first_line(err, typed=True, limit=200)})",
                                          run_id) from None
-            return train(config, splits=splits, callbacks=callbacks, register=register,
-                         resume=ResumedTraining(point, model))
+            return train(config, RunContext(resume=ResumedTraining(point, model)), splits=splits, callbacks=callbacks,
+                         register=register)
     finally:
         point.close()
 

@@ -1,21 +1,14 @@
-"""Optuna study around `train()`: the only module importing optuna.
+"""Optuna's search around `train()`: sampler, pruner, suggest, the study's summary and figures.
 
 `tune(exp_id, trials)` searches the experiment's `search:` block. Each trial
 resolves the experiment with the trial's values as overrides (the same
 validation as `train`), calls the same `train(config)` (no registration), and
 lands as a nested MLflow run under one parent run per study in
 `cifar10-tuning`. Several processes (on one or many machines) cooperate on one
-study through its storage:
-
-- default: a journal file `optuna.journal` beside the SQLite MLflow store (the
-  working directory by default), safe for several local processes (Optuna's
-  JournalFileBackend with its symlink lock);
-- `--storage postgresql://...` (or any SQLAlchemy URL) for many machines.
-
-A worker that dies leaves its trial RUNNING; it is marked FAIL (and its
-nested run FAILED) by the next process that looks at the study: at once when
-the dead worker ran on this machine (its pid is gone), and for RDB storages
-after its heartbeat goes stale (`HEARTBEAT_SECONDS`, `GRACE_SECONDS`).
+study through its storage (`execution.queue.open_storage`: `optuna.journal`
+beside the SQLite MLflow store by default, `--storage postgresql://...` for many
+machines); worker processes, liveness and dead workers' trials are
+`cifar_mlops.execution`'s.
 
 Nested run states: COMPLETE -> FINISHED, PRUNED -> KILLED (tag
 `pruned_at_epoch`, no failure), FAIL -> FAILED; every trial run carries the tag
@@ -24,20 +17,12 @@ Nested run states: COMPLETE -> FINISHED, PRUNED -> KILLED (tag
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
 import socket
-import subprocess
-import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -47,21 +32,15 @@ from optuna.trial import TrialState
 from cifar_mlops import backend, progress
 from cifar_mlops import config as cfg
 from cifar_mlops.errors import UserError, first_line, redact
+from cifar_mlops.execution import queue
+from cifar_mlops.execution.workers import run_worker_processes, worker_args
 
-DEFAULT_JOURNAL = "optuna.journal"
 OBJECTIVE = "val_accuracy"  # maximized; also the per-epoch metric the pruner watches
-HEARTBEAT_SECONDS = 20  # RDB storages: a running trial's process writes a heartbeat this often
-GRACE_SECONDS = 60  # ... and a trial without one for this long is failed by the next process
-# What the database says to the processes that lose the race to create Optuna's tables in an empty database
-CONCURRENT_CREATION_ERRORS = ("duplicate key value", "already exists", "UniqueViolation", "IntegrityError")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "percentile", "successive-halving", "hyperband", "none")
 SEARCHED_SECTION = "train"  # every search dimension overrides train.<name>
 TRIAL_METRICS = ("val_accuracy", "val_f1_macro", "train_accuracy", "test_accuracy", "epochs_run")
 COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # TuneResult.counts and the parent's trials_* tags
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress line replaces Optuna's
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class TuneError(UserError):
@@ -120,70 +99,7 @@ def as_overrides(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Storage, sampler, pruner
-
-
-def journal_path(storage: str | None) -> Path | None:
-    """The journal file `storage` names (None, a path, or `journal:PATH`), or None for a database URL.
-
-    None: `optuna.journal` beside a SQLite MLflow store, else in the working directory
-    (`mlflow run` starts entry points in the project folder, not where the store is)."""
-    if not storage:
-        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-        folder = Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") else Path.cwd()
-        return folder / DEFAULT_JOURNAL
-    if storage.startswith("journal:"):
-        return Path(storage[len("journal:"):]).expanduser().resolve()
-    if "://" in storage:
-        return None
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", storage):
-        raise TuneError(f"malformed storage URL {redact(storage)!r}: expected dialect://..., e.g. "
-                        "postgresql://user@host:5432/db or sqlite:///optuna.db, or a journal file path")
-    return Path(storage).expanduser().resolve()
-
-
-def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
-    """Open (creating if needed) the study storage; every failure is one TuneError line."""
-    path = journal_path(storage)
-    if path is not None:
-        if not path.parent.is_dir():
-            raise TuneError(f"journal storage {path}: folder {path.parent} does not exist")
-        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-
-        try:
-            # The symlink lock is atomic on local disks and NFS; a lock left by a killed
-            # process is broken after its grace period.
-            return optuna.storages.JournalStorage(
-                JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path), grace_period=30)))
-        except Exception as err:  # noqa: BLE001 - a corrupt or unreadable file
-            raise TuneError(f"cannot open journal storage {path}: {first_line(err)}") from None
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(storage)
-    except ArgumentError as err:
-        raise TuneError(f"malformed storage URL {redact(storage)!r}: {first_line(err)}") from None
-    shown = redact(storage)
-    engine_kwargs: dict[str, Any] = {}
-    if url.get_backend_name() in ("postgresql", "mysql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                    grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=_stale_trial_failed)
-        except Exception as err:  # noqa: BLE001 - unknown dialect, unreachable server, bad credentials
-            # Commands started together on an empty database all create Optuna's tables; the
-            # losers fail on the database's own catalogue. Once one has won, the tables exist.
-            if attempt < 5 and any(text in str(err) for text in CONCURRENT_CREATION_ERRORS):
-                time.sleep(0.5 * attempt)
-                continue
-            raise TuneError(f"cannot open Optuna storage {shown}: {first_line(err)}") from None
+# Sampler, pruner
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -263,94 +179,9 @@ def replay_pruning(curves: list[Curve], pruner_name: str, config: cfg.Experiment
 # Dead workers
 
 
-def _process_start(pid: int) -> str:
-    """The process's start time (clock ticks since boot), '' if unknown or gone; 'Z' for a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields = stat.rsplit(")", 1)[1].split()
-    return "Z" if fields[0] in ("Z", "X") else fields[19]
-
-
-def _alive(pid: int, started: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    now = _process_start(pid)
-    if now == "Z":
-        return False
-    return not (started and now and now != started)  # a different process reusing the pid
-
-
-HEARTBEAT_REASON = "its worker stopped (no heartbeat); trial marked FAIL"
-
-
-def _end_trial_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
-    """End a failed trial's nested run (if it got one) FAILED with `reason`."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        from cifar_mlops.tracking import studies
-
-        studies.end_trial_run(run_id, "FAIL", reason)
-
-
-def _stale_trial_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Heartbeat callback (RDB storages): the trial's worker went silent; end its nested run too."""
-    _end_trial_run(trial, HEARTBEAT_REASON)
-
-
-def _record_fail_reason(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int, reason: str) -> None:
-    """Keep why trial `number`, started by a process now dead, is failed: its system attr `fail_reason`
-    (which `progress_line` shows and `_finish` gives a still-open nested run).
-
-    Optuna has no public call for this: `Study.tell` sets the state but takes no reason, and
-    `Trial.set_user_attr` needs the live `Trial` object of the process that ran it. So this calls the
-    storage's own methods (`BaseStorage`, "not supposed to be directly accessed by library users"), on
-    the storage this process opened, by study name and trial number. It must come before the trial is
-    told FAIL: a finished trial cannot change (`UpdateFinishedTrialError`)."""
-    study_id = storage.get_study_id_from_name(study.study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-    storage.set_trial_system_attr(trial_id, "fail_reason", reason)
-
-
-def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
-    """Mark FAIL the RUNNING trials whose worker is gone, end their nested runs, log a progress line for
-    each; return their numbers. `storage`: the one `study` was opened on.
-
-    Local workers are checked by pid (immediate); workers elsewhere by Optuna's
-    heartbeat (RDB storages only, after GRACE_SECONDS)."""
-    host = socket.gethostname()
-    failed: list[int] = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = trial.user_attrs
-        if attrs.get("worker_host") != host or "worker_pid" not in attrs:
-            continue
-        if _alive(int(attrs["worker_pid"]), str(attrs.get("worker_start", ""))):
-            continue
-        reason = f"worker pid {attrs['worker_pid']} died during the trial"
-        try:
-            _record_fail_reason(storage, study, trial.number, reason)
-            # any process may tell a RUNNING trial by number; one finished meanwhile is left as it is
-            told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process finished it between our read and our write
-        if told.state != TrialState.FAIL:
-            continue
-        _end_trial_run(told, reason)
-        log(progress_line(study, told))
-        failed.append(told.number)
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # no-op unless the storage has heartbeats
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number not in before]
-    for trial in stale:
-        log(progress_line(study, trial, reason=HEARTBEAT_REASON))
-    return sorted(set(failed) | {t.number for t in stale})
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """`execution.queue.fail_dead_trials`, with a progress line for each trial failed."""
+    return queue.fail_dead_trials(study, lambda trial, reason: log(progress_line(study, trial, reason)))
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +190,7 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker process needs (passed as JSON to `cifar-mlops tune-worker`)."""
+    """Everything a worker process needs (passed as JSON to `cifar-mlops worker`, see `execution.workers`)."""
 
     exp_id: str
     overrides: dict[str, Any]
@@ -374,12 +205,12 @@ class WorkerSpec:
     trials: int = 1
     timeout: float | None = None
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        return cls(**json.loads(text))
+    def run(self) -> int:
+        try:
+            return run_worker(self)
+        except (UserError, KeyboardInterrupt) as err:
+            err.add_note(f"worker {self.index}")
+            raise
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -387,38 +218,33 @@ def run_worker(spec: WorkerSpec) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cifar_mlops import data
     from cifar_mlops.tracking import store, studies
-    from cifar_mlops.train import TrainingFailed, train
+    from cifar_mlops.train import RunContext, TrainingFailed, train
 
     store.quiet_mlflow()
     config = base_config(spec.exp_id, spec.overrides)
-    storage = open_storage(spec.storage)
-    study = optuna.load_study(study_name=spec.study_name, storage=storage,
+    study = optuna.load_study(study_name=spec.study_name, storage=queue.open_storage(spec.storage),
                               sampler=make_sampler(spec.sampler, spec.seed), pruner=make_pruner(spec.pruner, config))
     log(f"worker {spec.index}: loading data once for all its trials")
     splits = data.load_splits(config.data)
-    host, pid = socket.gethostname(), os.getpid()
-    started = _process_start(pid)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker_host", host)
-        trial.set_user_attr("worker_pid", pid)
-        trial.set_user_attr("worker_start", started)
+        queue.claim(trial)
         values = suggest(trial, config.search)
         trial_config = cfg.resolve(spec.exp_id, {**spec.overrides, **values})
         run_ids: list[str] = []
 
-        def tag_run(run_id: str) -> None:
-            # the run's trial number first: a worker killed before the trial knows its run still
-            # leaves a run that the next process can match to the trial and close
-            studies.tag_run(run_id, {"trial_number": trial.number, "optuna_study": spec.study_name,
-                                     "state": "RUNNING", "worker": f"{host}:{pid}",
-                                     "mlflow.runName": f"{spec.exp_id} trial {trial.number}"})
+        def started(run_id: str) -> None:
             run_ids.append(run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
 
+        # the run's tags name its trial before the trial names its run: a worker killed in between still
+        # leaves a run that the next process can match to the trial and close
+        context = RunContext(experiment=spec.experiment, parent_run_id=spec.parent_run_id, on_start=started,
+                             tags={"trial_number": trial.number, "optuna_study": spec.study_name, "state": "RUNNING",
+                                   "worker": worker, "mlflow.runName": f"{spec.exp_id} trial {trial.number}"})
         try:
-            metrics = train(trial_config, splits=splits, register=False, experiment=spec.experiment,
-                            parent_run_id=spec.parent_run_id, on_run_start=tag_run,
+            metrics = train(trial_config, context, splits=splits, register=False,
                             callbacks=[pruning_callback(trial, trial_config.train.epochs)])
         except optuna.TrialPruned:
             raise
@@ -434,7 +260,7 @@ def run_worker(spec: WorkerSpec) -> int:
     def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            studies.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
+            studies.end_trial_run(run_id, trial.state.name)
         log(f"worker {spec.index}: {progress_line(study, trial)}")
 
     # a batch size too large for the device fails that trial, not the worker
@@ -462,8 +288,8 @@ def pruning_callback(trial: optuna.Trial, epochs: int):
 
 
 def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str | None = None) -> str:
-    """One line on a finished trial: outcome, params, the study's best so far. `reason`: why it failed, when
-    the trial itself does not say (its system attr `fail_reason`, set for a dead worker's trial)."""
+    """One line on a finished trial: outcome, params, the study's best so far. `reason`: why it failed (a dead
+    worker's trial)."""
     params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
     if trial.state == TrialState.COMPLETE:
         outcome = f"{OBJECTIVE}={trial.value:.4f}"
@@ -471,7 +297,7 @@ def progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: 
         last = max(trial.intermediate_values) + 1 if trial.intermediate_values else 0
         outcome = f"pruned after epoch {last}"
     else:
-        outcome = f"failed ({trial.system_attrs.get('fail_reason') or reason or 'see its run'})"[:200]
+        outcome = f"failed ({reason or 'see its run'})"[:200]
     best = _best_trial(study)
     best_text = f"best: trial {best.number} {OBJECTIVE}={best.value:.4f}" if best else "best: none yet"
     return f"trial {trial.number} {trial.state.name}: {outcome} | {params} | {best_text}"
@@ -508,31 +334,16 @@ class TuneResult:
     failed_dead: list[int] = field(default_factory=list)
 
 
-def gpu_ids() -> list[str]:
-    """The GPUs workers are spread over: $CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
-
-
-def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig
-                   ) -> tuple[optuna.Study, optuna.storages.BaseStorage, list[int]]:
-    """The study (created or loaded, checked to tune this experiment), its storage, and the trials of dead
-    workers it had, now failed."""
-    storage = open_storage(spec.storage)
+def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig) -> tuple[optuna.Study, list[int]]:
+    """The study (created or loaded, checked to tune this experiment) and the trials of dead workers it had,
+    now failed."""
+    storage = queue.open_storage(spec.storage)
     try:
         study = optuna.create_study(study_name=spec.study_name, storage=storage, load_if_exists=True,
                                     direction="maximize", sampler=make_sampler(spec.sampler, spec.seed),
                                     pruner=make_pruner(spec.pruner, config))
     except Exception as err:  # noqa: BLE001 - e.g. the database went away
-        raise TuneError(f"cannot create study {spec.study_name!r} in {redact(spec.storage) or DEFAULT_JOURNAL}: "
+        raise TuneError(f"cannot create study {spec.study_name!r} in {redact(spec.storage) or queue.DEFAULT_JOURNAL}: "
                         f"{first_line(err)}") from None
     owner = study.user_attrs.get("exp_id")
     if owner is None:
@@ -541,11 +352,10 @@ def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig
     elif owner != spec.exp_id:
         raise TuneError(f"study {spec.study_name!r} tunes experiment {owner}, not {spec.exp_id}; "
                         "pass another --study name")
-    return study, storage, fail_dead_trials(study, storage)
+    return study, fail_dead_trials(study)
 
 
-def _parent_run(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: WorkerSpec,
-                tags: dict[str, Any]) -> tuple[str, str]:
+def _parent_run(study: optuna.Study, spec: WorkerSpec, tags: dict[str, Any]) -> tuple[str, str]:
     """Create (or reopen) the study's one parent run, remembered in the study, before any worker starts."""
     from cifar_mlops.tracking import runs, store, studies
 
@@ -558,8 +368,7 @@ def _parent_run(study: optuna.Study, storage: optuna.storages.BaseStorage, spec:
         study.set_user_attr("mlflow_parent_run_id", run_id)
         study.set_user_attr("mlflow_tracking_uri", uri)
         time.sleep(0.2)
-        winner = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs.get(
-            "mlflow_parent_run_id")
+        winner = study.user_attrs.get("mlflow_parent_run_id")  # read from the storage again
         if winner and winner != run_id and not adopted:  # another process started at once
             studies.delete_run(run_id)
             run_id, experiment = studies.study_run(spec.study_name, tags, reuse_run_id=winner)
@@ -582,18 +391,17 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
         raise TuneError(f"--sampler is one of {', '.join(SAMPLERS)}; --pruner one of {', '.join(PRUNERS)}")
     config = base_config(exp_id, overrides)
     study_name = study_name or study_name_for(exp_id)
-    if journal_path(storage) is not None:
-        storage = f"journal:{journal_path(storage)}"  # absolute: workers may start elsewhere
+    storage = queue.absolute(storage)  # workers may start elsewhere
     spec = WorkerSpec(exp_id=exp_id, overrides=overrides, study_name=study_name, storage=storage,
                       sampler=sampler, pruner=pruner, parent_run_id="", experiment="", seed=seed)
-    study, study_storage, failed_dead = _prepare_study(spec, config)  # logs each failed trial of a dead worker
+    study, failed_dead = _prepare_study(spec, config)  # logs each failed trial of a dead worker
 
     store.quiet_mlflow()
     tags = {"optuna_study": study_name, "optuna_storage": redact(storage), "exp_id": exp_id, "family": config.family,
             "objective": f"maximize {OBJECTIVE}", "sampler": sampler, "pruner": pruner,
             "search_space": json.dumps(config.search.model_dump(mode="json", exclude_none=True)),
             "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "none"}
-    parent_run_id, experiment = _parent_run(study, study_storage, spec, tags)
+    parent_run_id, experiment = _parent_run(study, spec, tags)
     result = TuneResult(study_name=study_name, storage=redact(storage), parent_run_id=parent_run_id,
                         tracking_uri=store.configure_store(), experiment=experiment, failed_dead=failed_dead)
     log(f"study {study_name!r} ({len(study.trials)} earlier trials) in {redact(storage)}; "
@@ -611,8 +419,8 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
         if workers == 1:
             run_worker(specs[0])
         else:
-            result.worker_failures = _run_worker_processes(
-                [(f"{s.trials} trials", ["tune-worker", "--spec", s.to_json()]) for s in specs], result.tracking_uri)
+            result.worker_failures = run_worker_processes([(f"{s.trials} trials", worker_args(s)) for s in specs],
+                                                          result.tracking_uri)
             if result.worker_failures:
                 status = "FAILED"
     except KeyboardInterrupt:
@@ -622,65 +430,31 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
         status = "FAILED"
         raise
     finally:
-        _finish(study, study_storage, result, status)
+        _finish(study, result, status)
 
     if register_best and result.best:
-        from cifar_mlops.train import train
+        from cifar_mlops.train import RunContext, train
 
         best_config = cfg.resolve(exp_id, {**overrides, **as_overrides(result.best["params"])})
         log(f"retraining the best configuration (trial {result.best['number']}) once, to register it")
-        train(best_config, register=True, on_run_start=lambda run_id: studies.tag_run(
-            run_id, {"optuna_study": study_name, "tuned_from_trial": result.best["number"],
-                     "tuning_parent_run": parent_run_id}))
+        train(best_config, RunContext(tags={"optuna_study": study_name, "tuned_from_trial": result.best["number"],
+                                            "tuning_parent_run": parent_run_id}), register=True)
         result.registered = f"{registry.registered_model_name(best_config.family)} (see `mlflow ui`)"
         studies.tag_run(parent_run_id, {"best_registered": "yes"})
     return result
 
 
-def _run_worker_processes(workers: list[tuple[str, list[str]]], tracking_uri: str) -> list[str]:
-    """Start one `cifar-mlops ARGS` process per (what it does, ARGS), each on its own GPU if there are
-    any; wait for all; return what went wrong with them."""
-    gpus = gpu_ids()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    processes = []
-    for index, (what, args) in enumerate(workers):
-        worker_env = dict(env)
-        if gpus:
-            worker_env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-        processes.append(subprocess.Popen([sys.executable, "-m", "cifar_mlops.cli", *args], env=worker_env))
-        where = f" on GPU {worker_env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
-        log(f"worker {index}: pid {processes[-1].pid}, {what}{where}")
-    failures = []
-    try:
-        for index, process in enumerate(processes):
-            code = process.wait()
-            if code != 0:
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                failures.append(f"worker {index} (pid {process.pid}) {how}")
-    except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them end their runs
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        raise
-    return failures
-
-
-def _finish(study: optuna.Study, storage: optuna.storages.BaseStorage, result: TuneResult, status: str) -> None:
+def _finish(study: optuna.Study, result: TuneResult, status: str) -> None:
     """Fail trials of dead workers, close their runs, and record the study on the parent run."""
     from cifar_mlops.tracking import runs, studies
 
-    result.failed_dead += fail_dead_trials(study, storage)
+    result.failed_dead += fail_dead_trials(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for run_id, tags in studies.running_child_runs(result.parent_run_id):
         number = tags.get("trial_number")
         trial = trials.get(int(number)) if number and number.isdigit() else None
         if trial is not None and trial.state != TrialState.RUNNING:
-            studies.end_trial_run(run_id, trial.state.name, trial.system_attrs.get("fail_reason"))
+            studies.end_trial_run(run_id, trial.state.name)
 
     frame = trials_frame(study)
     result.counts = {state: int(n) for state, n in
@@ -779,122 +553,3 @@ def _fmt4(value: Any) -> str:
 
 def _cell(value: Any) -> str:
     return "" if pd.isna(value) else _fmt(value)
-
-
-# ---------------------------------------------------------------------------
-# A queue of fixed tasks (an ablation's (variant, seed) runs): one enqueued trial each, nothing searched.
-# The same storages, dead-worker checks and worker processes as tuning; processes on many machines
-# share a queue through a database storage.
-
-QUEUE_POLL_SECONDS = 5  # how often a process whose own tasks are done looks at the others' again
-
-
-def open_queue(name: str, storage: str | None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
-    """The queue `name` (a study, created if missing) and its storage, dead local workers' tasks failed."""
-    opened = open_storage(storage)
-    try:
-        study = optuna.create_study(study_name=name, storage=opened, load_if_exists=True,
-                                    sampler=optuna.samplers.RandomSampler(), pruner=optuna.pruners.NopPruner())
-    except Exception as err:  # noqa: BLE001 - e.g. the database went away
-        raise TuneError(f"cannot open queue {name!r} in {redact(storage) or DEFAULT_JOURNAL}: "
-                        f"{first_line(err)}") from None
-    fail_dead_trials(study, opened)
-    return study, opened
-
-
-def enqueue(study: optuna.Study, tasks: list[str]) -> None:
-    """Queue each task that no WAITING or RUNNING trial holds yet."""
-    held = {t.user_attrs.get("task") for t in study.get_trials(
-        deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
-    for task in tasks:
-        if task not in held:
-            study.enqueue_trial({}, user_attrs={"task": task})
-
-
-def _take_waiting_trial(study: optuna.Study,
-                        storage: optuna.storages.BaseStorage) -> tuple[optuna.Trial, int] | None:
-    """The oldest WAITING trial, now RUNNING in this process, and its storage id; None when none is left.
-
-    `study.ask()` pops a waiting trial, but on an empty queue it creates a new one instead of saying
-    so, and Optuna has no public "pop or nothing": this is its `Study._pop_waiting_trial_id` written
-    with the storage's own calls. The storage's state change is atomic, so two processes never win
-    the same trial."""
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.trial.Trial(study, trial_id), trial_id
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
-
-
-def drain_queue(study: optuna.Study, storage: optuna.storages.BaseStorage, work: Callable[[str], None]) -> int:
-    """Run `work(task)` for queued tasks until none is waiting; return how many this process ran.
-    A task whose work raises is told FAIL and the error goes on (the next command queues it again)."""
-    host, pid = socket.gethostname(), os.getpid()
-    started = _process_start(pid)
-    ran = 0
-    while (taken := _take_waiting_trial(study, storage)) is not None:
-        trial, trial_id = taken
-        for key, value in {"worker_host": host, "worker_pid": pid, "worker_start": started}.items():
-            trial.set_user_attr(key, value)  # how `fail_dead_trials` tells a dead worker's task
-        try:
-            with _heartbeat(storage, trial_id):
-                work(trial.user_attrs["task"])
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        study.tell(trial, 0.0)
-        ran += 1
-    return ran
-
-
-@contextlib.contextmanager
-def _heartbeat(storage: optuna.storages.BaseStorage, trial_id: int):
-    """While inside, a database storage hears from this trial every HEARTBEAT_SECONDS, as in
-    `study.optimize`; a process on another machine fails it after GRACE_SECONDS without one."""
-    if not (isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval()):
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.is_set():
-            storage.record_heartbeat(trial_id)
-            stop.wait(HEARTBEAT_SECONDS)
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def run_queue(name: str, storage: str | None, tasks: list[str], work: Callable[[str], None],
-              is_done: Callable[[str], bool], *, workers: int = 1,
-              worker_args: Callable[[int], list[str]] | None = None, tracking_uri: str = "") -> list[str]:
-    """Queue `tasks` and run them all: in this process, or in `workers` processes `cifar-mlops
-    worker_args(i)` (each draining the same queue), with any process of another machine on the same
-    storage. A task lost with a dead worker is queued again and run here; returns what went wrong
-    with the worker processes. `work` must skip a task that `is_done` (another process finished it)."""
-    study, opened = open_queue(name, storage)
-    enqueue(study, tasks)
-    failures: list[str] = []
-    if workers > 1 and worker_args is not None:
-        failures = _run_worker_processes([(f"tasks of queue {name!r}", worker_args(i)) for i in range(workers)],
-                                         tracking_uri)
-    while True:
-        drain_queue(study, opened, work)
-        fail_dead_trials(study, opened)
-        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            time.sleep(QUEUE_POLL_SECONDS)  # another process is still on a task
-            continue
-        left = [task for task in tasks if not is_done(task)]
-        if not left:
-            return failures
-        log(f"queue {name!r}: {len(left)} task(s) lost with a worker; running them here")
-        enqueue(study, left)

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from cifar_mlops import cli
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
-from cifar_mlops.train import TrainingFailed, train
+from cifar_mlops.train import RunContext, TrainingFailed, train
 from tests import conftest
 from tests.conftest import BIN, REPO, assert_nothing_half_written, run_command
 
@@ -115,7 +115,7 @@ def test_a_training_killed_after_its_second_of_four_epochs_resumes_to_the_uninte
     run_id = the_run()
     killed = client.get_run(run_id)
     assert killed.info.status == "RUNNING"  # as the server sees a lost training
-    assert killed.data.tags[runs.TRAINER_TAG] == f"{socket.gethostname()} {child.pid}"
+    assert killed.data.tags[runs.TRAINER_TAG].startswith(f"{socket.gethostname()} {child.pid} ")
     assert steps(run_id)["epoch_val_loss"] == [1, 2]
     assert client.search_model_versions() == []
 
@@ -131,7 +131,8 @@ def test_a_training_killed_after_its_second_of_four_epochs_resumes_to_the_uninte
     [version] = client.search_model_versions()
     assert version.run_id == run_id and version.name == "cifar10-cnn"
 
-    uninterrupted = train(cfg.resolve("smoke", cfg.parse_overrides(KILLED)), experiment="uninterrupted", register=False)
+    uninterrupted = train(cfg.resolve("smoke", cfg.parse_overrides(KILLED)), RunContext(experiment="uninterrupted"),
+                          register=False)
     for name in FINAL:
         assert run.data.metrics[name] == pytest.approx(uninterrupted[name], abs=2e-3), name
     [other] = client.search_runs([client.get_experiment_by_name("uninterrupted").experiment_id])
@@ -241,7 +242,9 @@ def test_a_running_run_is_resumed_only_once_its_process_is_gone(store):
         sleeper.kill()
         sleeper.wait()
     assert refusal() is None  # that process is gone
-    assert "is not the one its tag names" in refusal(checkpoint="1 " + "0" * 64)
+    [(_, _, path)] = runs.checkpoints(run_id, client.get_run(run_id).data.tags)
+    cut_short(artifact_file(run_id, path))
+    assert "the checkpoint of run " + run_id + " after epoch 1 is incomplete" in refusal()
     assert client.get_run(run_id).info.status == "RUNNING"  # asking changed nothing
 
 
@@ -268,12 +271,15 @@ def test_mlflow_run_with_run_id_resumes_the_train_entry_point(store, tmp_path):
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 1
 
 
-def test_checkpoints_follow_train_checkpoint_every(store):
+def test_checkpoints_follow_train_checkpoint_every_and_the_last_two_are_kept(store):
     train(tiny("smoke", train__epochs=3, train__checkpoint_every=2), register=False)
     tags = MlflowClient().get_run(the_run()).data.tags
     assert tags[runs.CHECKPOINT_TAG].startswith("2 ")
-    assert [a.path for a in MlflowClient().list_artifacts(the_run(), "checkpoint")] == [runs.CHECKPOINT_PATH]
-    assert Path(runs.CHECKPOINT_PATH).name == "checkpoint.zip"
+    [(epoch, sha, path)] = runs.checkpoints(the_run(), tags)
+    assert (epoch, path) == (2, runs.checkpoint_path(2, sha)) and tags[runs.CHECKPOINT_TAG] == f"2 {sha}"
+    MlflowClient().delete_run(the_run())
+    train(tiny("smoke", train__epochs=4, train__checkpoint_every=1), register=False)
+    assert [epoch for epoch, _, _ in runs.checkpoints(the_run(), {})] == [4, 3]
 
 
 def test_transfer_learning_resumes_inside_its_warm_up_and_fine_tunes_as_uninterrupted(store, tmp_path):
@@ -290,7 +296,41 @@ def test_transfer_learning_resumes_inside_its_warm_up_and_fine_tunes_as_uninterr
     result = cli_train("--resume", run_id, "--force", "--no-register")
     assert result.exit_code == 0, result.output
     assert "epochs 3-3: backbone fine-tuned" in result.stderr
-    uninterrupted = train(tiny("3.1", **settings), experiment="uninterrupted", register=False)
+    uninterrupted = train(tiny("3.1", **settings), RunContext(experiment="uninterrupted"), register=False)
     resumed = MlflowClient().get_run(run_id).data.metrics
     for name in FINAL:
         assert resumed[name] == pytest.approx(uninterrupted[name], abs=2e-3), name
+
+
+def artifact_file(run_id: str, path: str) -> Path:
+    """Where an artifact of a run of the test's store (a local folder) is."""
+    return Path(MlflowClient().get_run(run_id).info.artifact_uri.removeprefix("file://"), path)
+
+
+def cut_short(file: Path) -> None:
+    """Leave `file` half written, as an upload cut off by a lost machine leaves it."""
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def test_an_interrupted_checkpoint_upload_leaves_the_checkpoint_before_it_usable(store):
+    # Checkpoints after epochs 1 and 2, then the training fails at the end of epoch 3 (before its checkpoint).
+    with pytest.raises(TrainingFailed):
+        train(tiny("smoke", train__epochs=4), callbacks=[FailAtEpochEnd(3)])
+    run_id = the_run()
+    client = MlflowClient()
+    assert client.get_run(run_id).data.tags[runs.CHECKPOINT_TAG].startswith("2 ")
+    # The newest checkpoint file is left half written, as an upload cut off by a lost machine leaves it.
+    folder = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"), "checkpoint")
+    cut_short(max(folder.iterdir(), key=lambda path: path.stat().st_mtime_ns))
+    # ... and so is the upload of a third one, whose tag was never set
+    third = folder.parent / runs.checkpoint_path(3, "f" * 64)
+    third.write_bytes(b"PK\x03\x04 cut off")
+
+    result = cli_train("--resume", run_id, "--force")
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch 1 of 4" in result.stderr, result.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[runs.RESUMED_TAG] == "1"
+    assert steps(run_id) == {key: [1, 2, 3, 4] for key in EPOCH_METRICS}  # each epoch logged once
+    assert run.data.metrics["epochs_run"] == 4
+    assert [epoch for epoch, _, _ in runs.checkpoints(run_id, run.data.tags)] == [4, 3]  # the cut-off files are gone

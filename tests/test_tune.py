@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_mlops import cli, tune
+from cifar_mlops.execution import queue
 from cifar_mlops.tracking import runs, studies
 
 BIN = Path(sys.executable).parent
@@ -29,7 +29,7 @@ TINY_SET = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={jso
 
 
 def journal_study(name: str, path: Path | None = None) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=tune.open_storage(str(path) if path else None))
+    return optuna.load_study(study_name=name, storage=queue.open_storage(str(path) if path else None))
 
 
 def tuning_runs() -> list:
@@ -54,7 +54,7 @@ def test_four_trial_study_with_default_storage(store: str, tmp_path: Path) -> No
     result = tune.tune("smoke", 4, overrides={**TINY, "search.epochs.high": 2}, seed=0, pruner="none")
 
     study = journal_study("cifar10-smoke")
-    assert (tmp_path / tune.DEFAULT_JOURNAL).is_file()
+    assert (tmp_path / queue.DEFAULT_JOURNAL).is_file()
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     parents, children = split_runs(tuning_runs())
     [parent] = parents
@@ -167,7 +167,7 @@ def test_two_worker_processes_share_one_postgresql_study(store: str, postgres_ur
     study_name = f"pg-{uuid.uuid4().hex[:8]}"
     result = tune.tune("smoke", 4, overrides=TINY, study_name=study_name, storage=postgres_url, workers=2,
                        pruner="none", seed=3)
-    storage = tune.open_storage(postgres_url)
+    storage = queue.open_storage(postgres_url)
     trials = optuna.load_study(study_name=study_name, storage=storage).trials
     workers = {t.user_attrs["worker_pid"] for t in trials}
     storage.remove_session()
@@ -197,8 +197,8 @@ def test_processes_opening_an_empty_postgresql_database_at_once_all_get_the_stor
     def open_storage() -> None:
         start.wait()
         try:
-            tune.open_storage(postgres_url).engine.dispose()
-        except tune.TuneError as err:
+            queue.open_storage(postgres_url).engine.dispose()
+        except queue.QueueError as err:
             errors.append(str(err))
 
     threads = [threading.Thread(target=open_storage) for _ in range(4)]
@@ -220,7 +220,7 @@ def test_two_commands_started_together_on_an_empty_postgresql_database_share_one
     shells = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True) for _ in range(2)]
     outputs = [shell.communicate(timeout=300) for shell in shells]
-    storage = tune.open_storage(postgres_url)
+    storage = queue.open_storage(postgres_url)
     trials = optuna.load_study(study_name=study_name, storage=storage).trials
     storage.remove_session()
     storage.engine.dispose()
@@ -251,7 +251,7 @@ def test_a_killed_worker_fails_its_trial_and_the_study_goes_on(store: str, tmp_p
     deadline = time.monotonic() + 120
     while victim is None and time.monotonic() < deadline and coordinator.poll() is None:
         time.sleep(0.3)
-        if not (tmp_path / tune.DEFAULT_JOURNAL).is_file():
+        if not (tmp_path / queue.DEFAULT_JOURNAL).is_file():
             continue
         try:
             running = journal_study("killed").get_trials(states=(TrialState.RUNNING,))
@@ -336,23 +336,6 @@ def test_bad_input_is_one_line_and_leaves_no_runs(store: str) -> None:
 
 
 def test_a_study_belongs_to_one_experiment(store: str) -> None:
-    optuna.create_study(study_name="mine", storage=tune.open_storage(None)).set_user_attr("exp_id", "smoke")
+    optuna.create_study(study_name="mine", storage=queue.open_storage(None)).set_user_attr("exp_id", "smoke")
     with pytest.raises(tune.TuneError, match="study 'mine' tunes experiment smoke, not b0"):
         tune.tune("b0", 1, study_name="mine")
-
-
-def test_a_queue_runs_each_task_once_and_picks_up_a_dead_workers_task(tmp_path) -> None:
-    # A queue of fixed tasks (what `ablate --workers` runs): one task was taken by a worker that died.
-    storage = str(tmp_path / "queue.journal")
-    study, opened = tune.open_queue("q", storage)
-    study.enqueue_trial({}, user_attrs={"task": "b"})
-    gone = subprocess.Popen(["true"])  # a worker process that has ended
-    gone.wait()
-    taken = study.ask()  # it took task b, then died
-    for key, value in {"worker_host": socket.gethostname(), "worker_pid": gone.pid, "worker_start": ""}.items():
-        taken.set_user_attr(key, value)
-    done: list[str] = []
-    failures = tune.run_queue("q", storage, ["a", "b", "c"], done.append, lambda task: task in done)
-    assert failures == [] and sorted(done) == ["a", "b", "c"]  # each once, b picked up again
-    states = {t.number: t.state for t in optuna.load_study(study_name="q", storage=tune.open_storage(storage)).trials}
-    assert states[taken.number] == TrialState.FAIL

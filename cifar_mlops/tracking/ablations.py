@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -15,17 +16,22 @@ ABLATION_TAG = "ablation"  # on the parent and on every (variant, seed) run: whi
 ABLATION_KIND = "ablation"  # tag `kind` of a parent run: never a result row of the report
 
 
-def ablation_run(name: str, tags: dict[str, Any]) -> tuple[str, str]:
-    """The ablation's parent run, RUNNING: `mlflow run`'s own run, else the one tagged `ablation=name`
-    in `cifar10-ablation` (a rerun continues it), else a new one. Returns (run id, experiment name)."""
+def ablation_run(name: str, tags: dict[str, Any], *, agreed: Callable[[], str | None] = lambda: None,
+                 claim: Callable[[str], str] | None = None) -> tuple[str, str]:
+    """The ablation's parent run, RUNNING: `mlflow run`'s own run, else the one the processes running it
+    `agreed()` on, else the one tagged `ablation=name` in `cifar10-ablation` (a rerun continues it), else a new
+    one, kept if `claim(its id)` says so (see `runs.open_parent_run`). Returns (run id, experiment name)."""
     def earlier(client: MlflowClient, experiment_id: str) -> str | None:
+        run_id = agreed()
+        if run_id:
+            return run_id
         found = client.search_runs([experiment_id], filter_string=(
             f"tags.{ABLATION_TAG} = '{name}' and tags.kind = '{ABLATION_KIND}'"),
             order_by=["attributes.start_time DESC"], max_results=1)
         return found[0].info.run_id if found else None
 
     return open_parent_run(ABLATION_EXPERIMENT, f"ablation {name}", {**tags, "kind": ABLATION_KIND, ABLATION_TAG: name},
-                           earlier)
+                           earlier, claim)
 
 
 def finished_children(parent_run_id: str) -> list[dict[str, Any]]:

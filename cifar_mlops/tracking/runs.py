@@ -11,10 +11,10 @@ import functools
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import warnings
 import zipfile
@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from cifar_mlops.config import Config, ConfigError, ExperimentConfig, from_yaml, to_yaml
 from cifar_mlops.errors import UserError, first_line
+from cifar_mlops.execution.liveness import Heartbeat, process_alive, process_started
 from cifar_mlops.progress import log
 from cifar_mlops.tracking import registry, served, store
 
@@ -99,11 +100,21 @@ def run_text_artifact(run_id: str, path: str) -> str | None:
         return None
 
 
+def is_active(run_id: str) -> bool:
+    """Whether run `run_id` exists and is not deleted."""
+    try:
+        return store.client().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
 def open_parent_run(experiment: str, name: str, tags: dict[str, Any],
-                    earlier: Callable[[MlflowClient, str], str | None]) -> tuple[str, str]:
+                    earlier: Callable[[MlflowClient, str], str | None],
+                    claim: Callable[[str], str] | None = None) -> tuple[str, str]:
     """A parent run (a tuning study's, an ablation's), RUNNING: `mlflow run`'s own run, else the one
     `earlier(client, experiment id)` finds (a rerun continues it), else a new run in `experiment`.
-    Returns (run id, experiment name)."""
+    `claim(new run id)`: the run that processes started at the same moment agreed on; a new run that lost
+    is deleted before anything is logged to it. Returns (run id, experiment name)."""
     client = store.client()
     run_id = adopted_run_id()
     if run_id:
@@ -114,7 +125,11 @@ def open_parent_run(experiment: str, name: str, tags: dict[str, Any],
     if run_id is None:
         with store.permission_checked(f"create a run in experiment {experiment!r}", "EDIT", f"experiment {experiment}"):
             run_id = client.create_run(experiment_id(client, experiment), run_name=name).info.run_id
-    elif client.get_run(run_id).info.status != "RUNNING":
+        agreed = claim(run_id) if claim is not None else run_id
+        if agreed != run_id:  # another process made the parent run at the same moment
+            client.delete_run(run_id)
+            run_id = agreed
+    if client.get_run(run_id).info.status != "RUNNING":
         client.update_run(run_id, status="RUNNING")
     log_batch(run_id, tags={**tags, "mlflow.runName": name, "git_commit": git_commit()})
     return run_id, experiment_of(run_id)
@@ -183,9 +198,14 @@ def annotate_adopted_run(tags: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 # Checkpoints, and resuming a training from its run's last one
 
-CHECKPOINT_PATH = "checkpoint/checkpoint.zip"  # the run's one checkpoint: model.keras + state.json, one file
-CHECKPOINT_TAG = "checkpoint"  # "<epochs done> <sha256 of the file>", set once the file is complete
-TRAINER_TAG = "trainer"  # "<host> <pid>" of the process training the run
+# A checkpoint is one file (model.keras + state.json) in the run's folder CHECKPOINT_FOLDER, named by the epochs
+# done and the SHA-256 of its bytes (`checkpoint_path`): a file cut short by an interrupted upload does not match
+# its name. The last CHECKPOINTS_KEPT are kept, so the one before an upload that was cut short is still there.
+CHECKPOINT_FOLDER = "checkpoint"
+CHECKPOINTS_KEPT = 2
+LEGACY_CHECKPOINT = "checkpoint/checkpoint.zip"  # runs from before: their one checkpoint, its sha in the tag
+CHECKPOINT_TAG = "checkpoint"  # "<epochs done> <sha256 of the file>" of the newest one, set once it is complete
+TRAINER_TAG = "trainer"  # "<host> <pid> <start time>" of the process training the run
 HEARTBEAT_TAG = "heartbeat"  # ms since 1970, renewed every HEARTBEAT_SECONDS while that process trains
 HEARTBEAT_SECONDS = 30
 SILENT_SECONDS = 120  # a RUNNING run unheard of for this long has lost its process: it may be resumed
@@ -215,29 +235,19 @@ class ResumePoint:
     tags: dict[str, str]
     logged_steps: dict[str, set[int]] = field(default_factory=dict)  # per-epoch metric -> steps already logged
     folder: tempfile.TemporaryDirectory | None = None
+    checkpoint: str = ""  # the checkpoint's path in the run
 
     def close(self) -> None:
         if self.folder is not None:
             self.folder.cleanup()
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():  # a restarted container reuses pids: the recorded one is not this process
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def _still_training(tags: Mapping[str, str], now_ms: int) -> str | None:
     """Why a RUNNING run's process may still be training (None: it is gone)."""
-    host, _, pid = tags.get(TRAINER_TAG, "").partition(" ")
+    host, pid, started = (*tags.get(TRAINER_TAG, "").split(" "), "", "")[:3]  # started: not in older runs' tags
     if host == socket.gethostname() and pid.isdigit():
-        if _process_alive(int(pid)):
+        # a restarted container reuses pids: a recorded pid that is this process's is not this process
+        if int(pid) != os.getpid() and process_alive(int(pid), float(started) if started else None):
             return f"it is still training on this machine as process {pid}; stop that process first"
         return None
     beat = tags.get(HEARTBEAT_TAG, "")
@@ -295,47 +305,74 @@ def resume_point(run_id: str, *, force: bool = False) -> ResumePoint:
         reason = _still_training(tags, int(time.time() * 1000))
         if reason:
             raise ResumeRefused(f"run {run_id} ({exp}) is RUNNING and {reason}", run_id)
-    epoch, _, sha = tags.get(CHECKPOINT_TAG, "").partition(" ")
-    if not epoch.isdigit():
+    found = checkpoints(run_id, tags)
+    if not found:
         raise ResumeRefused(f"run {run_id} ({exp}) has no checkpoint (it stopped before its first one, or "
                             f"train.checkpoint_every is 0); train it again with `cifar-mlops train --exp {exp}`", run_id)
 
     folder = tempfile.TemporaryDirectory(prefix="cifar-mlops-resume-")
+    unusable: list[str] = []
     try:
-        point = _download_checkpoint(run, config, int(epoch), sha, Path(folder.name))
+        for epoch, sha, path in found:  # the newest complete one
+            try:
+                point = _download_checkpoint(run, config, epoch, sha, path, Path(folder.name, str(epoch)))
+                break
+            except ResumeRefused as err:
+                unusable.append(str(err))
+        else:
+            raise ResumeRefused("; ".join(unusable) + f"; train it again with `cifar-mlops train --exp {exp}`", run_id)
     except BaseException:
         folder.cleanup()
         raise
+    for reason in unusable:
+        log(f"{reason}; going on from the one after epoch {point.epoch}")
     point.folder = folder
     for key in (k for k in run.data.metrics if k.startswith("epoch_")):
         point.logged_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
     return point
 
 
-def _download_checkpoint(run, config: ExperimentConfig, epoch: int, sha: str, folder: Path) -> ResumePoint:
+def checkpoint_path(epoch: int, sha: str) -> str:
+    """Where the checkpoint after `epoch` epochs whose file has SHA-256 `sha` is stored in its run."""
+    return f"{CHECKPOINT_FOLDER}/epoch-{epoch:04d}-{sha}.zip"
+
+
+def checkpoints(run_id: str, tags: Mapping[str, str]) -> list[tuple[int, str, str]]:
+    """The run's checkpoints as (epochs done, SHA-256 its file must have, path), newest first, complete or not."""
+    found = []
+    for artifact in store.client().list_artifacts(run_id, CHECKPOINT_FOLDER):
+        match = re.fullmatch(rf"{CHECKPOINT_FOLDER}/epoch-(\d+)-([0-9a-f]{{64}})\.zip", artifact.path)
+        if match:
+            found.append((int(match[1]), match[2], artifact.path))
+        elif artifact.path == LEGACY_CHECKPOINT:
+            epoch, _, sha = tags.get(CHECKPOINT_TAG, "").partition(" ")
+            if epoch.isdigit():
+                found.append((int(epoch), sha, artifact.path))
+    return sorted(found, reverse=True)
+
+
+def _download_checkpoint(run, config: ExperimentConfig, epoch: int, sha: str, path: str,
+                         folder: Path) -> ResumePoint:
     run_id = run.info.run_id
+    what = f"the checkpoint of run {run_id} after epoch {epoch}"
     try:
-        path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_PATH,
-                                                        dst_path=str(folder)))
-        with open(path, "rb") as f:
+        file = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder)))
+        with open(file, "rb") as f:
             actual = hashlib.file_digest(f, "sha256").hexdigest()
         if actual != sha:
-            raise ResumeRefused(f"the checkpoint of run {run_id} is not the one its tag names (it was being written "
-                                f"when the training stopped); train it again with `cifar-mlops train --exp "
-                                f"{config.exp_id}`", run_id)
-        with zipfile.ZipFile(path) as archive:
+            raise ResumeRefused(f"{what} is incomplete (its upload was cut off: the file is not the one written)",
+                                run_id)
+        with zipfile.ZipFile(file) as archive:
             archive.extractall(folder)
         state = json.loads((folder / "state.json").read_text())
     except (mlflow.exceptions.MlflowException, OSError, zipfile.BadZipFile, json.JSONDecodeError, KeyError) as err:
-        raise ResumeRefused(f"the checkpoint of run {run_id} cannot be read ({first_line(err, typed=True)})",
-                            run_id) from None
+        raise ResumeRefused(f"{what} cannot be read ({first_line(err, typed=True)})", run_id) from None
     if state.get("epoch") != epoch:
-        raise ResumeRefused(f"the checkpoint of run {run_id} holds epoch {state.get('epoch')}, its tag says {epoch}",
-                            run_id)
+        raise ResumeRefused(f"{what} holds epoch {state.get('epoch')}", run_id)
     experiment = MlflowClient().get_experiment(run.info.experiment_id).name
     return ResumePoint(run_id=run_id, experiment_id=run.info.experiment_id, experiment=experiment,
                        status=run.info.status, config=config, epoch=epoch, state=state,
-                       model_path=folder / "model.keras", tags=dict(run.data.tags))
+                       model_path=folder / "model.keras", tags=dict(run.data.tags), checkpoint=path)
 
 
 def is_training_run(run_id: str) -> bool:
@@ -343,27 +380,11 @@ def is_training_run(run_id: str) -> bool:
     return "exp_id" in store.client().get_run(run_id).data.tags
 
 
-class _Heartbeat:
+def _heartbeat(run_id: str) -> Heartbeat:
     """Tags the run with who trains it, then renews HEARTBEAT_TAG every HEARTBEAT_SECONDS until stopped."""
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.stopped = threading.Event()
-        log_batch(run_id, tags={TRAINER_TAG: f"{socket.gethostname()} {os.getpid()}",
-                                HEARTBEAT_TAG: int(time.time() * 1000)})
-        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
-        self.thread.start()
-
-    def _beat(self) -> None:
-        while not self.stopped.wait(HEARTBEAT_SECONDS):
-            try:
-                log_batch(self.run_id, tags={HEARTBEAT_TAG: int(time.time() * 1000)})
-            except (mlflow.exceptions.MlflowException, OSError):  # a missed beat only makes the run look lost sooner
-                pass
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
+    log_batch(run_id, tags={TRAINER_TAG: f"{socket.gethostname()} {os.getpid()} {process_started()}"})
+    return Heartbeat(lambda: log_batch(run_id, tags={HEARTBEAT_TAG: int(time.time() * 1000)}), HEARTBEAT_SECONDS,
+                     name=f"heartbeat-{run_id[:8]}", tolerated=(mlflow.exceptions.MlflowException, OSError))
 
 
 # ---------------------------------------------------------------------------
@@ -373,20 +394,23 @@ class _Heartbeat:
 class TrainingRun:
     """One MLflow run for one training of one experiment config.
 
-    `on_start(run_id)` runs right after the run is described (tuning tags the trial's run there).
+    `tags` are set on the run once it is described (an ablation's variant and seed), then `on_start(run_id)` runs
+    (tuning tags the trial's run there).
     `resume`: reopen that run instead (described already) and go on from its checkpoint;
     `heartbeat`: say who trains the run while it does (a resumable training: see `resume_point`).
     """
 
     def __init__(self, config: Config, *, experiment: str = ABLATION_EXPERIMENT, parent_run_id: str | None = None,
-                 on_start: Callable[[str], None] | None = None, resume: ResumePoint | None = None,
-                 heartbeat: bool = False) -> None:
+                 tags: Mapping[str, Any] | None = None, on_start: Callable[[str], None] | None = None,
+                 resume: ResumePoint | None = None, heartbeat: bool = False) -> None:
         self.config = config
         self.experiment = experiment
         self.parent_run_id = parent_run_id
+        self.tags = dict(tags or {})
         self.on_start = on_start
         self.resume = resume
-        self.heartbeat: _Heartbeat | bool = heartbeat or resume is not None
+        self.checkpoints = [resume.checkpoint] if resume is not None else []  # the newest complete ones, in order
+        self.heartbeat: Heartbeat | bool = heartbeat or resume is not None
         self.run_id: str = ""
         self.data_source = "unknown"  # set by log_data
 
@@ -410,7 +434,7 @@ class TrainingRun:
         try:
             self._describe_run()
             if self.heartbeat:
-                self.heartbeat = _Heartbeat(self.run_id)
+                self.heartbeat = _heartbeat(self.run_id)
         except BaseException as err:  # a run that started must not stay RUNNING
             self.__exit__(type(err), err, err.__traceback__)
             raise
@@ -421,7 +445,7 @@ class TrainingRun:
         log_batch(self.run_id, params=config.flat_params(), tags={
             "mlflow.runName": config.exp_id, "exp_id": config.exp_id, "family": config.family,
             "study": config.study, "enhancements": ",".join(config.enhancements) or "none",
-            "parent": config.parent or "none", "git_commit": git_commit(),
+            "parent": config.parent or "none", "git_commit": git_commit(), **self.tags,
         })
         mlflow.log_text(to_yaml(config), "config.yaml")
         if self.on_start is not None:
@@ -438,14 +462,14 @@ class TrainingRun:
                 MlflowClient().delete_tag(self.run_id, FAILURE_TAG)
             log_batch(self.run_id, tags={RESUMED_TAG: point.epoch,
                                          "resume_count": int(point.tags.get("resume_count", "0")) + 1})
-            self.heartbeat = _Heartbeat(self.run_id)
+            self.heartbeat = _heartbeat(self.run_id)
         except BaseException as err:  # a reopened run must not stay RUNNING
             self.__exit__(type(err), err, err.__traceback__)
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if isinstance(self.heartbeat, _Heartbeat):
+        if isinstance(self.heartbeat, Heartbeat):
             self.heartbeat.stop()
         status, tags = failure(exc)
         if tags:
@@ -510,20 +534,26 @@ class TrainingRun:
         return EpochLogger()
 
     def log_checkpoint(self, model: keras.Model, state: dict[str, Any]) -> None:
-        """Write `model` (with its optimizer state) and `state` (JSON; `state["epoch"]`: epochs done) as the
-        run's checkpoint, replacing the one before; the tag naming it is set once the file is complete."""
+        """Write `model` (with its optimizer state) and `state` (JSON; `state["epoch"]`: epochs done) as a
+        checkpoint of the run (`checkpoint_path`); once its upload is complete, tag it as the newest and delete
+        every other checkpoint file but the one before it."""
         with tempfile.TemporaryDirectory(prefix="cifar-mlops-checkpoint-") as folder:
             model_file, state_file = Path(folder, "model.keras"), Path(folder, "state.json")
             model.save(model_file)
             state_file.write_text(json.dumps(state))
-            archive = Path(folder, Path(CHECKPOINT_PATH).name)
+            archive = Path(folder, "checkpoint.zip")
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as bundle:  # .keras is compressed already
                 bundle.write(model_file, model_file.name)
                 bundle.write(state_file, state_file.name)
             with open(archive, "rb") as f:
                 sha = hashlib.file_digest(f, "sha256").hexdigest()
-            MlflowClient().log_artifact(self.run_id, str(archive), str(Path(CHECKPOINT_PATH).parent))
+            path = checkpoint_path(state["epoch"], sha)
+            archive = archive.rename(Path(folder, Path(path).name))
+            MlflowClient().log_artifact(self.run_id, str(archive), CHECKPOINT_FOLDER)
         log_batch(self.run_id, tags={CHECKPOINT_TAG: f"{state['epoch']} {sha}"})
+        self.checkpoints = [*self.checkpoints, path][-CHECKPOINTS_KEPT:]
+        _delete_artifacts(self.run_id, [artifact.path for artifact in store.client().list_artifacts(
+            self.run_id, CHECKPOINT_FOLDER) if artifact.path not in self.checkpoints])
 
     def log_results(self, metrics: dict[str, float], texts: dict[str, str], figures: dict[str, Figure]) -> None:
         log_batch(self.run_id, metrics=metrics)
@@ -546,6 +576,21 @@ class TrainingRun:
             "data_source": self.data_source, "backend": keras.backend.backend(), **(tags or {})})
         log_batch(self.run_id, tags={"registered_version": f"{name}/{version}"})
         return version
+
+
+def _delete_artifacts(run_id: str, paths: list[str]) -> None:
+    """Delete these artifacts of the run where its artifact store can (a local folder, S3, an MLflow server's
+    proxied store); where it cannot, they stay."""
+    if not paths:
+        return
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repository = get_artifact_repository(store.client().get_run(run_id).info.artifact_uri)
+    for path in paths:
+        try:
+            repository.delete_artifacts(path)
+        except (mlflow.exceptions.MlflowException, NotImplementedError, OSError):
+            return
 
 
 def _log_input(dataset, context: str, attempts: int = 3) -> None:

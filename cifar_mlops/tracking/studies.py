@@ -8,7 +8,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import FAILURE_TAG, log_batch, open_parent_run
+from cifar_mlops.tracking.runs import FAILURE_TAG, is_active, log_batch, open_parent_run
 
 TUNING_EXPERIMENT = "cifar10-tuning"
 # An Optuna trial state -> the status of the trial's run (PRUNED: stopped early on purpose, not a failure)
@@ -19,12 +19,7 @@ def study_run(study_name: str, tags: dict[str, str], reuse_run_id: str | None = 
     """The study's parent run, RUNNING: `mlflow run`'s own run, else `reuse_run_id` if it still exists,
     else a new run in `cifar10-tuning`. Returns (run id, experiment name)."""
     def earlier(client: MlflowClient, experiment_id: str) -> str | None:
-        if not reuse_run_id:
-            return None
-        try:
-            return reuse_run_id if client.get_run(reuse_run_id).info.lifecycle_stage == "active" else None
-        except mlflow.exceptions.MlflowException:
-            return None
+        return reuse_run_id if reuse_run_id and is_active(reuse_run_id) else None
 
     return open_parent_run(TUNING_EXPERIMENT, study_name, tags, earlier)
 
