@@ -6,7 +6,9 @@
 Each ablation is `cifar-mlops ablate --exp EXP --design DESIGN --seeds SEEDS --data-dir SAMPLE --set
 data.train_size=3336 --set data.val_size=834 [--set train.epochs=N] [--enhancements A,B]` in a fresh
 subprocess (throwaway MLflow store), as a user runs it. Recorded: the command's variants and effects tables (its stdout), and the wall and
-CPU minutes of the whole ablation (user + sys CPU of the subprocess and its children: both cores count).
+CPU minutes of the whole ablation (user + sys CPU of the subprocess and its children: both cores count), and, read
+back from the store, every run's metrics (variant, seed, run id, test/val accuracy and macro-F1) and the whole
+effects table as the parent run logged it, so that every printed figure can be recomputed from the JSON.
 `--epochs` shortens every variant's training (the full ablations at their own epochs take about two CPU hours
 here); a shortened run measures the machinery and the order of the effects, not the studies' final numbers.
 """
@@ -36,6 +38,23 @@ def tables(stdout: str) -> list[list[str]]:
             found.append(current)
             current = []
     return found + ([current] if current else [])
+
+
+def logged_ablations(tracking_uri: str) -> dict[str, dict[str, list[dict]]]:
+    """Every finished ablation in the MLflow store at `tracking_uri`: its name -> {"runs": one record per
+    (variant, seed) with its metrics, "effects": its effects table's rows}, as its parent run logged them."""
+    import mlflow
+
+    from cifar_mlops.tracking import ablations, runs
+
+    mlflow.set_tracking_uri(tracking_uri)
+    found = {}
+    for ablation in ablations.finished_ablations(runs.ABLATION_EXPERIMENT):
+        frame = ablations.csv_artifact(ablation["run_id"], "ablation_runs.csv")
+        found[ablation["name"]] = {
+            "runs": [] if frame is None else json.loads(frame.to_json(orient="records")),
+            "effects": json.loads(ablation["effects"].to_json(orient="records"))}  # NaN, inf: null
+    return found
 
 
 def main() -> None:
@@ -70,10 +89,14 @@ def main() -> None:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{exp} {design} failed (exit {proc.returncode})")
             found = tables(proc.stdout)
+            logged = [a for name, a in logged_ablations(env["MLFLOW_TRACKING_URI"]).items()
+                      if name.startswith(f"{exp} {design}")]
             results.append({"exp": exp, "design": design, "enhancements": args.enhancements or "all",
                             "epochs_override": args.epochs or None,
                             "wall_min": round(wall / 60, 1), "cpu_min": round(cpu / 60, 1),
-                            "variants_table": found[0] if found else [], "effects_table": found[1] if len(found) > 1 else []})
+                            "variants_table": found[0] if found else [], "effects_table": found[1] if len(found) > 1 else [],
+                            "runs": logged[-1]["runs"] if logged else [],
+                            "effects": logged[-1]["effects"] if logged else []})
             print(f"{exp} {design}: {wall / 60:.1f} wall min, {cpu / 60:.1f} CPU min", file=sys.stderr)
             print("\n".join(results[-1]["variants_table"] + [""] + results[-1]["effects_table"]))
     if kept is not None:

@@ -8,8 +8,9 @@
 - `variants`: the experiment and an explicit list of experiment ids, each compared with it.
 
 Every (variant, seed) is an ordinary run of the same `train()`, nested under one parent run per
-ablation in `cifar10-ablation`; seed k sets `train.seed = k` for every variant (same split, same
-initialisation and shuffling), so differences pair by seed. A (variant, seed) already FINISHED with
+ablation in `cifar10-ablation`; seed k sets `train.seed = k` and `data.seed = k` for every variant (same split,
+initialisation and shuffling; `--fixed-split` keeps the experiment's data.seed for every seed), so differences
+pair by seed and the seeds sample both training randomness and the split. A (variant, seed) already FINISHED with
 the same resolved config is reused, never retrained, so rerunning the command resumes it. The effect
 of a change is metric(with it) - metric(without it); `ablation_stats` tests it.
 
@@ -55,8 +56,10 @@ class Variant:
     removed: str = ""
     added: str = ""
 
-    def config(self, overrides: dict[str, Any], seed: int) -> cfg.ExperimentConfig:
-        config = cfg.resolve(self.exp_id, {**overrides, "train.seed": seed}, enhancements=self.enhancements)
+    def config(self, overrides: dict[str, Any], seed: int, fixed_split: bool = False) -> cfg.ExperimentConfig:
+        """The variant's config at `seed`: train.seed = seed, and data.seed = seed unless the split is fixed."""
+        seeded = {"train.seed": seed, **({} if fixed_split else {"data.seed": seed})}
+        config = cfg.resolve(self.exp_id, {**overrides, **seeded}, enhancements=self.enhancements)
         cfg.check_kind(config, "train")
         return config
 
@@ -146,6 +149,7 @@ class AblationResult:
     effects: pd.DataFrame  # one row per (comparison, metric): ablation_stats.effects
     trained: int = 0
     reused: int = 0
+    seed_sources: str = ""  # which sources of variance each seed changes (`seed_sources`)
 
 
 def config_digest(config: cfg.ExperimentConfig) -> str:
@@ -165,6 +169,7 @@ class AblationSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     register: bool = False
     storage: str | None = None  # the queue's storage (None: optuna.journal beside the SQLite MLflow store)
+    fixed_split: bool = False  # True: data.seed stays the experiment's, every seed trains on the same split
     parent_run_id: str = ""
 
     def run(self) -> int:
@@ -180,7 +185,7 @@ class Ablation:
 
     def config(self, task: str) -> cfg.ExperimentConfig:
         variant, seed = self.tasks[task]
-        return variant.config(self.spec.overrides, seed)
+        return variant.config(self.spec.overrides, seed, self.spec.fixed_split)
 
     def finished(self) -> dict[str, dict[str, Any]]:
         """task -> its FINISHED run (tags, metrics), for the tasks whose run trained the same resolved config."""
@@ -216,8 +221,9 @@ class Ablation:
         log(f"[{len(self.tasks) - left}/{len(self.tasks)}] {variant.id} seed {seed}: "
             f"test_accuracy={metrics['test_accuracy']:.4f}; {left} run{'s' if left != 1 else ''} left")
 
-    def results(self) -> tuple[pd.DataFrame, dict[tuple[str, int], np.ndarray], np.ndarray]:
-        """Every task's metrics (one row each), its predicted label per test image, and the images' labels."""
+    def results(self) -> tuple[pd.DataFrame, dict[tuple[str, int], np.ndarray], dict[int, np.ndarray]]:
+        """Every task's metrics (one row each), its predicted label per test image, and each seed's test labels
+        (the variants of one seed are scored on the same images; with data.seed = seed, seeds may differ)."""
         from cifar_mlops.tracking import ablations
 
         finished = self.finished()
@@ -226,7 +232,7 @@ class Ablation:
             raise AblationError(f"{len(missing)} run(s) of ablation {self.plan.name!r} did not finish "
                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                                 "rerun the same command to run them")
-        rows, predictions, labels = [], {}, None
+        rows, predictions, labels = [], {}, {}
         for task, (variant, seed) in self.tasks.items():
             child = finished[task]
             table = ablations.csv_artifact(child["run_id"], evaluation.TEST_PREDICTIONS)
@@ -235,20 +241,19 @@ class Ablation:
                                     f"{evaluation.TEST_PREDICTIONS}; delete it and rerun the ablation to retrain it")
             table = table.sort_values("test_index")
             pairs = table[["test_index", "label"]].to_numpy()
-            if labels is None:
-                labels = pairs
-            elif not np.array_equal(labels, pairs):
-                raise AblationError(f"{variant.id} seed {seed} was tested on other images than the first run; "
-                                    "an ablation pairs runs on the same test images (same data settings)")
+            if not np.array_equal(labels.setdefault(seed, pairs), pairs):
+                raise AblationError(f"{variant.id} seed {seed} was tested on other images than the first run of "
+                                    f"seed {seed}; an ablation pairs runs on the same test images (same data settings)")
             predictions[(variant.id, seed)] = table["predicted"].to_numpy()
             rows.append({"variant": variant.id, "seed": seed, "run_id": child["run_id"],
                          **{key: float(child["metrics"][key]) for key in COMPARED_METRICS}})
-        return pd.DataFrame(rows), predictions, labels[:, 1]
+        return pd.DataFrame(rows), predictions, {seed: pairs[:, 1] for seed, pairs in labels.items()}
 
 
 def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequence[str] = (),
            variants: Sequence[str] = (), overrides: dict[str, Any] | None = None, alpha: float = 0.05,
-           register: bool = False, workers: int = 1, storage: str | None = None) -> AblationResult:
+           register: bool = False, workers: int = 1, storage: str | None = None, metric: str = "test_accuracy",
+           fixed_split: bool = False) -> AblationResult:
     """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect.
 
     The runs go through the ablation's queue (`execution.queue.run_queue`, in `storage`), shared by `workers`
@@ -258,8 +263,9 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
     from cifar_mlops.tracking import ablations, runs, store
 
     spec = AblationSpec(exp_id, design, list(seeds), list(enhancements), list(variants), dict(overrides or {}),
-                        register, queue.absolute(storage))
+                        register, queue.absolute(storage), fixed_split=fixed_split)
     ablation_stats.check_seeds(spec.seeds)
+    ablation_stats.check_metric(metric)
     if not 0 < alpha < 1:
         raise AblationError(f"--alpha must be in (0, 1), got {alpha}")
     if workers < 1:
@@ -272,7 +278,7 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
     parent = f"parent run in {store.configure_store()}"  # one per MLflow store the queue serves
     spec.parent_run_id, experiment = ablations.ablation_run(plan.name, {
         "ablation_of": exp_id, "design": design, "seeds": ",".join(map(str, seeds)),
-        "variants": " | ".join(v.id for v in plan.variants),
+        "variants": " | ".join(v.id for v in plan.variants), "split": "fixed" if fixed_split else "data.seed = seed",
         "overrides": " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "none"},
         agreed=lambda: queue.elect(study, parent, valid=runs.is_active),
         claim=lambda run_id: queue.elect(study, parent, run_id, valid=runs.is_active))
@@ -296,10 +302,12 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
         raise
 
     summary = ablation_stats.variant_summary(frame)
-    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha)
+    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha, metric=metric)
     figure = ablation_stats.forest_plot(effects)
-    document = "\n\n".join([f"# Ablation {plan.name}", variants_markdown(summary),
-                            ablation_stats.effects_markdown(effects), *plan.skipped])
+    sources = seed_sources(plan.variants[0].config(spec.overrides, 0, fixed_split), fixed_split)
+    document = "\n\n".join([f"# Ablation {plan.name}", sources, variants_markdown(summary),
+                            ablation_stats.effects_markdown(effects), ablation_stats.image_level_markdown(effects),
+                            *plan.skipped])
     trained = len(pending)
     try:
         runs.finish_run(spec.parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused},
@@ -310,7 +318,24 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
     finally:
         evaluation.close({"forest_plot": figure})
     return AblationResult(plan, spec.parent_run_id, experiment, store.configure_store(), summary, effects,
-                          trained=trained, reused=reused)
+                          trained=trained, reused=reused, seed_sources=sources)
+
+
+def seed_sources(config: cfg.ExperimentConfig, fixed_split: bool) -> str:
+    """One line: which sources of variance a seed changes (what the verdicts generalise over), for `config`."""
+    changed = ["the weights' initialisation, the batch order and the augmentation draws (train.seed = seed)"]
+    if fixed_split:
+        fixed = (f"the split is fixed (data.seed = {config.data.seed}, --fixed-split): every seed trains on the "
+                 "same images, so the verdicts hold for that one training subset")
+    else:
+        split = "which training images are held out for validation"
+        if config.data.source == "synthetic":
+            split += ", and the generated images themselves (train and test)"
+        elif config.data.test_size is not None:
+            split += f", and which {config.data.test_size} test images are scored"
+        changed.append(f"{split} (data.seed = seed)")
+        fixed = "the variants of one seed share all of it, so the differences pair by seed"
+    return f"Each seed changes {' and '.join(changed)}; {fixed}."
 
 
 def queue_name(plan: Design) -> str:

@@ -1,16 +1,24 @@
-"""Statistics of an ablation (issue 14, item 5): per-variant summaries and the paired effect of each change.
+"""Statistics of an ablation (issues 14 and 31): per-variant summaries and the paired effect of each change.
 
 Every metric here is a fraction (0.73 = 73 % accuracy) unless a name says `pp` (percentage points, 100x).
-The effect of a change is metric(with) - metric(without), paired by seed: seed k is the same split,
-initialisation and shuffling for both variants, so the difference removes what the seed does to both.
+The effect of a change is metric(with) - metric(without), paired by seed: seed k is the same seed for both
+variants (initialisation, shuffling and, unless the split is fixed, the split), so the difference removes
+what the seed does to both. The unit of evidence is the seed (a training run).
 
-Two sources of noise, two kinds of test:
-
-- training randomness: the per-seed differences, a paired t-test across seeds (`t_p`), Holm-corrected
-  across the comparisons of one metric (`holm_p`). The verdict comes from this test alone.
-- test-set sampling: the same test images are scored by both variants, so the image-level tests are
-  paired. Within one seed, McNemar's exact test on the right/wrong table (`mcnemar_p`, one p per seed).
-  Across seeds, Cochran-Mantel-Haenszel stratified by seed (`cmh_p`), see `_cmh_p` for the table used.
+- The verdicts: one family, the comparisons of one primary metric (test accuracy unless the user names
+  another). Each comparison's paired t-interval across seeds is Bonferroni-adjusted to level 1 - alpha / m
+  (m comparisons) and the verdict reads off that interval, so what is printed is what decided.
+  Bonferroni rather than Holm: Holm's step-down has no simultaneous intervals of its own, Bonferroni's are
+  simultaneous, so "excludes 0" and (issue 31, item 2) "inside +-min-effect" are decided at one level.
+- Every seed's difference equal (no spread): the t-test is undefined; the exact sign test and its
+  order-statistic interval for the median are used instead, said in the row's note. 2 seeds can never
+  decide that way (p = 0.5), 7 seeds all on one side can (p = 2 / 2**7).
+- Other metrics are descriptive: their plain 95 % interval, no verdict, no adjustment.
+- The detectable effect (`mde_seeds`) comes from the spread of the paired differences pooled across the
+  ablation's comparisons of the primary metric, with a chi-square 95 % interval on that sd. The comparisons
+  share a reference variant, so their differences are not independent: the pooled df overstates what it knows.
+- Image-level tests (McNemar per seed, Cochran-Mantel-Haenszel across seeds) speak of test-set sampling
+  only and ignore training variance: they are in their own table, never in the verdicts'.
 
 Pure statistics (numpy, pandas, scipy, statsmodels, matplotlib for the plot): no tracking, no training.
 """
@@ -25,7 +33,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.contingency_tables import StratifiedTable, mcnemar
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
 from cifar_mlops.errors import UserError
@@ -35,12 +42,17 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
 SUMMARY_METRICS = ("test_accuracy", "test_f1_macro", "val_accuracy", "val_f1_macro")
-EFFECT_METRICS = ("test_accuracy", "test_f1_macro")
+EFFECT_METRICS = ("test_accuracy", "test_f1_macro")  # the metrics every effects table shows
+PRIMARY_METRIC = "test_accuracy"  # the verdicts' family unless `--metric` names another of SUMMARY_METRICS
 IMAGE_LEVEL_METRIC = "test_accuracy"  # the image-level tests exist for accuracy only: F1 is not a per-image score
-CONFIDENCE = 0.95  # the t-interval's level, fixed by issue 14 whatever `alpha` the verdict uses
-EFFECT_COLUMNS = ["effect", "with", "without", "metric", "n_seeds", "mean_diff", "ci_low", "ci_high", "t_p",
-                  "holm_p", "mcnemar_p", "cmh_p", "mde_seeds", "mde_images", "verdict"]
+CONFIDENCE = 0.95  # the level of descriptive intervals and of the pooled sd's interval
+IMAGE_LEVEL_LABEL = "test-set sampling only, ignores training variance"
+EFFECT_COLUMNS = ["effect", "with", "without", "metric", "role", "n_seeds", "mean_diff", "sd_diff", "level",
+                  "ci_low", "ci_high", "t_p", "adj_p", "mcnemar_p", "cmh_p", "mde_images", "mde_seeds",
+                  "mde_seeds_low", "mde_seeds_high", "verdict", "note"]
+VERDICT, DESCRIPTIVE = "verdict", "descriptive"  # a row's role: in the verdicts' family, or shown only
 HELPS, HURTS, NO_DETECTABLE_EFFECT = "helps", "hurts", "no detectable effect"
+ZERO_SPREAD = 1e-9  # sd of the differences (fractions) below which they are all equal: float noise, not spread
 
 
 class AblationStatsError(UserError):
@@ -122,36 +134,89 @@ def _paired_metric(runs: pd.DataFrame, comparison: Comparison, metric: str) -> p
     return paired
 
 
-def _t_test(with_values: np.ndarray, without_values: np.ndarray) -> tuple[float, float, float]:
-    """(p, ci_low, ci_high): two-sided paired t-test and the CONFIDENCE t-interval of the mean difference."""
-    diffs = with_values - without_values
-    mean = float(np.mean(diffs))
-    if np.all(diffs == diffs[0]):
-        # Zero spread: t = mean / 0 is undefined (scipy returns NaN). Identical differences that are all 0
-        # are no evidence of an effect (p = 1); the same non-zero difference in every seed is the limit of
-        # ever smaller spread, where p -> 0.
-        return (1.0 if mean == 0 else 0.0), mean, mean
-    result = stats.ttest_rel(with_values, without_values)
-    low, high = result.confidence_interval(CONFIDENCE)
-    return float(result.pvalue), float(low), float(high)
+def paired_intervals(diffs: np.ndarray, level: float | np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, low, high, p, degenerate) of paired differences along the last axis (seeds), vectorised.
+
+    diffs: (..., n) with n >= 2; level: the two-sided confidence level, a scalar or broadcasting to diffs[..., 0].
+    Where the differences spread: the one-sample t-test of mean 0 (two-sided p) and its t-interval at `level`
+    (scipy's `ttest_1samp`, recomputed here without its per-call overhead so that the simulation benchmark runs
+    the same code over millions of ablations). Where every difference is equal (`degenerate`, sd <= ZERO_SPREAD):
+    the exact two-sided sign test (p = 1 if they are 0, else 2 / 2**n) and its order-statistic interval for the
+    median, [d, d] when 2 / 2**n <= 1 - level and (-inf, inf) when the seeds are too few for that level.
+    """
+    diffs = np.asarray(diffs, dtype=float)
+    n = diffs.shape[-1]
+    level = np.broadcast_to(np.asarray(level, dtype=float), diffs.shape[:-1])
+    mean = diffs.mean(axis=-1)
+    sd = diffs.std(axis=-1, ddof=1)
+    degenerate = sd <= ZERO_SPREAD
+    se = np.where(degenerate, 1.0, sd) / np.sqrt(n)
+    t = mean / se
+    p = np.where(degenerate, np.where(mean == 0, 1.0, min(1.0, 2 * 0.5**n)), 2 * stats.t.sf(np.abs(t), n - 1))
+    half = stats.t.isf((1 - level) / 2, n - 1) * se
+    sign_decides = 2 * 0.5**n <= 1 - level
+    low = np.where(degenerate, np.where(sign_decides, mean, -np.inf), mean - half)
+    high = np.where(degenerate, np.where(sign_decides, mean, np.inf), mean + half)
+    return mean, low, high, p, degenerate
 
 
-def _mde_seeds(diffs: np.ndarray, alpha: float, power: float) -> float:
-    """Smallest |mean difference| (fraction) a two-sided paired t-test with these seeds detects at `alpha`
-    with `power`: Cohen's d solved by statsmodels, times the observed std of the differences (ddof=1)."""
-    n, sd = len(diffs), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
-    if n < 2 or sd == 0:
-        return float("nan")  # no spread observed: the detectable size cannot be scaled
-    d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided")
-    return float(d) * sd
+@dataclass(frozen=True)
+class Spread:
+    """The sd of the paired differences pooled across comparisons (fractions), its df and 95 % interval."""
+
+    sd: float
+    df: int
+    sd_low: float
+    sd_high: float
+
+
+def pool_spread(n_seeds: Sequence[int], sds: Sequence[float]) -> Spread:
+    """Pooled sd of comparisons with `n_seeds` seeds and these sds of their differences (ddof=1):
+    sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)), df = sum (n_i - 1), and its chi-square CONFIDENCE interval
+    sd sqrt(df / chi2(1 - a/2, df)) .. sd sqrt(df / chi2(a/2, df))."""
+    weights = np.asarray(n_seeds, dtype=float) - 1
+    df = int(weights.sum())
+    if df < 1:
+        return Spread(float("nan"), 0, float("nan"), float("nan"))
+    sd = float(np.sqrt(np.sum(weights * np.square(np.asarray(sds, dtype=float))) / df))
+    tail = (1 - CONFIDENCE) / 2
+    return Spread(sd, df, sd * float(np.sqrt(df / stats.chi2.isf(tail, df))),
+                  sd * float(np.sqrt(df / stats.chi2.ppf(tail, df))))
+
+
+def pooled_spread(table: pd.DataFrame) -> Spread:
+    """`pool_spread` of the verdict rows of an effects table."""
+    rows = table[table["role"] == VERDICT]
+    return pool_spread(rows["n_seeds"].to_numpy(), rows["sd_diff"].to_numpy())
+
+
+def spread_text(spread: Spread) -> str:
+    """One line: the pooled sd in pp with its interval and df."""
+    if not spread.df:
+        return "pooled sd of the paired differences: not estimable (fewer than 2 seeds)"
+    return (f"pooled sd of the paired differences (primary metric, all comparisons): {100 * spread.sd:.2f} pp "
+            f"({CONFIDENCE:.0%} interval {100 * spread.sd_low:.2f}-{100 * spread.sd_high:.2f} pp, {spread.df} df; "
+            "the comparisons share a reference variant, so the df overstate what it knows)")
+
+
+def detectable_effect(n_seeds: int, alpha: float, power: float) -> float:
+    """Smallest |mean difference| in units of the sd of the differences (Cohen's d) that a two-sided paired
+    t-test with `n_seeds` detects at `alpha` with `power` (statsmodels' `TTestPower`)."""
+    if n_seeds < 2:
+        return float("nan")
+    return float(TTestPower().solve_power(effect_size=None, nobs=n_seeds, alpha=alpha, power=power,
+                                          alternative="two-sided"))
 
 
 # ---------------------------------------------------------------------------
 # Image level: the same test images, scored by both variants of one seed
 
 
-def _right(predictions: dict[tuple[str, int], np.ndarray], variant: str, seed: int, y_test: np.ndarray) -> np.ndarray:
+def _right(predictions: dict[tuple[str, int], np.ndarray], variant: str, seed: int,
+           y_test: np.ndarray | dict[int, np.ndarray]) -> np.ndarray:
     """Boolean per test image: did this run predict its label?"""
+    y_test = _labels_of(y_test, seed)
     try:
         predicted = np.asarray(predictions[(variant, seed)])
     except KeyError:
@@ -224,8 +289,7 @@ def _mde_images(tables: list[np.ndarray], discordant: int, alpha: float, power: 
     Like the test it describes, it counts the S seeds' images as S N independent images; the same N images
     recur, so this is a lower bound on what the image level can resolve.
     """
-    n_images = int(tables[0].sum() // 2)
-    total = n_images * len(tables)
+    total = int(sum(t.sum() // 2 for t in tables))  # N S: images per seed (rows of N), over the seeds
     variance = sum(t[0].sum() * t[1].sum() * t[:, 0].sum() * t[:, 1].sum() / (t.sum() ** 2 * (t.sum() - 1))
                    for t in tables)
     if variance == 0:
@@ -235,7 +299,7 @@ def _mde_images(tables: list[np.ndarray], discordant: int, alpha: float, power: 
 
 
 def _image_level(comparison: Comparison, seeds: Sequence[int], predictions: dict[tuple[str, int], np.ndarray],
-                 y_test: np.ndarray, alpha: float, power: float) -> tuple[str, float, float]:
+                 y_test: np.ndarray | dict[int, np.ndarray], alpha: float, power: float) -> tuple[str, float, float]:
     """(McNemar exact p per seed as "p;p;...", CMH p across seeds, mde_images) for test accuracy."""
     mcnemar_ps, tables, discordant = [], [], 0
     for seed in seeds:
@@ -254,50 +318,80 @@ def _image_level(comparison: Comparison, seeds: Sequence[int], predictions: dict
 # The effects table
 
 
-def _verdict(holm_p: float, mean_diff: float, alpha: float) -> str:
-    if holm_p < alpha and mean_diff > 0:
+def _verdict(low: float, high: float) -> str:
+    if low > 0:
         return HELPS
-    if holm_p < alpha and mean_diff < 0:
+    if high < 0:
         return HURTS
     return NO_DETECTABLE_EFFECT
 
 
-def effects(runs: pd.DataFrame, comparisons: list[Comparison], predictions: dict[tuple[str, int], np.ndarray],
-            y_test: np.ndarray, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
-    """One row per (comparison, metric) for metric in (test_accuracy, test_f1_macro), comparisons in order.
+def check_metric(metric: str) -> None:
+    """Raise `AblationStatsError` unless `metric` is one the runs log (SUMMARY_METRICS)."""
+    if metric not in SUMMARY_METRICS:
+        raise AblationStatsError(f"unknown --metric {metric!r}; choose one of {', '.join(SUMMARY_METRICS)}")
+
+
+def _labels_of(y_test: np.ndarray | dict[int, np.ndarray], seed: int) -> np.ndarray:
+    """The test labels of `seed`: one array for every seed, or one per seed when the split follows the seed."""
+    if isinstance(y_test, dict):
+        try:
+            return np.asarray(y_test[seed])
+        except KeyError:
+            raise AblationStatsError(f"no test labels for seed {seed}") from None
+    return np.asarray(y_test)
+
+
+def effects(runs: pd.DataFrame, comparisons: list[Comparison],
+            predictions: dict[tuple[str, int], np.ndarray] | None, y_test: np.ndarray | dict[int, np.ndarray] | None,
+            alpha: float = 0.05, power: float = 0.8, metric: str = PRIMARY_METRIC) -> pd.DataFrame:
+    """One row per (comparison, metric), comparisons in order, `metric` first then the other EFFECT_METRICS.
 
     runs: as for `variant_summary` (metrics as fractions). predictions[(variant, seed)]: predicted label per
-    test image, aligned with `y_test` (the same images for every run). Columns (differences are fractions):
-    effect, with, without, metric, n_seeds (seeds both variants ran), mean_diff (mean over seeds of
-    with - without), ci_low, ci_high (95 % t-interval of mean_diff), t_p (two-sided paired t-test across
-    seeds), holm_p (t_p, Holm-corrected across the comparisons of one metric), mcnemar_p (exact McNemar p
-    per seed in seed order, as text "0.031;0.12"), cmh_p (CMH across seeds), mde_seeds (smallest |mean_diff|
-    the t-test detects at `alpha` with `power`, NaN without spread), mde_images (the same for the CMH test),
-    verdict ("helps" / "hurts" when holm_p < alpha, else "no detectable effect", from the seed-level test).
-    mcnemar_p, cmh_p and mde_images are for test_accuracy only (NaN for F1, which has no per-image score).
+    test image, aligned with `y_test` (one array of labels, or one per seed when the split follows the seed);
+    both None: no image-level tests. Columns (differences are fractions):
+    effect, with, without, metric, role ("verdict" for `metric`, the verdicts' one family; "descriptive" for the
+    others), n_seeds (seeds both variants ran), mean_diff (mean over seeds of with - without), sd_diff (their sd,
+    ddof=1), level (of the interval: 1 - alpha / m for verdict rows, m = len(comparisons), Bonferroni; 0.95 for
+    descriptive rows), ci_low, ci_high (paired t-interval at `level`; see `paired_intervals` for equal
+    differences), t_p (two-sided paired t-test, or the sign test when every difference is equal), adj_p
+    (min(1, m t_p), verdict rows only: adj_p < alpha exactly when the interval excludes 0), mcnemar_p (exact
+    McNemar p per seed, as text "0.031;0.12"), cmh_p (CMH across seeds), mde_images (the CMH's detectable
+    effect; these three for test_accuracy only, test-set sampling only), mde_seeds (smallest |mean_diff| the
+    verdict's test with these seeds detects with `power`, at the spread pooled over the verdict rows) and
+    mde_seeds_low / _high (the same at the ends of the pooled sd's 95 % interval), verdict ("helps" / "hurts"
+    when the interval excludes 0, else "no detectable effect"; "" for descriptive rows), note (a degenerate case).
     """
-    _check_runs(runs, ["variant", "seed", *EFFECT_METRICS])
-    y_test = np.asarray(y_test)
+    check_metric(metric)
+    metrics = [metric, *[m for m in EFFECT_METRICS if m != metric]]
+    _check_runs(runs, ["variant", "seed", *metrics])
+    m = len(comparisons)
     rows = []
     for comparison in comparisons:
-        for metric in EFFECT_METRICS:
-            paired = _paired_metric(runs, comparison, metric)
-            with_values, without_values = paired["with"].to_numpy(float), paired["without"].to_numpy(float)
-            diffs = with_values - without_values
-            t_p, ci_low, ci_high = _t_test(with_values, without_values)
+        for name in metrics:
+            primary = name == metric
+            paired = _paired_metric(runs, comparison, name)
+            diffs = paired["with"].to_numpy(float) - paired["without"].to_numpy(float)
+            level = 1 - alpha / m if primary else CONFIDENCE
+            mean, low, high, p, degenerate = (float(x) for x in paired_intervals(diffs, level))
             mcnemar_text, cmh_p, mde_images = (
                 _image_level(comparison, paired["seed"].tolist(), predictions, y_test, alpha, power)
-                if metric == IMAGE_LEVEL_METRIC else (np.nan, np.nan, np.nan))
+                if name == IMAGE_LEVEL_METRIC and predictions is not None else (np.nan, np.nan, np.nan))
+            note = (f"every seed's difference is {100 * mean:+.2f} pp: the t-test is undefined, exact sign test"
+                    if degenerate else "")
             rows.append({"effect": comparison.effect, "with": comparison.with_, "without": comparison.without,
-                         "metric": metric, "n_seeds": len(paired), "mean_diff": float(np.mean(diffs)),
-                         "ci_low": ci_low, "ci_high": ci_high, "t_p": t_p, "mcnemar_p": mcnemar_text,
-                         "cmh_p": cmh_p, "mde_seeds": _mde_seeds(diffs, alpha, power), "mde_images": mde_images})
-    table = pd.DataFrame(rows, columns=[c for c in EFFECT_COLUMNS if c not in ("holm_p", "verdict")])
-    table["holm_p"] = np.nan
-    for _, of_metric in table.groupby("metric", sort=False):
-        table.loc[of_metric.index, "holm_p"] = multipletests(of_metric["t_p"].to_numpy(), alpha=alpha,
-                                                             method="holm")[1]
-    table["verdict"] = [_verdict(p, d, alpha) for p, d in zip(table["holm_p"], table["mean_diff"])]
+                         "metric": name, "role": VERDICT if primary else DESCRIPTIVE, "n_seeds": len(paired),
+                         "mean_diff": mean, "sd_diff": float(np.std(diffs, ddof=1)), "level": level,
+                         "ci_low": low, "ci_high": high, "t_p": p, "adj_p": min(1.0, m * p) if primary else np.nan,
+                         "mcnemar_p": mcnemar_text, "cmh_p": cmh_p, "mde_images": mde_images,
+                         "verdict": _verdict(low, high) if primary else "", "note": note})
+    table = pd.DataFrame(rows, columns=[c for c in EFFECT_COLUMNS if not c.startswith("mde_seeds")])
+    spread = pooled_spread(table)
+    primary = table["role"] == VERDICT
+    d = table.loc[primary, "n_seeds"].map(lambda n: detectable_effect(int(n), alpha / m, power))
+    for column, sd in (("mde_seeds", spread.sd), ("mde_seeds_low", spread.sd_low), ("mde_seeds_high", spread.sd_high)):
+        table[column] = np.nan
+        table.loc[primary, column] = d * sd
     return table[EFFECT_COLUMNS]
 
 
@@ -309,41 +403,87 @@ def _p_text(p: float) -> str:
     return "" if pd.isna(p) else f"{p:.3g}"
 
 
+def _pp(value: float) -> str:
+    return f"{100 * value:+.2f}" if np.isfinite(value) else ("-inf" if value < 0 else "+inf")
+
+
+def interval_text(mean: float, low: float, high: float) -> str:
+    """'+1.20 [-0.35, +2.75]' in percentage points."""
+    return f"{_pp(mean)} [{_pp(low)}, {_pp(high)}]"
+
+
 def effects_text(table: pd.DataFrame) -> pd.DataFrame:
-    """The effects table as text cells: effect, metric, mean difference ± the 95 % CI half-width and
-    mde_seeds in percentage points, t_p, holm_p, cmh_p (blank for F1), verdict."""
-    half_width = (table["ci_high"] - table["ci_low"]) / 2  # the t-interval is symmetric about the mean
-    compact = pd.DataFrame({
+    """The verdicts' table as text cells, one row per (comparison, metric): effect, metric, role, seeds, the mean
+    difference and its interval in percentage points, the interval's level, t_p, adj_p, mde_seeds in pp with its
+    range from the pooled sd's interval, verdict (blank for descriptive rows), note. No image-level test: those
+    are `image_level_text`'s."""
+    def mde(row: pd.Series) -> str:
+        if pd.isna(row["mde_seeds"]):
+            return ""
+        return f"{100 * row['mde_seeds']:.2f} ({100 * row['mde_seeds_low']:.2f}-{100 * row['mde_seeds_high']:.2f})"
+
+    if "role" not in table.columns:  # logged before issue 31 (95 % intervals, Holm p): shown as it was logged
+        return table.drop(columns=["with", "without"], errors="ignore").astype(str)
+    return pd.DataFrame({
         "effect": table["effect"],
         "metric": table["metric"],
-        "difference, pp (95% CI)": [f"{100 * d:+.2f} ± {100 * h:.2f}" for d, h in zip(table["mean_diff"], half_width)],
+        "role": table["role"],
+        "seeds": table["n_seeds"].astype(str),
+        "difference, pp [interval]": [interval_text(*r) for r in zip(table["mean_diff"], table["ci_low"],
+                                                                     table["ci_high"])],
+        "level": table["level"].map(lambda level: f"{100 * level:.4g}%"),
         "t_p": table["t_p"].map(_p_text),
-        "holm_p": table["holm_p"].map(_p_text),
-        "cmh_p": table["cmh_p"].map(_p_text),
-        "mde_seeds, pp": table["mde_seeds"].map(lambda m: "" if pd.isna(m) else f"{100 * m:.2f}"),
+        "adj_p": table["adj_p"].map(_p_text),
+        "mde_seeds, pp (range)": [mde(row) for _, row in table.iterrows()],
         "verdict": table["verdict"],
+        "note": table["note"],
     })
-    return compact
 
 
 def effects_markdown(table: pd.DataFrame) -> str:
-    """`effects_text` as a markdown table."""
+    """`effects_text` as a markdown table, with the pooled spread's line under it."""
     # disable_numparse: tabulate would otherwise reformat the already formatted numbers
-    return effects_text(table).to_markdown(index=False, disable_numparse=True)
+    text = effects_text(table).to_markdown(index=False, disable_numparse=True)
+    return f"{text}\n\n{spread_text(pooled_spread(table))}"
 
 
-def forest_plot(table: pd.DataFrame, metric: str = "test_accuracy") -> Figure:
-    """Each effect's mean difference on `metric` (percentage points) as a point, its 95 % t-interval as a line,
-    a vertical line at 0; the first effect on top, its verdict in its label. The caller saves and closes it
-    (`plt.close(figure)`)."""
-    rows = table[table["metric"] == metric].reset_index(drop=True)
+def image_level_text(table: pd.DataFrame) -> pd.DataFrame:
+    """The image-level tests of test accuracy, as text cells: effect, McNemar's exact p per seed, the CMH p
+    across seeds and the CMH's detectable effect in pp. They treat the test images as the only noise."""
+    rows = table[(table["metric"] == IMAGE_LEVEL_METRIC) & table["cmh_p"].notna()]
+    return pd.DataFrame({"effect": rows["effect"], "mcnemar_p (per seed)": rows["mcnemar_p"].astype(str),
+                         "cmh_p": rows["cmh_p"].map(_p_text),
+                         "mde_images, pp": rows["mde_images"].map(lambda m: "" if pd.isna(m) else f"{100 * m:.2f}")})
+
+
+def image_level_markdown(table: pd.DataFrame) -> str:
+    """`image_level_text` under its label: never a verdict."""
+    frame = image_level_text(table)
+    if frame.empty:
+        return ""
+    return (f"Image-level tests of {IMAGE_LEVEL_METRIC} ({IMAGE_LEVEL_LABEL}; never a verdict):\n\n"
+            + frame.to_markdown(index=False, disable_numparse=True))
+
+
+def forest_plot(table: pd.DataFrame) -> Figure:
+    """Each verdict row's mean difference (percentage points) as a point, its adjusted interval (the verdict's) as
+    a line (an unbounded end drawn to the axis' edge), a vertical line at 0; the first effect on top, its verdict
+    in its label. The caller saves and closes it (`plt.close(figure)`)."""
+    rows = table[table["role"] == VERDICT].reset_index(drop=True)
+    metric = rows["metric"].iloc[0] if len(rows) else PRIMARY_METRIC
     y = np.arange(len(rows))[::-1]  # first effect at the top
+    finite = np.abs(100 * rows[["mean_diff", "ci_low", "ci_high"]].to_numpy(float))
+    edge = 1.1 * max(float(np.max(finite[np.isfinite(finite)], initial=0.0)), 1.0)
     figure, axes = plt.subplots(figsize=(7.5, 1.2 + 0.45 * max(len(rows), 1)))
     axes.axvline(0, color="grey", linewidth=1, linestyle="--")
-    axes.hlines(y, 100 * rows["ci_low"], 100 * rows["ci_high"], color="tab:blue", linewidth=2)
+    axes.hlines(y, np.clip(100 * rows["ci_low"], -edge, edge), np.clip(100 * rows["ci_high"], -edge, edge),
+                color="tab:blue", linewidth=2)
     axes.plot(100 * rows["mean_diff"], y, "o", color="tab:blue", linestyle="none")
     axes.set_yticks(y, [f"{e} ({v})" for e, v in zip(rows["effect"], rows["verdict"])])
     axes.set_ylim(-0.7, len(rows) - 0.3)
-    axes.set_xlabel(f"effect on {metric.replace('_', ' ')} (percentage points, with - without, 95% CI)")
+    axes.set_xlim(-edge, edge)
+    levels = sorted(set(rows["level"]))
+    level = f"{100 * levels[0]:.4g}% Bonferroni-adjusted" if len(levels) == 1 else "adjusted"
+    axes.set_xlabel(f"effect on {metric.replace('_', ' ')} (percentage points, with - without, {level} interval)")
     figure.tight_layout()
     return figure

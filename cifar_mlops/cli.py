@@ -458,7 +458,13 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @click.option("--variants", default="", metavar="ID,ID",
               help="With --design variants: the experiments compared with --exp.")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
-              help="Significance level of the verdicts (Holm-corrected across the changes).")
+              help="Error rate of the verdicts: intervals at 1 - alpha / (number of changes), Bonferroni.")
+@click.option("--metric", default="test_accuracy", show_default=True,
+              help="The primary metric, the one the verdicts are about (test_accuracy, test_f1_macro, "
+                   "val_accuracy, val_f1_macro); the others are shown, descriptive.")
+@click.option("--fixed-split/--seeded-split", default=False, show_default=True,
+              help="--seeded-split: seed k also draws the train/validation split (data.seed = k); --fixed-split: "
+                   "every seed trains on the experiment's one split (the verdicts then hold for that split).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes on this machine sharing the runs (one GPU each when GPUs are visible).")
 @click.option("--storage", default="", metavar="URL",
@@ -467,8 +473,9 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @_override_options("train.epochs=5 (every variant)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
-def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float, workers: int,
-           storage: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
+def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float, metric: str,
+           fixed_split: bool, workers: int, storage: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str,
+           register: bool) -> None:
     """Did each enhancement help? Train variants of an experiment over paired seeds and test the effects."""
     with heavy_imports():
         import keras  # noqa: F401  (the variants train here: imported here, to be frozen)
@@ -480,11 +487,14 @@ def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: st
     names = [n.strip() for n in enhancements.split(",") if n.strip()]
     result = ablation.ablate(exp_id, design, cfg.parse_seeds(seeds), enhancements=names,
                              variants=[v.strip() for v in variants.split(",") if v.strip()], overrides=values,
-                             alpha=alpha, register=register, workers=workers, storage=storage or None)
+                             alpha=alpha, register=register, workers=workers, storage=storage or None,
+                             metric=metric, fixed_split=fixed_split)
     click.echo(f"\nAblation {result.design.name}: {result.trained} runs trained, {result.reused} reused\n")
+    click.echo(result.seed_sources + "\n")
     click.echo(ablation.variants_markdown(result.summary))
     click.echo("")
     click.echo(ablation.ablation_stats.effects_markdown(result.effects))
+    click.echo("\n" + ablation.ablation_stats.image_level_markdown(result.effects))
     for line in result.design.skipped:
         click.echo(line)
     click.echo(f"\nparent run {result.parent_run_id} in MLflow experiment {result.experiment!r} (forest plot, "

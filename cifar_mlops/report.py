@@ -449,14 +449,15 @@ def _ablations(experiment: str) -> Section:
         tags = found["tags"]
         section.blocks.append(f"Ablation {found['name']}: seeds {tags.get('seeds', '?')}, parent run "
                               f"{found['run_id'][:8]}; effect = metric with the change minus without it, paired by "
-                              "seed; verdicts from the paired t-test across seeds, Holm-corrected.")
+                              "seed; verdicts from the paired t-test across seeds, read off intervals at the level "
+                              "they use (Bonferroni; ablations logged before issue 31: 95% intervals, Holm p).")
         empty = pd.DataFrame()  # the report's CSV holds results rows; the ablation's own CSVs are on its run
         section.blocks.append(Table(f"{found['name']}: variants (mean ± std over seeds)",
                                     ablate.variants_text(found["variants"]), empty))
         section.blocks.append(Table(f"{found['name']}: effects", ablation_stats.effects_text(found["effects"]), empty))
         if found["forest_png"]:
             section.blocks.append(Figure(f"ablation_{i}_forest", f"{found['name']}: each change's effect on test "
-                                         "accuracy with its 95% interval", found["forest_png"]))
+                                         "accuracy with the interval its verdict uses", found["forest_png"]))
     return section
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -99,12 +100,15 @@ def test_every_variant_and_seed_runs_once_nested_and_tagged(ablation) -> None:
     for run in nested:
         assert run.info.status == "FINISHED" and run.data.tags["ablation"] == "planted leave-one-out"
         assert run.data.params["train.seed"] == run.data.tags["seed"]  # seed k is train.seed k in every variant
+        assert run.data.params["data.seed"] == run.data.tags["seed"]  # and draws the split (no --fixed-split)
         removed = run.data.tags.get("removed")
         assert removed == (run.data.tags["variant"].split(" -")[1] if " -" in run.data.tags["variant"] else None)
     assert MlflowClient().search_model_versions() == []  # not registered without --register
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"ablation.md", "ablation_effects.csv", "ablation_variants.csv", "forest_plot.png"} <= artifacts
     assert "planted_too_low_lr" in result.stdout and "hurts" in result.stdout
+    assert "Each seed changes the weights' initialisation" in result.stdout and "(data.seed = seed)" in result.stdout
+    assert "test-set sampling only, ignores training variance" in result.stdout
 
 
 def test_the_planted_harm_hurts_and_the_no_op_never_helps(ablation) -> None:
@@ -130,8 +134,8 @@ def test_reported_statistics_are_scipys_and_statsmodels_on_the_logged_runs(ablat
         diffs = np.subtract(with_it, without)
         row = effects.loc[(removed, "test_accuracy")]
         assert row["mean_diff"] == pytest.approx(diffs.mean())
-        if diffs.std() > 0:
-            low, high = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+        if diffs.std() > 0:  # the verdict's interval: Bonferroni over the 2 changes
+            low, high = stats.t.interval(1 - 0.05 / 2, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
             assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
             assert row["t_p"] == pytest.approx(stats.ttest_rel(with_it, without).pvalue)
         per_seed = []
@@ -175,6 +179,44 @@ def test_the_report_shows_each_ablation_but_never_its_runs_as_results(ablation) 
     assert "## Ablations" in markdown and "planted leave-one-out: effects" in markdown
 
 
+def test_the_split_follows_the_seed_unless_fixed(catalogue) -> None:
+    variant = ablate.Variant("planted", "planted")
+    overrides = cfg.parse_overrides(["data.seed=11"])  # the experiment's own split seed, as --set gives it
+    assert [variant.config(overrides, seed).data.seed for seed in (0, 3)] == [0, 3]
+    assert [variant.config(overrides, seed, fixed_split=True).data.seed for seed in (0, 3)] == [11, 11]
+    assert [variant.config(overrides, seed, fixed_split=True).train.seed for seed in (0, 3)] == [0, 3]
+    seeded = ablate.seed_sources(variant.config({}, 0), fixed_split=False)
+    assert "train.seed = seed" in seeded and "data.seed = seed" in seeded and "generated images" in seeded
+    fixed = ablate.seed_sources(variant.config({}, 0, fixed_split=True), fixed_split=True)
+    assert "data.seed = 0, --fixed-split" in fixed and "one training subset" in fixed
+
+
+def test_the_benchmark_keeps_every_runs_metrics(ablation) -> None:
+    """bench_ablation.py stores each run's metrics and the whole effects table, so its tables can be recomputed."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # the benchmark imports its `common`
+    try:
+        found = importlib.util.spec_from_file_location("bench_ablation", folder / "bench_ablation.py")
+        bench = importlib.util.module_from_spec(found)
+        found.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(folder))
+    _, uri = ablation
+    logged = bench.logged_ablations(uri)["planted leave-one-out"]
+    by_key = {(r.data.tags["variant"], int(r.data.tags["seed"])): r for r in children(parent_run().info.run_id)
+              if r.info.status == "FINISHED"}  # a rerun's: test_a_rerun... kills one and reruns it
+    assert sorted((r["variant"], r["seed"]) for r in logged["runs"]) == sorted(by_key)
+    for row in logged["runs"]:
+        child = by_key[(row["variant"], row["seed"])]
+        assert row["run_id"] == child.info.run_id
+        for metric in ("test_accuracy", "test_f1_macro", "val_accuracy", "val_f1_macro"):
+            assert row[metric] == pytest.approx(child.data.metrics[metric])
+    assert {(e["effect"], e["metric"]) for e in logged["effects"]} == set(logged_effects(parent_run()).index)
+
+
 def test_designs_are_generated_from_the_catalogue(catalogue) -> None:
     loo = ablate.build_design("2.4", "leave-one-out")
     assert [v.id for v in loo.variants] == ["2.4", "2.4 -increased_epochs", "2.4 -increased_batch_size", "2.4 -adamw"]
@@ -204,6 +246,7 @@ BAD_INPUT = [
     (["--exp", "smoke", "--design", "add-one", "--enhancements", "planted_noop", "--seeds", "2"],
      "smoke has no parent"),
     (["--exp", "b5", "--design", "variants"], "--design variants compares --exp with the experiments of --variants"),
+    (["--exp", "planted", "--metric", "top5"], "unknown --metric 'top5'; choose one of test_accuracy"),
 ]
 
 
