@@ -253,7 +253,7 @@ class Ablation:
 def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequence[str] = (),
            variants: Sequence[str] = (), overrides: dict[str, Any] | None = None, alpha: float = 0.05,
            register: bool = False, workers: int = 1, storage: str | None = None, metric: str = "test_accuracy",
-           fixed_split: bool = False) -> AblationResult:
+           fixed_split: bool = False, min_effect_pp: float = 100 * ablation_stats.DEFAULT_MIN_EFFECT) -> AblationResult:
     """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect.
 
     The runs go through the ablation's queue (`execution.queue.run_queue`, in `storage`), shared by `workers`
@@ -266,6 +266,7 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
                         register, queue.absolute(storage), fixed_split=fixed_split)
     ablation_stats.check_seeds(spec.seeds)
     ablation_stats.check_metric(metric)
+    ablation_stats.check_min_effect(min_effect_pp)
     if not 0 < alpha < 1:
         raise AblationError(f"--alpha must be in (0, 1), got {alpha}")
     if workers < 1:
@@ -302,8 +303,9 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
         raise
 
     summary = ablation_stats.variant_summary(frame)
-    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha, metric=metric)
-    figure = ablation_stats.forest_plot(effects)
+    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha, metric=metric,
+                                     min_effect=min_effect_pp / 100)
+    figure = ablation_stats.forest_plot(effects, min_effect=min_effect_pp / 100)
     sources = seed_sources(plan.variants[0].config(spec.overrides, 0, fixed_split), fixed_split)
     document = "\n\n".join([f"# Ablation {plan.name}", sources, variants_markdown(summary),
                             ablation_stats.effects_markdown(effects), ablation_stats.image_level_markdown(effects),

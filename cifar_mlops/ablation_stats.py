@@ -49,9 +49,12 @@ CONFIDENCE = 0.95  # the level of descriptive intervals and of the pooled sd's i
 IMAGE_LEVEL_LABEL = "test-set sampling only, ignores training variance"
 EFFECT_COLUMNS = ["effect", "with", "without", "metric", "role", "n_seeds", "mean_diff", "sd_diff", "level",
                   "ci_low", "ci_high", "t_p", "adj_p", "mcnemar_p", "cmh_p", "mde_images", "mde_seeds",
-                  "mde_seeds_low", "mde_seeds_high", "verdict", "note"]
+                  "mde_seeds_low", "mde_seeds_high", "verdict", "vs_min_effect", "seeds_to_decide",
+                  "seeds_to_decide_low", "seeds_to_decide_high", "note"]
 VERDICT, DESCRIPTIVE = "verdict", "descriptive"  # a row's role: in the verdicts' family, or shown only
-HELPS, HURTS, NO_DETECTABLE_EFFECT = "helps", "hurts", "no detectable effect"
+HELPS, HURTS, EQUIVALENT, INCONCLUSIVE = "helps", "hurts", "equivalent", "inconclusive"
+DEFAULT_MIN_EFFECT = 0.01  # the smallest effect of interest (fraction: 1 percentage point), `--min-effect 1.0`
+MAX_SEEDS_SEARCHED = 10_000  # seeds_to_decide beyond this is reported as this (never decided in practice)
 ZERO_SPREAD = 1e-9  # sd of the differences (fractions) below which they are all equal: float noise, not spread
 
 
@@ -318,12 +321,42 @@ def _image_level(comparison: Comparison, seeds: Sequence[int], predictions: dict
 # The effects table
 
 
-def _verdict(low: float, high: float) -> str:
-    if low > 0:
-        return HELPS
-    if high < 0:
-        return HURTS
-    return NO_DETECTABLE_EFFECT
+def verdicts(low: np.ndarray, high: np.ndarray, min_effect: float) -> np.ndarray:
+    """The verdict of each adjusted interval [low, high] (vectorised): "helps" when it lies above 0, "hurts" below
+    0, "equivalent" when it lies inside (-min_effect, +min_effect) (two one-sided tests, each at the interval's
+    level), else "inconclusive". An interval above 0 and inside the band is "helps" (see `versus_min_effect`)."""
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    return np.select([low > 0, high < 0, (low > -min_effect) & (high < min_effect)], [HELPS, HURTS, EQUIVALENT],
+                     INCONCLUSIVE)
+
+
+def versus_min_effect(verdict: str, low: float, high: float, min_effect: float) -> str:
+    """For "helps" / "hurts": "clears" when the whole interval is at least min_effect away from 0, "below" when all
+    of it is closer than that, else "not known"; "" for the other verdicts."""
+    if verdict not in (HELPS, HURTS):
+        return ""
+    near, far = (low, high) if verdict == HELPS else (-high, -low)  # distances from 0, nearer end first
+    return "clears" if near >= min_effect else "below" if far < min_effect else "not known"
+
+
+def seeds_to_decide(mean: float, sd: float, min_effect: float, alpha: float) -> float:
+    """Seeds with which a t-interval at level 1 - alpha around `mean`, with differences of sd `sd`, would be
+    decided: the smallest n whose half-width t(1 - alpha/2, n-1) sd / sqrt(n) is below max(|mean|,
+    min_effect - |mean|) (then it excludes 0, or lies inside +-min_effect). NaN without a spread; at most
+    MAX_SEEDS_SEARCHED."""
+    if not np.isfinite(sd) or sd <= 0:
+        return float("nan")
+    target = max(abs(mean), min_effect - abs(mean))
+    n = np.arange(2, MAX_SEEDS_SEARCHED + 1)
+    narrow = np.flatnonzero(stats.t.isf(alpha / 2, n - 1) * sd / np.sqrt(n) < target)
+    return float(n[narrow[0]]) if narrow.size else float(MAX_SEEDS_SEARCHED)
+
+
+def check_min_effect(min_effect_pp: float) -> None:
+    """Raise `AblationStatsError` unless the smallest effect of interest (percentage points) is positive."""
+    if not min_effect_pp > 0 or not np.isfinite(min_effect_pp):
+        raise AblationStatsError(f"--min-effect must be a positive number of percentage points of the primary "
+                                 f"metric (got {min_effect_pp:g}), e.g. --min-effect 1.0")
 
 
 def check_metric(metric: str) -> None:
@@ -344,7 +377,8 @@ def _labels_of(y_test: np.ndarray | dict[int, np.ndarray], seed: int) -> np.ndar
 
 def effects(runs: pd.DataFrame, comparisons: list[Comparison],
             predictions: dict[tuple[str, int], np.ndarray] | None, y_test: np.ndarray | dict[int, np.ndarray] | None,
-            alpha: float = 0.05, power: float = 0.8, metric: str = PRIMARY_METRIC) -> pd.DataFrame:
+            alpha: float = 0.05, power: float = 0.8, metric: str = PRIMARY_METRIC,
+            min_effect: float = DEFAULT_MIN_EFFECT) -> pd.DataFrame:
     """One row per (comparison, metric), comparisons in order, `metric` first then the other EFFECT_METRICS.
 
     runs: as for `variant_summary` (metrics as fractions). predictions[(variant, seed)]: predicted label per
@@ -359,10 +393,13 @@ def effects(runs: pd.DataFrame, comparisons: list[Comparison],
     McNemar p per seed, as text "0.031;0.12"), cmh_p (CMH across seeds), mde_images (the CMH's detectable
     effect; these three for test_accuracy only, test-set sampling only), mde_seeds (smallest |mean_diff| the
     verdict's test with these seeds detects with `power`, at the spread pooled over the verdict rows) and
-    mde_seeds_low / _high (the same at the ends of the pooled sd's 95 % interval), verdict ("helps" / "hurts"
-    when the interval excludes 0, else "no detectable effect"; "" for descriptive rows), note (a degenerate case).
+    mde_seeds_low / _high (the same at the ends of the pooled sd's 95 % interval), verdict (`verdicts` of the
+    interval against `min_effect`, a fraction of the primary metric: helps, hurts, equivalent, inconclusive; "" for
+    descriptive rows), vs_min_effect (`versus_min_effect`), seeds_to_decide (inconclusive rows: `seeds_to_decide`
+    at the pooled sd) with _low / _high at the ends of its interval, note (a degenerate case).
     """
     check_metric(metric)
+    check_min_effect(100 * min_effect)
     metrics = [metric, *[m for m in EFFECT_METRICS if m != metric]]
     _check_runs(runs, ["variant", "seed", *metrics])
     m = len(comparisons)
@@ -384,14 +421,19 @@ def effects(runs: pd.DataFrame, comparisons: list[Comparison],
                          "mean_diff": mean, "sd_diff": float(np.std(diffs, ddof=1)), "level": level,
                          "ci_low": low, "ci_high": high, "t_p": p, "adj_p": min(1.0, m * p) if primary else np.nan,
                          "mcnemar_p": mcnemar_text, "cmh_p": cmh_p, "mde_images": mde_images,
-                         "verdict": _verdict(low, high) if primary else "", "note": note})
-    table = pd.DataFrame(rows, columns=[c for c in EFFECT_COLUMNS if not c.startswith("mde_seeds")])
+                         "verdict": str(verdicts(low, high, min_effect)) if primary else "", "note": note})
+    table = pd.DataFrame(rows, columns=[c for c in EFFECT_COLUMNS if not c.startswith(("mde_seeds", "seeds_to"))])
+    table["vs_min_effect"] = [versus_min_effect(v, lo, hi, min_effect)
+                              for v, lo, hi in zip(table["verdict"], table["ci_low"], table["ci_high"])]
     spread = pooled_spread(table)
     primary = table["role"] == VERDICT
     d = table.loc[primary, "n_seeds"].map(lambda n: detectable_effect(int(n), alpha / m, power))
-    for column, sd in (("mde_seeds", spread.sd), ("mde_seeds_low", spread.sd_low), ("mde_seeds_high", spread.sd_high)):
-        table[column] = np.nan
-        table.loc[primary, column] = d * sd
+    open_ = table["verdict"] == INCONCLUSIVE
+    for suffix, sd in (("", spread.sd), ("_low", spread.sd_low), ("_high", spread.sd_high)):
+        table[f"mde_seeds{suffix}"] = np.nan
+        table.loc[primary, f"mde_seeds{suffix}"] = d * sd
+        table[f"seeds_to_decide{suffix}"] = [seeds_to_decide(mean, sd, min_effect, alpha / m) if undecided else np.nan
+                                             for mean, undecided in zip(table["mean_diff"], open_)]
     return table[EFFECT_COLUMNS]
 
 
@@ -422,6 +464,12 @@ def effects_text(table: pd.DataFrame) -> pd.DataFrame:
             return ""
         return f"{100 * row['mde_seeds']:.2f} ({100 * row['mde_seeds_low']:.2f}-{100 * row['mde_seeds_high']:.2f})"
 
+    def to_decide(row: pd.Series) -> str:
+        if pd.isna(row["seeds_to_decide"]):
+            return ""
+        low, mid, high = (int(row[f"seeds_to_decide{s}"]) for s in ("_low", "", "_high"))
+        return f"{mid} ({low}-{high}{'+' if high >= MAX_SEEDS_SEARCHED else ''})"
+
     if "role" not in table.columns:  # logged before issue 31 (95 % intervals, Holm p): shown as it was logged
         return table.drop(columns=["with", "without"], errors="ignore").astype(str)
     return pd.DataFrame({
@@ -436,6 +484,8 @@ def effects_text(table: pd.DataFrame) -> pd.DataFrame:
         "adj_p": table["adj_p"].map(_p_text),
         "mde_seeds, pp (range)": [mde(row) for _, row in table.iterrows()],
         "verdict": table["verdict"],
+        "vs min-effect": table["vs_min_effect"],
+        "seeds to decide (range)": [to_decide(row) for _, row in table.iterrows()],
         "note": table["note"],
     })
 
@@ -465,16 +515,20 @@ def image_level_markdown(table: pd.DataFrame) -> str:
             + frame.to_markdown(index=False, disable_numparse=True))
 
 
-def forest_plot(table: pd.DataFrame) -> Figure:
+def forest_plot(table: pd.DataFrame, min_effect: float | None = None) -> Figure:
     """Each verdict row's mean difference (percentage points) as a point, its adjusted interval (the verdict's) as
-    a line (an unbounded end drawn to the axis' edge), a vertical line at 0; the first effect on top, its verdict
-    in its label. The caller saves and closes it (`plt.close(figure)`)."""
+    a line (an unbounded end drawn to the axis' edge), a vertical line at 0, a grey band at +-min_effect (a
+    fraction) when given; the first effect on top, its verdict in its label. The caller saves and closes it
+    (`plt.close(figure)`)."""
     rows = table[table["role"] == VERDICT].reset_index(drop=True)
     metric = rows["metric"].iloc[0] if len(rows) else PRIMARY_METRIC
     y = np.arange(len(rows))[::-1]  # first effect at the top
     finite = np.abs(100 * rows[["mean_diff", "ci_low", "ci_high"]].to_numpy(float))
-    edge = 1.1 * max(float(np.max(finite[np.isfinite(finite)], initial=0.0)), 1.0)
+    edge = 1.1 * max(float(np.max(finite[np.isfinite(finite)], initial=0.0)), 100 * (min_effect or 0.0), 1.0)
     figure, axes = plt.subplots(figsize=(7.5, 1.2 + 0.45 * max(len(rows), 1)))
+    if min_effect:
+        axes.axvspan(-100 * min_effect, 100 * min_effect, color="grey", alpha=0.15, linewidth=0,
+                     label=f"+-{100 * min_effect:g} pp (min-effect)")
     axes.axvline(0, color="grey", linewidth=1, linestyle="--")
     axes.hlines(y, np.clip(100 * rows["ci_low"], -edge, edge), np.clip(100 * rows["ci_high"], -edge, edge),
                 color="tab:blue", linewidth=2)
@@ -487,3 +541,4 @@ def forest_plot(table: pd.DataFrame) -> Figure:
     axes.set_xlabel(f"effect on {metric.replace('_', ' ')} (percentage points, with - without, {level} interval)")
     figure.tight_layout()
     return figure
+

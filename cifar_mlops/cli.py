@@ -462,6 +462,9 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @click.option("--metric", default="test_accuracy", show_default=True,
               help="The primary metric, the one the verdicts are about (test_accuracy, test_f1_macro, "
                    "val_accuracy, val_f1_macro); the others are shown, descriptive.")
+@click.option("--min-effect", default=1.0, show_default=True, type=float, metavar="PP",
+              help="The smallest effect of interest, in percentage points of the primary metric: 'equivalent' "
+                   "when the verdict's interval lies inside +-PP; 'helps'/'hurts' say whether they clear it.")
 @click.option("--fixed-split/--seeded-split", default=False, show_default=True,
               help="--seeded-split: seed k also draws the train/validation split (data.seed = k); --fixed-split: "
                    "every seed trains on the experiment's one split (the verdicts then hold for that split).")
@@ -474,8 +477,8 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
 def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float, metric: str,
-           fixed_split: bool, workers: int, storage: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str,
-           register: bool) -> None:
+           min_effect: float, fixed_split: bool, workers: int, storage: str, set_pairs: tuple[str, ...],
+           overrides: str, data_dir: str, register: bool) -> None:
     """Did each enhancement help? Train variants of an experiment over paired seeds and test the effects."""
     with heavy_imports():
         import keras  # noqa: F401  (the variants train here: imported here, to be frozen)
@@ -488,7 +491,7 @@ def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: st
     result = ablation.ablate(exp_id, design, cfg.parse_seeds(seeds), enhancements=names,
                              variants=[v.strip() for v in variants.split(",") if v.strip()], overrides=values,
                              alpha=alpha, register=register, workers=workers, storage=storage or None,
-                             metric=metric, fixed_split=fixed_split)
+                             metric=metric, fixed_split=fixed_split, min_effect_pp=min_effect)
     click.echo(f"\nAblation {result.design.name}: {result.trained} runs trained, {result.reused} reused\n")
     click.echo(result.seed_sources + "\n")
     click.echo(ablation.variants_markdown(result.summary))

@@ -247,6 +247,8 @@ BAD_INPUT = [
      "smoke has no parent"),
     (["--exp", "b5", "--design", "variants"], "--design variants compares --exp with the experiments of --variants"),
     (["--exp", "planted", "--metric", "top5"], "unknown --metric 'top5'; choose one of test_accuracy"),
+    (["--exp", "planted", "--min-effect", "0"], "--min-effect must be a positive number of percentage points"),
+    (["--exp", "planted", "--min-effect", "-1"], "--min-effect must be a positive number of percentage points"),
 ]
 
 

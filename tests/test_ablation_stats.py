@@ -191,12 +191,14 @@ def test_the_helpful_change_helps(table):
     assert row["verdict"] == "helps" and row["mean_diff"] > 0.02 and row["ci_low"] > 0
 
 
-def test_an_identical_variant_has_no_detectable_effect_with_p_1(table):
+def test_an_identical_variant_with_3_seeds_is_inconclusive_with_p_1(table):
+    """All 3 differences 0: the sign test's interval needs 2 / 2**n <= 0.01 to be bounded, 3 seeds cannot say
+    'equivalent'; it says how many seeds would (at the pooled spread)."""
     for metric in ("test_accuracy", "test_f1_macro"):
         row = _row(table, "noop", metric)
         assert row["mean_diff"] == 0 and row["t_p"] == 1.0 and "sign test" in row["note"]
     row = _row(table, "noop")
-    assert row["verdict"] == "no detectable effect" and row["adj_p"] == 1.0
+    assert row["verdict"] == "inconclusive" and row["adj_p"] == 1.0 and row["seeds_to_decide"] > 3
     assert row["mde_seeds"] == _row(table, "adamw")["mde_seeds"] > 0  # the pooled spread scales it all the same
     row = _row(table, "noop")
     assert row["cmh_p"] == 1.0 and row["mcnemar_p"] == "1;1;1"
@@ -384,3 +386,72 @@ def test_an_effects_table_logged_before_issue_31_still_renders():
                             "mde_images": 0.01, "verdict": "no detectable effect"}])
     text = ab.effects_text(legacy)
     assert list(text.iloc[0][["effect", "holm_p", "verdict"]]) == ["adamw", "0.0634", "no detectable effect"]
+
+
+# ---------------------------------------------------------------------------
+# Issue 31, item 2: four verdicts against the smallest effect of interest
+
+
+FOUR = {"clear_gain": [0.030, 0.032, 0.031, 0.033], "small_gain": [0.003, 0.004, 0.0035, 0.0045],
+        "loss": [-0.020, -0.025, -0.022, -0.021], "same": [0.001, -0.001, 0.0005, -0.0005],
+        "noisy": [0.03, -0.02, 0.05, -0.01]}
+
+
+def test_four_verdicts_against_min_effect():
+    runs, comparisons = _frame(FOUR)
+    table = _effects(runs, comparisons, alpha=0.05, min_effect=0.01)
+    rows = table[table["role"] == "verdict"].set_index("effect")
+    for effect, diffs in FOUR.items():  # the interval recomputed: 1 - 0.05 / 5, scipy's t
+        low, high = stats.ttest_1samp(diffs, 0).confidence_interval(1 - 0.05 / 5)
+        assert (rows.loc[effect, "ci_low"], rows.loc[effect, "ci_high"]) == pytest.approx((low, high), rel=1e-9)
+    assert rows.loc["clear_gain", "verdict"] == "helps" and rows.loc["clear_gain", "vs_min_effect"] == "clears"
+    assert rows.loc["clear_gain", "ci_low"] > 0.01
+    assert rows.loc["small_gain", "verdict"] == "helps" and rows.loc["small_gain", "vs_min_effect"] == "below"
+    assert rows.loc["loss", "verdict"] == "hurts" and rows.loc["loss", "vs_min_effect"] == "clears"
+    assert rows.loc["same", "verdict"] == "equivalent"  # TOST: the adjusted interval inside +-1 pp
+    assert -0.01 < rows.loc["same", "ci_low"] < 0 < rows.loc["same", "ci_high"] < 0.01
+    assert rows.loc["noisy", "verdict"] == "inconclusive" and rows.loc["noisy", "vs_min_effect"] == ""
+    assert table.loc[table["role"] == "descriptive", "verdict"].eq("").all()
+    # its interval lies inside +-5 pp as well as above 0: "helps" wins, said to be below the smallest effect
+    loose = _effects(runs, comparisons, min_effect=0.05).set_index(["effect", "metric"])
+    assert loose.loc[("small_gain", "test_accuracy"), ["verdict", "vs_min_effect"]].tolist() == ["helps", "below"]
+
+
+def test_inconclusive_says_how_many_seeds_would_decide_it():
+    runs, comparisons = _frame(FOUR)
+    table = _effects(runs, comparisons, alpha=0.05, min_effect=0.01)
+    spread = ab.pooled_spread(table)
+    row = table[(table["effect"] == "noisy") & (table["role"] == "verdict")].iloc[0]
+    target = max(abs(row["mean_diff"]), 0.01 - abs(row["mean_diff"]))
+
+    def half_width(n, sd):  # the verdict's interval half-width with n seeds at that sd
+        return stats.t.isf(0.05 / 5 / 2, n - 1) * sd / np.sqrt(n)
+
+    for column, sd in (("seeds_to_decide", spread.sd), ("seeds_to_decide_low", spread.sd_low),
+                       ("seeds_to_decide_high", spread.sd_high)):
+        n = int(row[column])
+        assert half_width(n, sd) < target <= half_width(n - 1, sd), column
+    assert row["seeds_to_decide_low"] <= row["seeds_to_decide"] <= row["seeds_to_decide_high"]
+    decided = table[(table["role"] == "verdict") & (table["verdict"] != "inconclusive")]
+    assert decided["seeds_to_decide"].isna().all()
+    assert "noisy" in ab.effects_markdown(table) and "seeds to decide" in ab.effects_markdown(table)
+
+
+@pytest.mark.parametrize("min_effect", [0, -1.0, float("nan")])
+def test_min_effect_must_be_positive(min_effect):
+    with pytest.raises(ab.AblationStatsError, match=r"^--min-effect must be a positive number of percentage points"):
+        ab.check_min_effect(min_effect)
+    runs, comparisons = _frame(FOUR)
+    with pytest.raises(ab.AblationStatsError, match="--min-effect"):
+        _effects(runs, comparisons, min_effect=min_effect / 100)
+
+
+def test_forest_plot_draws_the_min_effect_band(table):
+    figure = ab.forest_plot(table, min_effect=0.01)
+    try:
+        (axes,) = figure.axes
+        spans = [p for p in axes.patches if p.get_x() == pytest.approx(-1.0) and p.get_width() == pytest.approx(2.0)]
+        assert len(spans) == 1
+    finally:
+        plt.close(figure)
+
