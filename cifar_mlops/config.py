@@ -149,6 +149,15 @@ class TrainConfig(Strict):
         return self
 
 
+class TrackConfig(Strict):
+    """What is logged beside a training, not how it trains: it changes no result (see `to_yaml`)."""
+
+    # seconds between samples of MLflow's system metrics (system/cpu_utilization_percentage, system/
+    # system_memory_usage_megabytes, disk, network; GPU utilisation and memory where nvidia-ml-py sees a GPU),
+    # each sample one step of the run's system/* metrics; 0: off. Cost at 10 s: benchmarks/bench_system_metrics.py
+    system_metrics_interval: float = Field(10.0, ge=0)
+
+
 class FloatRange(Strict):
     low: float  # smallest value tried
     high: float  # largest value tried (may equal low: the value is then fixed)
@@ -245,6 +254,7 @@ class ExperimentConfig(Strict):
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     search: SearchSpace = SearchSpace()  # what `cifar-mlops tune` searches (not a training setting)
+    track: TrackConfig = TrackConfig()  # what is logged beside the training (not a training setting)
 
     @model_validator(mode="after")
     def _transfer_learning_is_consistent(self) -> ExperimentConfig:
@@ -581,8 +591,11 @@ def check_kind(config: Config, kind: str) -> None:
 
 
 def to_yaml(config: Config) -> str:
-    """The resolved config as YAML: what is logged with every run and can be read back."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML: what is logged with every run and can be read back. A `track` section
+    left at its defaults is left out: the text (and its digest, which finds an ablation's finished runs) is
+    the same as before the section existed."""
+    default = isinstance(config, ExperimentConfig) and config.track == TrackConfig()
+    return yaml.safe_dump(config.model_dump(mode="json", exclude={"track"} if default else None), sort_keys=False)
 
 
 def from_yaml(text: str, where: str) -> Config:

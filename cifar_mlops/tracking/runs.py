@@ -422,14 +422,15 @@ class TrainingRun:
         adopted = adopted_run_id() if self.parent_run_id is None else None
         if adopted:  # `mlflow run` made it and chose its experiment; MLflow refuses it under any other
             mlflow.set_experiment(experiment_id=MlflowClient().get_run(adopted).info.experiment_id)
-            run = mlflow.start_run(run_id=adopted)
+            run = mlflow.start_run(run_id=adopted, log_system_metrics=self._system_metrics())
             self.experiment = adopted_experiment(adopted, usual=self.experiment)
         else:
             with store.permission_checked(f"create a run in experiment {self.experiment!r}", "EDIT",
                                           f"experiment {self.experiment}"):
                 mlflow.set_experiment(self.experiment)
                 run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
-                                       nested=self.parent_run_id is not None)
+                                       nested=self.parent_run_id is not None,
+                                       log_system_metrics=self._system_metrics())
         self.run_id = run.info.run_id
         try:
             self._describe_run()
@@ -439,6 +440,14 @@ class TrainingRun:
             self.__exit__(type(err), err, err.__traceback__)
             raise
         return self
+
+    def _system_metrics(self) -> bool:
+        """Whether MLflow samples system metrics (system/*: CPU, memory, disk, network, GPU where there is one)
+        while the run goes, every `track.system_metrics_interval` seconds (0: off; an ensemble's run: off)."""
+        interval = self.config.track.system_metrics_interval if isinstance(self.config, ExperimentConfig) else 0.0
+        if interval > 0:  # read by the monitor that start_run makes (an environment variable of this process)
+            mlflow.set_system_metrics_sampling_interval(interval)
+        return interval > 0
 
     def _describe_run(self) -> None:
         config = self.config
@@ -455,7 +464,7 @@ class TrainingRun:
         """The run of `self.resume` RUNNING again, in its own experiment, its failure (if any) forgotten."""
         point = self.resume
         mlflow.set_experiment(experiment_id=point.experiment_id)
-        self.run_id = mlflow.start_run(run_id=point.run_id).info.run_id
+        self.run_id = mlflow.start_run(run_id=point.run_id, log_system_metrics=self._system_metrics()).info.run_id
         self.experiment = point.experiment
         try:
             if FAILURE_TAG in point.tags:
