@@ -142,7 +142,8 @@ def build(config: EnsembleConfig, *, register: bool = True, splits: data.Splits 
             version = run.register(model_uri, metrics, tags={
                 "members": ",".join(str(m.version) for m in members),
                 "weights": ",".join(f"{w:.4f}" for w in weights)})
-            log(f"registered {registry.registration_name(config.family)} version {version}")
+            name = registry.registration_name(config.family)
+            log(f"registered {name} version {version}: {run.version_link(name, version)}")
         log(" ".join(f"{k}={metrics[k]:.4f}" for k in ("val_accuracy", "test_accuracy", "test_f1_macro",
                                                          "ensemble_gain_test_accuracy")))
         return metrics

@@ -64,12 +64,13 @@ def failure(exc: BaseException | None) -> tuple[str, dict[str, str]]:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if missing (by this process or, at the same moment, another)."""
+    """The id of experiment `name`, created if missing (by this process or, at the same moment, another), with
+    the kind that opens it in the UI's training view (`store.EXPERIMENT_TAGS`)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=store.EXPERIMENT_TAGS)
     except mlflow.exceptions.MlflowException:  # another process created it meanwhile
         return client.get_experiment_by_name(name).experiment_id
 
@@ -427,7 +428,7 @@ class TrainingRun:
         else:
             with store.permission_checked(f"create a run in experiment {self.experiment!r}", "EDIT",
                                           f"experiment {self.experiment}"):
-                mlflow.set_experiment(self.experiment)
+                mlflow.set_experiment(experiment_id=experiment_id(MlflowClient(), self.experiment))
                 run = mlflow.start_run(run_name=self.config.exp_id, parent_run_id=self.parent_run_id,
                                        nested=self.parent_run_id is not None,
                                        log_system_metrics=self._system_metrics())
@@ -490,7 +491,13 @@ class TrainingRun:
 
     @property
     def url_hint(self) -> str:
-        return f"run {self.run_id} in experiment {self.experiment!r} of {mlflow.get_tracking_uri()}"
+        """Where the run is, and how to open its page in MLflow's UI (training view)."""
+        page = store.run_page(mlflow.get_run(self.run_id).info.experiment_id, self.run_id)
+        return f"run {self.run_id} in experiment {self.experiment!r}; {store.where_to_look(mlflow.get_tracking_uri(), page)}"
+
+    def version_link(self, name: str, version: int) -> str:
+        """The page of a version registered from this run in MLflow's UI (training view)."""
+        return store.ui_link(mlflow.get_tracking_uri(), store.version_page(name, version))
 
     # -- what it logs --------------------------------------------------------
     def log_data(self, splits: Splits) -> None:

@@ -6,9 +6,11 @@ import functools
 import logging
 import os
 import re
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -36,13 +38,45 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
-def where_to_look(uri: str) -> str:
-    """How to see the store's runs in MLflow's UI: a server's own URL, else the `mlflow ui` command that opens it."""
-    if uri.startswith(("http://", "https://")):
-        opening = f"open {redact(uri).rstrip('/')} in a browser"
+# MLflow 3.17's UI opens an experiment in its GenAI view (traces) unless the URL asks for the "Model training"
+# view, or the experiment's kind says so: every link printed asks for it, every experiment made carries the kind.
+TRAINING_VIEW = "workflowType=machine_learning"
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The UI's page of one run (a `page` of `ui_link`)."""
+    return f"experiments/{experiment_id}/runs/{run_id}"
+
+
+def version_page(name: str, version: int | str) -> str:
+    """The UI's page of one registered model version (a `page` of `ui_link`)."""
+    return f"models/{quote(name, safe='')}/versions/{version}"
+
+
+def ui_link(uri: str, page: str = "experiments") -> str:
+    """The address of `page` in MLflow's UI, in its training view: on a team server its own address (without
+    any user name or password the URL holds), else where `mlflow ui` serves (see `where_to_look`)."""
+    if is_server(uri):
+        parts = urlsplit(uri)
+        base = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""),
+                           parts.path.rstrip("/"), "", ""))
     else:
-        opening = f"run `mlflow ui --backend-store-uri {redact(uri)} --workers 1` and open http://127.0.0.1:5000"
-    return f"{opening} (training runs are under the \"Model training\" switch, top left)"
+        base = LOCAL_UI
+    return f"{base}/#/{page}?{TRAINING_VIEW}"
+
+
+def where_to_look(uri: str, page: str = "experiments") -> str:
+    """How to see `page` of the store in MLflow's UI: a server's link, else the `mlflow ui` command that serves
+    the store, then the link."""
+    if is_server(uri):
+        return f"open {ui_link(uri, page)}"
+    return f"run `mlflow ui --backend-store-uri {shlex.quote(redact(uri))} --workers 1`, then open {ui_link(uri, page)}"
 
 
 def quiet_mlflow() -> None:

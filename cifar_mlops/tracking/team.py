@@ -78,7 +78,7 @@ def _ensure_resources() -> dict[str, str]:
     ids = {}
     for name in EXPERIMENTS:
         found = client.get_experiment_by_name(name)
-        ids[name] = found.experiment_id if found else client.create_experiment(name)
+        ids[name] = found.experiment_id if found else client.create_experiment(name, tags=store.EXPERIMENT_TAGS)
     existing = {m.name for m in client.search_registered_models(max_results=1000)}
     for family in families():
         for name in (registry.registered_model_name(family), registry.candidates_name(registry.registered_model_name(family))):
