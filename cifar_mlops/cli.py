@@ -334,12 +334,23 @@ def promote(model_name: str, version: int, alias: str, metric: str, min_delta: f
 
 @main.command(name="models")
 @click.argument("names", nargs=-1, metavar="[MODEL]...")
-def models_command(names: tuple[str, ...]) -> None:
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="With one MODEL: that version's description (what it is, each promotion's account) and tags.")
+def models_command(names: tuple[str, ...], version: int | None) -> None:
     """List registered models: versions, aliases, experiment ids, test accuracy."""
     with heavy_imports():
         from cifar_mlops.tracking import registry, store
 
     store.quiet_mlflow()
+    if version is not None:
+        if len(names) != 1:
+            raise UserError("--version N goes with exactly one MODEL, e.g. `cifar-mlops models cifar10-cnn --version 2`")
+        found = registry.find_version(names[0], version=version)
+        click.echo(f"{found}" + (" " + " ".join(f"@{a}" for a in found.aliases) if found.aliases else ""))
+        click.echo(f"page: {store.ui_link(store.configure_store(), store.version_page(found.name, found.version))}\n")
+        click.echo((found.description or "(no description)") + "\n")
+        click.echo(text_table([{"tag": key, "value": value} for key, value in sorted(found.tags.items())]))
+        return
     registered = registry.list_registered()
     if names:
         unknown = [n for n in names if n not in {name for name, _ in registered}]

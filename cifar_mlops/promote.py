@@ -7,11 +7,16 @@ candidate wins when its metric beats the holder's by more than 0 and by at
 least `min_delta` and, when `alpha` is given, McNemar's exact test on the
 paired right/wrong predictions has p < alpha. A winner takes the alias, the
 old holder gets `previous`; the numbers go to the candidate's version tags
-either way (except with `dry_run`, which changes nothing).
+either way (except with `dry_run`, which changes nothing). The version that takes the alias is
+tagged `promoted_by`, `promoted_at`, `promoted_from` (the old holder, or `none`) and the account of
+the decision is appended to its description (and to the old holder's: what replaced it), where the
+UI's version page and `cifar-mlops models MODEL --version N` show it.
 """
 
 from __future__ import annotations
 
+import getpass
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +66,8 @@ class Decision:
     notes: list[str] = field(default_factory=list)
     served: str = ""  # the model whose alias it is: the candidate's own, or the served model of a candidates model
     promoted_as: RegisteredVersion | None = None  # the candidate's copy in `served`, once promoted from candidates
+    when: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # UTC, decided
+    by: str = field(default_factory=lambda: promoter())
 
     @property
     def holds(self) -> bool:
@@ -79,7 +86,7 @@ class Decision:
         tags = {"promotion_alias": self.alias, "promotion_decision": self.outcome, "promotion_reason": self.reason,
                 "promotion_metric": self.metric,
                 "promotion_against": str(self.holder) if self.holder else "none",
-                "promotion_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "promotion_time": self.when}
         for key, value in (("candidate_value", self.candidate_value), ("holder_value", self.holder_value),
                            ("delta", self.delta), ("p_value", self.p_value)):
             if value is not None:
@@ -116,6 +123,46 @@ class Decision:
                 moved += f"; {self.holder} {'would become' if self.dry_run else 'is now'} @{previous_alias(self.alias)}"
             out.append(moved)
         return out
+
+
+    def promoted_tags(self) -> dict[str, str]:
+        """The tags of the version that took the alias: who, when, from which version."""
+        return {"promoted_by": self.by, "promoted_at": self.when,
+                "promoted_from": str(self.holder) if self.holder else "none"}
+
+    def account(self, winner: RegisteredVersion) -> str:
+        """Why `winner` took the alias (markdown, appended to its description)."""
+        rule = f"rule: {self.metric} better by more than 0 and by at least {self.min_delta:g}" + (
+            f", McNemar's exact test p < {self.alpha:g}" if self.alpha is not None else "")
+        lines = [f"**Promoted to @{self.alias}** ({self.outcome}) by {self.by} at {self.when}: {self.reason}", "",
+                 f"- {rule}"]
+        copied = f" (copy of {self.candidate})" if str(winner) != str(self.candidate) else ""
+        if self.candidate_value is not None:
+            lines.append(f"- candidate {winner}{copied}, exp {self.candidate.exp_id}: "
+                         f"{self.metric} {self.candidate_value:.4f}")
+        if self.holder is None:
+            lines.append(f"- incumbent: none ({self.served} had no @{self.alias})")
+        else:
+            value = f": {self.metric} {self.holder_value:.4f}" if self.holder_value is not None else ""
+            lines.append(f"- incumbent {self.holder}, exp {self.holder.exp_id}{value}; now "
+                         f"@{previous_alias(self.alias)}")
+        if self.p_value is not None:
+            lines.append(f"- McNemar exact p={self.p_value:.4g} (candidate-only right {self.discordant[0]}, "
+                         f"incumbent-only right {self.discordant[1]})")
+        if self.num_images:
+            lines.append(f"- scored on {self.num_images} test images: {self.data_description}")
+        return "\n".join(lines)
+
+
+def promoter() -> str:
+    """Who promotes: the team server's user, else this machine's account (never a password)."""
+    name = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not name:
+        try:
+            name = getpass.getuser()
+        except OSError:  # no user name in the environment nor in the password database
+            name = "unknown"
+    return name
 
 
 def mcnemar_exact(y_true: np.ndarray, pred_candidate: np.ndarray, pred_holder: np.ndarray) -> tuple[float, int, int]:
@@ -259,6 +306,15 @@ def _act(decision: Decision) -> None:
         registry.set_alias(holder, previous_alias(decision.alias))
         registry.set_version_tags(holder.name, holder.version, {
             "promotion_replaced_by": str(winner), "promotion_replaced_alias": decision.alias})
+        registry.append_description(holder.name, holder.version, (
+            f"**Replaced as @{decision.alias}** by {winner} ({decision.by} at {decision.when}); "
+            f"now @{previous_alias(decision.alias)}"))
+    account = decision.account(winner)
     if winner is not candidate:
-        registry.set_version_tags(winner.name, winner.version, {**decision.tags(), COPIED_FROM: str(candidate)})
-    registry.set_version_tags(candidate.name, candidate.version, decision.tags())
+        registry.set_version_tags(winner.name, winner.version, {**decision.tags(), COPIED_FROM: str(candidate),
+                                                                 **decision.promoted_tags()})
+        registry.append_description(winner.name, winner.version, account)
+        registry.set_version_tags(candidate.name, candidate.version, decision.tags())
+    else:
+        registry.set_version_tags(candidate.name, candidate.version, {**decision.tags(), **decision.promoted_tags()})
+    registry.append_description(candidate.name, candidate.version, account)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ def reset(champion: int | None = None) -> None:
         client.delete_registered_model_alias(MODEL, alias)
     for version in client.search_model_versions(f"name = '{MODEL}'"):
         for key in version.tags:
-            if key.startswith("promotion_"):
+            if key.startswith(("promotion_", "promoted_")):
                 client.delete_model_version_tag(MODEL, str(version.version), key)
     if champion is not None:
         client.set_registered_model_alias(MODEL, "champion", str(champion))
@@ -150,6 +152,58 @@ def test_mcnemar_p_value_matches_a_binomial_reference(versions) -> None:
     result = promote("--version", str(versions["strong"]), "--alpha", "0.05")
     assert f"McNemar exact p={decision.p_value:.4g}" in result.stdout
     assert float(tags(versions["strong"])["promotion_p_value"]) == pytest.approx(decision.p_value, rel=1e-4)
+
+
+def test_a_version_says_what_it_is_and_a_promotion_appends_why_it_took_the_alias(versions, monkeypatch) -> None:
+    import keras
+
+    client = MlflowClient()
+    strong, weak = (client.get_model_version(MODEL, str(versions[n])) for n in ("strong", "weak"))
+    run = client.get_run(strong.run_id)
+    metrics = run.data.metrics
+    assert strong.description.startswith("Experiment **smoke**: A tiny CNN")
+    for line in ("- data: synthetic (NOT CIFAR-10)",
+                 f"- test accuracy {metrics['test_accuracy']:.4f}, test F1 (macro) {metrics['test_f1_macro']:.4f}",
+                 f"- seed 0, Keras backend {keras.backend.backend()}",
+                 f"- run [{run.info.run_id}](http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/"
+                 f"{run.info.run_id}?workflowType=machine_learning) in MLflow experiment `cifar10-ablation`"):
+        assert line in strong.description.splitlines(), (line, strong.description)
+
+    reset(champion=versions["weak"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    result = promote("--version", str(versions["strong"]), "--alpha", "0.5")
+    assert result.exit_code == 0 and aliases() == {"champion": versions["strong"], "previous": versions["weak"]}, \
+        result.output
+    tagged = tags(versions["strong"])
+    assert tagged["promoted_by"] == "alice" and tagged["promoted_from"] == f"{MODEL}/{versions['weak']}"
+    assert tagged["promoted_at"] == tagged["promotion_time"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", tagged["promoted_at"])
+    described = client.get_model_version(MODEL, str(versions["strong"])).description
+    before, _, account = described.rpartition("\n\n**Promoted to @champion**")
+    assert before == strong.description  # what it is stays; the account is appended
+    weak_acc, strong_acc = float(tagged["promotion_holder_value"]), float(tagged["promotion_candidate_value"])
+    for line in (f" (promoted) by alice at {tagged['promoted_at']}: test_accuracy "
+                 f"{float(tagged['promotion_delta']):+.4f} >= 0 and McNemar p={float(tagged['promotion_p_value']):.4g} < 0.5",
+                 "- rule: test_accuracy better by more than 0 and by at least 0, McNemar's exact test p < 0.5",
+                 f"- candidate {MODEL}/{versions['strong']}, exp smoke: test_accuracy {strong_acc:.4f}",
+                 f"- incumbent {MODEL}/{versions['weak']}, exp smoke: test_accuracy {weak_acc:.4f}; now @previous",
+                 f"- McNemar exact p={float(tagged['promotion_p_value']):.4g} (candidate-only right "
+                 f"{tagged['promotion_discordant'].split(',')[0]}, incumbent-only right "
+                 f"{tagged['promotion_discordant'].split(',')[1]})"):
+        assert line in account.splitlines(), (line, account)
+    replaced = client.get_model_version(MODEL, str(versions["weak"])).description
+    assert replaced.startswith(weak.description) and replaced.endswith(
+        f"**Replaced as @champion** by {MODEL}/{versions['strong']} (alice at {tagged['promoted_at']}); now @previous")
+
+    shown = CliRunner().invoke(cli.main, ["models", MODEL, "--version", str(versions["strong"])])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.startswith(f"{MODEL}/{versions['strong']} @champion\n")
+    assert f"#/models/{MODEL}/versions/{versions['strong']}?workflowType=machine_learning" in shown.stdout
+    assert described in shown.stdout
+    assert re.search(r"^promoted_by\s+alice$", shown.stdout, re.M)
+    assert re.search(rf"^promoted_from\s+{MODEL}/{versions['weak']}$", shown.stdout, re.M)
+    alone = CliRunner().invoke(cli.main, ["models", "--version", "1"])
+    assert alone.exit_code != 0 and "--version N goes with exactly one MODEL" in alone.stderr
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,7 @@ class RegisteredVersion:
         self.tags: dict[str, str] = dict(mv.tags or {})
         self.aliases: tuple[str, ...] = tuple(sorted(aliases if aliases is not None else (mv.aliases or ())))
         self.created_ms = int(mv.creation_timestamp or 0)
+        self.description: str = mv.description or ""  # markdown: what it is, then each promotion's account
 
     @property
     def uri(self) -> str:
@@ -77,10 +78,22 @@ class RegisteredVersion:
         return f"RegisteredVersion({self})"
 
 
-def register(model_uri: str, name: str, tags: dict[str, str]) -> int:
-    """Register `model_uri` as a new version of `name` with `tags`; return its number."""
+def register(model_uri: str, name: str, tags: dict[str, str], description: str = "") -> int:
+    """Register `model_uri` as a new version of `name` with `tags` and `description` (markdown, shown on the
+    version's page in the UI); return its number."""
     with store.permission_checked(f"register a version of {name}", "EDIT", f"registered model {name}"):
-        return int(mlflow.register_model(model_uri, name, tags=tags).version)
+        version = mlflow.register_model(model_uri, name, tags=tags).version
+        if description:
+            MlflowClient().update_model_version(name, str(version), description=description)
+    return int(version)
+
+
+def append_description(name: str, version: int, text: str) -> None:
+    """Add `text` (markdown) as a new paragraph at the end of the version's description."""
+    client = store.client()
+    with store.permission_checked(f"describe {name}/{version}", "EDIT", f"registered model {name}"):
+        before = client.get_model_version(name, str(version)).description or ""
+        client.update_model_version(name, str(version), description=f"{before.rstrip()}\n\n{text}".lstrip())
 
 
 def _registered_model(client: MlflowClient, name: str):

@@ -495,6 +495,23 @@ class TrainingRun:
         page = store.run_page(mlflow.get_run(self.run_id).info.experiment_id, self.run_id)
         return f"run {self.run_id} in experiment {self.experiment!r}; {store.where_to_look(mlflow.get_tracking_uri(), page)}"
 
+    def version_description(self, metrics: Mapping[str, float], backend: str) -> str:
+        """What a version registered from this run is (markdown: the version's description in the UI)."""
+        config = self.config
+        made = (f"seed {config.train.seed}" if isinstance(config, ExperimentConfig) else
+                "soft voting over " + ", ".join(f"{m.registered_model}@{m.exp_id or m.alias or m.version}"
+                                                for m in config.members))
+        uri = mlflow.get_tracking_uri()
+        link = store.ui_link(uri, store.run_page(mlflow.get_run(self.run_id).info.experiment_id, self.run_id))
+        return "\n".join([
+            f"Experiment **{config.exp_id}**" + (f": {config.description.strip()}" if config.description.strip() else ""),
+            "",
+            f"- data: {self.data_source}" + (" (NOT CIFAR-10)" if self.data_source == "synthetic" else ""),
+            f"- test accuracy {metrics['test_accuracy']:.4f}, test F1 (macro) {metrics['test_f1_macro']:.4f}",
+            f"- {made}, Keras backend {backend}",
+            f"- run [{self.run_id}]({link}) in MLflow experiment `{self.experiment}`",
+        ])
+
     def version_link(self, name: str, version: int) -> str:
         """The page of a version registered from this run in MLflow's UI (training view)."""
         return store.ui_link(mlflow.get_tracking_uri(), store.version_page(name, version))
@@ -589,7 +606,8 @@ class TrainingRun:
         name = registry.registration_name(self.config.family)
         version = registry.register(model_uri, name, tags={
             "exp_id": self.config.exp_id, "run_id": self.run_id, "test_accuracy": f"{metrics['test_accuracy']:.4f}",
-            "data_source": self.data_source, "backend": keras.backend.backend(), **(tags or {})})
+            "data_source": self.data_source, "backend": keras.backend.backend(), **(tags or {})},
+            description=self.version_description(metrics, keras.backend.backend()))
         log_batch(self.run_id, tags={"registered_version": f"{name}/{version}"})
         return version
 
