@@ -676,6 +676,75 @@ def section_ablation(r: dict | None) -> list[str]:
     return out + [load_line(r), ""]
 
 
+def section_verdicts(r: dict | None) -> list[str]:
+    """Issue 31: the verdicts' error rates and the sequential design's cost, by simulation (bench_verdicts.py)."""
+    out = ["## Ablation verdicts: calibration and cost by simulation (issue 31)", ""]
+    if not r:
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_verdicts.py   # numpy only, a few minutes",
+                      ""]
+    alpha, half = r["alpha"], r["alpha"] / 2
+    rows = r["calibration"]
+    out += ["`benchmarks/bench_verdicts.py`: simulated ablations of one change each, through "
+            "`cifar_mlops.ablation_stats` (no training). Per seed the paired difference of test accuracy is the true "
+            "effect + N(0, spread), rounded to the 1/images grid accuracies live on (so equal differences across "
+            "seeds happen as on real runs); the spread is the seed-to-seed sd of the paired difference, test-set "
+            "sampling included. Fixed n: `paired_intervals` at 1 - alpha and `verdicts`, as `ablate --seeds n` does; "
+            f"sequential: `sequential_decisions` ({r['spending']}, t-scale boundaries, cap {r['max_seeds']}), as "
+            f"`sequential_step` decides round by round. alpha = {alpha}, min-effect = {r['min_effect_pp']:g} pp; "
+            f"{rows[0]['sims']:,} simulated ablations per setting.", ""]
+    names = {"helps, no effect": [("0", "wrong_helps")], "hurts, no effect": [("0", "wrong_hurts")],
+             "wrong direction, effect != 0": [(e, k) for e in ("+min-effect", "-min-effect", "2 x spread")
+                                              for k in ("wrong_helps", "wrong_hurts")],
+             "equivalent, effect +-min-effect": [("+min-effect", "equivalent"), ("-min-effect", "equivalent")]}
+    out += [f"Each cell: the rate pooled over spreads {', '.join(f'{s:g}' for s in r['spreads_pp'])} pp and "
+            f"{' / '.join(f'{i:,}' for i in r['images'])} test images [its 95% Clopper-Pearson interval], then the "
+            f"worst single setting. Targets: a wrong direction at most {100 * half:g}% per side, \"equivalent\" at a "
+            f"true effect of +-min-effect at most {100 * alpha:g}%. Met unless the pooled interval, or a setting's "
+            f"interval at level {100 * rows[0]['ci_level']:.4g}% (Bonferroni over the {round(0.05 / (1 - rows[0]['ci_level']))} "
+            "rates judged), lies wholly above the target.", "",
+            f"| design | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    for design, rates in r["pooled"].items():
+        cells = []
+        for name, keys in names.items():
+            found = [(x[k], x[f"{k}_met"]) for x in rows if x["design"] == design
+                     for e, k in keys if x["effect"] == e and k in x]
+            total = rates[name]
+            met = total["met"] and all(m for _, m in found)
+            cells.append(f"{100 * total['rate']:.2f}% [{100 * total['ci'][0]:.2f}-{100 * total['ci'][1]:.2f}], "
+                         f"worst {100 * max(v for v, _ in found):.2f}%: {'met' if met else '**missed**'}")
+        out.append(f"| {design} | {' | '.join(cells)} |")
+    degenerate = max(x["degenerate"] for x in rows if x["design"] == "fixed 2")
+    out += ["", "Every seed's difference equal (the degenerate case: the sign test instead of the t-test): up to "
+            f"{100 * degenerate:.1f}% of the fixed 2-seed ablations; none of them decides (p = 0.5).", "",
+            f"The sequential design per setting (share of simulated ablations; seeds: mean seeds used, cap "
+            f"{r['max_seeds']}):", "",
+            "| spread pp | images | true effect | helps | hurts | equivalent | inconclusive | seeds |",
+            "|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        if x["design"].startswith("sequential"):
+            out.append(f"| {x['spread_pp']:g} | {x['images']:,} | {x['effect']} | {100 * x['p_helps']:.1f}% | "
+                       f"{100 * x['p_hurts']:.1f}% | {100 * x['p_equivalent']:.1f}% | "
+                       f"{100 * x['p_inconclusive']:.1f}% | {x['mean_seeds']:.2f} |")
+    costs = r["cost"]
+    out += ["", "Cost at a true effect equal to the spread: power = share of correct decisions (helps; or equivalent "
+            "when the effect is inside +-min-effect) of the sequential design; the fixed design's seeds for that "
+            f"power from its simulated power curve ({costs[0]['sims']:,} ablations per point, linear between "
+            "points); target: sequential mean seeds at most 70% of them.", "",
+            "| spread pp | images | cap | sequential power | sequential mean seeds | fixed seeds, same power | ratio | "
+            "fixed seeds, 80% power | fixed power at the cap |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in costs:
+        out.append(f"| {c['spread_pp']:g} | {c['images']:,} | {c['max_seeds']} | {100 * c['power']:.1f}% | "
+                   f"{c['mean_seeds']:.2f} | {c['fixed_seeds_same_power']:.1f} | {c['ratio']:.2f} "
+                   f"{'met' if c['met'] else '**missed**'} | {c['fixed_seeds_80']:.1f} | "
+                   f"{100 * c['fixed_power_at_cap']:.1f}% |")
+    check = r["sequential_step_check"]
+    out += ["", f"`sequential_step` replayed round by round on per-(variant, seed) runs ({check['sims']} ablations, "
+            f"{check['spread_pp']:g} pp spread and effect, {check['images']:,} images): {check['agree']} of "
+            f"{check['sims']} end with the same verdict after the same seeds as `sequential_decisions`. "
+            f"Simulation time {r['total_s']:.0f} s.", "", load_line(r), ""]
+    return out
+
+
 def section_serving(r: dict | None) -> list[str]:
     out = ["## Serving latency and throughput (issue 16)", ""]
     if not r:
@@ -757,7 +826,7 @@ def section_gpu_check() -> list[str]:
 def main() -> None:
     results = {n: load(n) for n in ("startup", "memory", "tracking", "throughput", "study_b", "study_b_screening",
                                     "study_b_unconstrained_screening", "tuning", "pruning", "precision", "ablation", "serving", "backends",
-                                    "batchnorm", "study_b_precise_bn", "study_a", "system_metrics")}
+                                    "batchnorm", "study_b_precise_bn", "study_a", "verdicts", "system_metrics")}
     lines = ["# Benchmarks: results", "",
              "Generated by `.venv/bin/python benchmarks/report_results.py` from `benchmarks/results/*.json`; "
              "do not edit by hand. Rerun everything with `.venv/bin/python benchmarks/run_all.py` "
@@ -776,7 +845,8 @@ def main() -> None:
     lines += section_beyond_the_rules(results["study_b"], results["study_b_unconstrained_screening"])
     lines += section_precision(results["precision"])
     lines += section_tuning(results["tuning"]) + section_pruning(results["pruning"])
-    lines += section_ablation(results["ablation"]) + section_serving(results["serving"])
+    lines += section_ablation(results["ablation"]) + section_verdicts(results["verdicts"])
+    lines += section_serving(results["serving"])
     lines += section_backends(results["backends"]) + section_gpu_check()
     (common.BENCH / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {(common.BENCH / 'RESULTS.md').relative_to(common.ROOT)}", file=sys.stderr)

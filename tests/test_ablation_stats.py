@@ -455,3 +455,83 @@ def test_forest_plot_draws_the_min_effect_band(table):
     finally:
         plt.close(figure)
 
+
+# ---------------------------------------------------------------------------
+# Issue 31, item 3: sequential seeds, intervals valid under repeated looks
+
+
+def test_t_boundaries_spend_alpha_as_designed():
+    """The first boundary is scipy's t quantile for the alpha spent at the first look; on null paths simulated
+    apart from the ones the boundaries were read from, each look exits with the spending function's share."""
+    looks, alpha = (3, 6, 12), 0.05
+    bounds = ab.t_boundaries(looks, 12, alpha, 1.0)
+    assert bounds[0] == pytest.approx(stats.t.isf(alpha * 3 / 12 / 2, 2), rel=0.03)
+    x = np.random.default_rng(2024).standard_normal((200_000, 12))
+    inside, exits = np.ones(len(x), dtype=bool), []
+    for n, bound in zip(looks, bounds):
+        t = np.abs(stats.ttest_1samp(x[:, :n], 0, axis=1).statistic)
+        exits.append(np.mean(inside & (t >= bound)))
+        inside &= t < bound
+    expected = np.diff([0.0, *(alpha * np.array(looks) / 12)])
+    assert exits == pytest.approx(expected, rel=0.1)  # 200,000 paths: about 3 % Monte Carlo error each
+    assert sum(exits) == pytest.approx(alpha, rel=0.05)
+
+
+def test_the_design_checks_its_cap_and_looks():
+    with pytest.raises(ab.AblationStatsError, match=r"^--max-seeds must be at least 2"):
+        ab.SequentialDesign(max_seeds=1)
+    assert ab.SequentialDesign(max_seeds=12).looks == tuple(range(3, 13))
+    assert ab.SequentialDesign(max_seeds=8, first=3, step=2).looks == (3, 5, 7, 8)
+    assert ab.SequentialDesign(max_seeds=2).looks == (2,)
+    levels = ab.SequentialDesign().levels(2)  # each look's level, for 2 comparisons at alpha 0.05
+    assert levels[0] == pytest.approx(1 - 0.025 * (3 / 12) ** 2, abs=2e-4)  # the first look spends (3/12)**2
+    assert np.all(levels > 1 - 0.025) and np.all(levels < 1)
+
+
+SEQUENTIAL = {"ruin": [-0.6, -0.62, -0.58, -0.61], "noisy": [0.03, -0.02, 0.05, -0.01],
+              "same": [0.0002, -0.0002, 0.0001, -0.0001]}
+
+
+def test_sequential_step_decides_what_it_can_and_asks_seeds_for_the_rest():
+    runs, comparisons = _frame({k: v[:3] for k, v in SEQUENTIAL.items()})
+    design = ab.SequentialDesign(max_seeds=6)
+    state = ab.sequential_step(runs, comparisons, design, min_effect=0.01)
+    rows = state.table.set_index("effect")
+    level = design.levels(3)[0]
+    for effect in ("ruin", "noisy", "same"):  # the first look: scipy's t-interval of 3 seeds at its level
+        low, high = stats.ttest_1samp(SEQUENTIAL[effect][:3], 0).confidence_interval(level)
+        assert (rows.loc[effect, "ci_low"], rows.loc[effect, "ci_high"]) == pytest.approx((low, high), rel=1e-9)
+        assert rows.loc[effect, "look"] == 1 and rows.loc[effect, "level"] == pytest.approx(level)
+    assert rows.loc["ruin", ["verdict", "status", "n_seeds"]].tolist() == ["hurts", "decided", 3]
+    assert rows.loc["noisy", ["verdict", "status"]].tolist() == ["inconclusive", "open"]
+    assert rows.loc["same", ["verdict", "status"]].tolist() == ["equivalent", "decided"]
+    assert state.needs_seeds == ["noisy", "ref"] and state.next_seeds == 4 and not state.done
+    # the next round: 4 seeds for the open comparison's variants only; the decided ones keep their first look
+    more, _ = _frame({k: v for k, v in SEQUENTIAL.items()})
+    more = more[(more["seed"] < 3) | more["variant"].isin(state.needs_seeds)]
+    again = ab.sequential_step(more, comparisons, design, min_effect=0.01).table.set_index("effect")
+    assert again.loc["ruin", "n_seeds"] == 3 and again.loc["noisy", "n_seeds"] == 4
+    low, high = stats.ttest_1samp(SEQUENTIAL["noisy"], 0).confidence_interval(design.levels(3)[1])
+    assert (again.loc["noisy", "ci_low"], again.loc["noisy", "ci_high"]) == pytest.approx((low, high), rel=1e-9)
+
+
+def test_an_open_comparison_ends_inconclusive_at_the_cap():
+    runs, comparisons = _frame({"noisy": SEQUENTIAL["noisy"]})
+    state = ab.sequential_step(runs, comparisons, ab.SequentialDesign(max_seeds=4), min_effect=0.01)
+    assert state.table.iloc[0][["verdict", "status", "n_seeds"]].tolist() == ["inconclusive", "at the cap", 4]
+    assert state.done and state.needs_seeds == [] and state.next_seeds == 0
+
+
+def test_sequential_error_rates_with_small_counts():
+    """No effect, 4,000 simulated comparisons: 'helps' and 'hurts' each at most alpha / 2 (binomial margin);
+    a true effect of +min-effect: 'equivalent' at most alpha. The benchmark runs the full grid."""
+    rng = np.random.default_rng(31)
+    design = ab.SequentialDesign(max_seeds=12)
+    null = np.round(rng.normal(0, 0.01, (4000, 12)) * 1000) / 1000  # on a 1,000-image grid
+    verdict, used, *_ = ab.sequential_decisions(null, design, 1, 0.01)
+    margin = 2 * np.sqrt(0.025 * 0.975 / 4000)
+    assert np.mean(verdict == "helps") <= 0.025 + margin and np.mean(verdict == "hurts") <= 0.025 + margin
+    assert 3 <= used.min() and used.max() == 12
+    edge = rng.normal(0.01, 0.01, (4000, 12))
+    verdict, *_ = ab.sequential_decisions(edge, design, 1, 0.01)
+    assert np.mean(verdict == "equivalent") <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / 4000)
