@@ -22,7 +22,7 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from cifar_mlops import progress
 from cifar_mlops.errors import UserError, first_line, redact
 from cifar_mlops.execution.liveness import process_alive, process_started
+from cifar_mlops.execution.workers import run_worker_processes
 
 DEFAULT_JOURNAL = "optuna.journal"
 HEARTBEAT_SECONDS = 20  # database storages: a running trial's process writes a heartbeat this often
@@ -296,14 +297,12 @@ def drain(study: optuna.Study, work: Callable[[str], None]) -> int:
 
 def run_queue(name: str, storage: str | None, tasks: list[str], work: Callable[[str], None],
               is_done: Callable[[str], bool], *, study: optuna.Study | None = None,
-              workers: list[list[str]] = (), tracking_uri: str = "") -> list[str]:
+              workers: Sequence[list[str]] = (), tracking_uri: str = "") -> list[str]:
     """Queue `tasks` and run them all: in this process, with a `cifar-mlops ARGS` worker process for each ARGS
     of `workers` (each draining the same queue), and any process of another machine on the same storage. A
     task lost with a dead worker is queued again and run here; returns what went wrong with the worker
     processes. `work` must skip a task that `is_done` (another process finished it). `study`: the queue
     already opened (`open_queue`)."""
-    from cifar_mlops.execution.workers import run_worker_processes
-
     study = study or open_queue(name, storage)
     enqueue(study, tasks)
     failures: list[str] = []
