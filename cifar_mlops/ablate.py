@@ -221,19 +221,33 @@ class Ablation:
         log(f"[{len(self.tasks) - left}/{len(self.tasks)}] {variant.id} seed {seed}: "
             f"test_accuracy={metrics['test_accuracy']:.4f}; {left} run{'s' if left != 1 else ''} left")
 
-    def results(self) -> tuple[pd.DataFrame, dict[tuple[str, int], np.ndarray], dict[int, np.ndarray]]:
-        """Every task's metrics (one row each), its predicted label per test image, and each seed's test labels
-        (the variants of one seed are scored on the same images; with data.seed = seed, seeds may differ)."""
+    def metrics(self) -> pd.DataFrame:
+        """The FINISHED tasks' metrics so far, one row each (variant, seed, run_id, COMPARED_METRICS,
+        fit_seconds), in task order: what a round of `--seeds auto` is decided on."""
+        finished = self.finished()
+        return pd.DataFrame([{"variant": variant.id, "seed": seed, "run_id": finished[task]["run_id"],
+                              **{key: float(finished[task]["metrics"][key]) for key in COMPARED_METRICS},
+                              "fit_seconds": float(finished[task]["metrics"].get("fit_seconds", np.nan))}
+                             for task, (variant, seed) in self.tasks.items() if task in finished],
+                            columns=["variant", "seed", "run_id", *COMPARED_METRICS, "fit_seconds"])
+
+    def results(self, tasks: Sequence[str] | None = None
+                ) -> tuple[pd.DataFrame, dict[tuple[str, int], np.ndarray], dict[int, np.ndarray]]:
+        """The metrics of `tasks` (default: every task; one row each), their predicted label per test image, and
+        each seed's test labels (the variants of one seed are scored on the same images; with data.seed = seed,
+        seeds may differ)."""
         from cifar_mlops.tracking import ablations
 
         finished = self.finished()
-        missing = [task for task in self.tasks if task not in finished]
+        tasks = list(self.tasks) if tasks is None else list(tasks)
+        missing = [task for task in tasks if task not in finished]
         if missing:
             raise AblationError(f"{len(missing)} run(s) of ablation {self.plan.name!r} did not finish "
                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                                 "rerun the same command to run them")
         rows, predictions, labels = [], {}, {}
-        for task, (variant, seed) in self.tasks.items():
+        for task in tasks:
+            variant, seed = self.tasks[task]
             child = finished[task]
             table = ablations.csv_artifact(child["run_id"], evaluation.TEST_PREDICTIONS)
             if table is None:
@@ -250,20 +264,32 @@ class Ablation:
         return pd.DataFrame(rows), predictions, {seed: pairs[:, 1] for seed, pairs in labels.items()}
 
 
-def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequence[str] = (),
+def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancements: Sequence[str] = (),
            variants: Sequence[str] = (), overrides: dict[str, Any] | None = None, alpha: float = 0.05,
            register: bool = False, workers: int = 1, storage: str | None = None, metric: str = "test_accuracy",
-           fixed_split: bool = False, min_effect_pp: float = 100 * ablation_stats.DEFAULT_MIN_EFFECT) -> AblationResult:
+           fixed_split: bool = False, min_effect_pp: float = 100 * ablation_stats.DEFAULT_MIN_EFFECT,
+           max_seeds: int = ablation_stats.DEFAULT_MAX_SEEDS, budget_minutes: float = 0.0) -> AblationResult:
     """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect.
 
+    seeds None (`--seeds auto`): seeds in rounds (`ablation_stats.sequential_step`): every variant gets the first
+    look's seeds, then only the variants of comparisons still open get the next look's, until every comparison is
+    decided or at `max_seeds`, or the runs' training time (their fit_seconds, summed: CPU- or GPU-minutes as they
+    measure them) passes `budget_minutes` (0: no budget). A rerun replays the rounds on the finished runs.
     The runs go through the ablation's queue (`execution.queue.run_queue`, in `storage`), shared by `workers`
     processes on this machine and by the same command started anywhere else on the same storage."""
     from cifar_mlops.execution import queue
     from cifar_mlops.execution.workers import worker_args
     from cifar_mlops.tracking import ablations, runs, store
 
-    spec = AblationSpec(exp_id, design, list(seeds), list(enhancements), list(variants), dict(overrides or {}),
-                        register, queue.absolute(storage), fixed_split=fixed_split)
+    auto = seeds is None
+    if budget_minutes and not auto:
+        raise AblationError("--budget goes with --seeds auto (a fixed list of seeds trains them all)")
+    if budget_minutes < 0:
+        raise AblationError(f"--budget must be a number of minutes >= 0 (0: none), got {budget_minutes:g}")
+    sequential = ablation_stats.SequentialDesign(max_seeds=max_seeds, alpha=alpha)  # checks --max-seeds, --alpha
+    spec = AblationSpec(exp_id, design, list(range(max_seeds)) if auto else list(seeds), list(enhancements),
+                        list(variants), dict(overrides or {}), register, queue.absolute(storage),
+                        fixed_split=fixed_split)
     ablation_stats.check_seeds(spec.seeds)
     ablation_stats.check_metric(metric)
     ablation_stats.check_min_effect(min_effect_pp)
@@ -278,23 +304,57 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
     study = queue.open_queue(queue_name(plan), spec.storage)
     parent = f"parent run in {store.configure_store()}"  # one per MLflow store the queue serves
     spec.parent_run_id, experiment = ablations.ablation_run(plan.name, {
-        "ablation_of": exp_id, "design": design, "seeds": ",".join(map(str, seeds)),
+        "ablation_of": exp_id, "design": design,
+        "seeds": f"auto (at most {max_seeds})" if auto else ",".join(map(str, seeds)),
         "variants": " | ".join(v.id for v in plan.variants), "split": "fixed" if fixed_split else "data.seed = seed",
         "overrides": " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "none"},
         agreed=lambda: queue.elect(study, parent, valid=runs.is_active),
         claim=lambda run_id: queue.elect(study, parent, run_id, valid=runs.is_active))
     ablation = Ablation(spec, plan)
-    pending = [task for task in ablation.tasks if not ablation.is_done(task)]
-    reused = len(ablation.tasks) - len(pending)
-    log(f"ablation {plan.name!r}: {len(plan.variants)} variants x {len(seeds)} seeds = {len(ablation.tasks)} runs, "
-        f"{reused} already finished; parent run {spec.parent_run_id} in MLflow experiment {experiment!r}")
+
+    def run(tasks: list[str]) -> int:
+        pending = [task for task in tasks if not ablation.is_done(task)]
+        if pending:
+            failures = queue.run_queue(queue_name(plan), spec.storage, pending, ablation.work, ablation.is_done,
+                                       study=study, workers=[worker_args(spec)] * workers if workers > 1 else [],
+                                       tracking_uri=store.configure_store())
+            for failure in failures:
+                log(f"{failure}; its run was picked up by another process")
+        return len(pending)
+
+    state = None
     try:
-        failures = queue.run_queue(queue_name(plan), spec.storage, pending, ablation.work, ablation.is_done,
-                                   study=study, workers=[worker_args(spec)] * workers if workers > 1 else [],
-                                   tracking_uri=store.configure_store())
-        for failure in failures:
-            log(f"{failure}; its run was picked up by another process")
-        frame, predictions, labels = ablation.results()
+        if auto:
+            wanted, trained = [f"{v.id}|{seed}" for seed in range(sequential.looks[0]) for v in plan.variants], 0
+            log(f"ablation {plan.name!r}: {len(plan.variants)} variants, seeds in rounds (looks at "
+                f"{', '.join(map(str, sequential.looks))} seeds); parent run {spec.parent_run_id} in MLflow "
+                f"experiment {experiment!r}")
+            while True:
+                trained += run(wanted)
+                so_far = ablation.metrics()
+                state = ablation_stats.sequential_step(so_far, plan.comparisons, sequential, metric=metric,
+                                                       min_effect=min_effect_pp / 100)
+                minutes = float(np.nansum(so_far["fit_seconds"])) / 60
+                decided = ", ".join(f"{r.effect}: {r.verdict} ({r.status}, {r.n_seeds} seeds)"
+                                    for r in state.table.itertuples())
+                log(f"round at {max(so_far.groupby('variant')['seed'].nunique())} seeds: {decided}; "
+                    f"{minutes:.1f} training minutes")
+                if state.done:
+                    break
+                if budget_minutes and minutes >= budget_minutes:
+                    log(f"--budget {budget_minutes:g} minutes spent ({minutes:.1f}): the open comparisons stay "
+                        "inconclusive; rerun with a larger --budget to go on")
+                    break
+                wanted = [f"{v}|{seed}" for seed in range(state.next_seeds) for v in state.needs_seeds]
+            ran = [task for task in ablation.tasks if task in set(ablation.finished())]
+            reused = len(ran) - trained
+        else:
+            log(f"ablation {plan.name!r}: {len(plan.variants)} variants x {len(seeds)} seeds = "
+                f"{len(ablation.tasks)} runs; parent run {spec.parent_run_id} in MLflow experiment {experiment!r}")
+            ran = list(ablation.tasks)
+            trained = run(ran)
+            reused = len(ran) - trained
+        frame, predictions, labels = ablation.results(ran)
     except BaseException as err:
         status, reason = runs.failure(err)
         runs.finish_run(spec.parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
@@ -305,12 +365,13 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int], *, enhancements: Sequ
     summary = ablation_stats.variant_summary(frame)
     effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha, metric=metric,
                                      min_effect=min_effect_pp / 100)
+    if state is not None:
+        effects = ablation_stats.with_sequential_verdicts(effects, state, sequential)
     figure = ablation_stats.forest_plot(effects, min_effect=min_effect_pp / 100)
     sources = seed_sources(plan.variants[0].config(spec.overrides, 0, fixed_split), fixed_split)
     document = "\n\n".join([f"# Ablation {plan.name}", sources, variants_markdown(summary),
                             ablation_stats.effects_markdown(effects), ablation_stats.image_level_markdown(effects),
                             *plan.skipped])
-    trained = len(pending)
     try:
         runs.finish_run(spec.parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused},
                         metrics={}, figures={"forest_plot": figure},

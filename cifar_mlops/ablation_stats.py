@@ -725,3 +725,25 @@ def sequential_step(runs: pd.DataFrame, comparisons: list[Comparison], design: S
                      "verdict": verdict, "vs_min_effect": versus_min_effect(verdict, low, high, min_effect),
                      "status": status})
     return SequentialState(pd.DataFrame(rows, columns=SEQUENTIAL_COLUMNS), needs, next_seeds)
+
+
+def with_sequential_verdicts(table: pd.DataFrame, state: SequentialState, design: SequentialDesign) -> pd.DataFrame:
+    """An `effects` table whose verdict rows say what the sequential procedure decided (`ablate --seeds auto`):
+    seeds used, the look's level, its repeated interval and mean, verdict and vs_min_effect from `state`; t_p and
+    adj_p blank (the repeated interval, not a fixed-design p, decides); the note says at which look it ended.
+    Descriptive rows, the image-level tests and the pooled spread's columns stay those of all the seeds run."""
+    table = table.copy()
+    decided = state.table.set_index("effect")
+    looks = len(design.looks)
+    for index in table.index[table["role"] == VERDICT]:
+        row = decided.loc[table.at[index, "effect"]]
+        table.loc[index, ["n_seeds", "level", "mean_diff", "ci_low", "ci_high", "verdict", "vs_min_effect"]] = [
+            row["n_seeds"], row["level"], row["mean_diff"], row["ci_low"], row["ci_high"], row["verdict"],
+            row["vs_min_effect"]]
+        table.loc[index, ["t_p", "adj_p"]] = np.nan
+        ended = {DECIDED: "decided", OPEN: "stopped by the budget", AT_CAP: "at --max-seeds"}[row["status"]]
+        note = f"sequential: {ended} at look {row['look']} of {looks} ({row['n_seeds']} seeds), repeated interval"
+        table.loc[index, "note"] = "; ".join(n for n in (table.at[index, "note"], note) if n)
+        if row["verdict"] != INCONCLUSIVE:
+            table.loc[index, ["seeds_to_decide", "seeds_to_decide_low", "seeds_to_decide_high"]] = np.nan
+    return table

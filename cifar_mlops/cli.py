@@ -462,8 +462,14 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @click.option("--design", type=ChoiceOf("cifar_mlops.ablate", "DESIGNS"), default="leave-one-out", show_default=True,
               help="leave-one-out: without each enhancement; add-one: the parent plus each one it lacks; "
                    "path: the chain of parents; variants: --variants against --exp.")
-@click.option("--seeds", default="3", show_default=True, metavar="N|S,S,...",
-              help="Seeds 0..N-1, or a list; seed k is the same for every variant (paired).")
+@click.option("--seeds", default="3", show_default=True, metavar="N|S,S,...|auto",
+              help="Seeds 0..N-1, or a list; seed k is the same for every variant (paired). auto: seeds in rounds, "
+                   "more only for the variants of comparisons still open (intervals valid under repeated looks).")
+@click.option("--max-seeds", default=12, show_default=True, type=int,
+              help="With --seeds auto: the most seeds a comparison gets; open at this many, it ends inconclusive.")
+@click.option("--budget", default=0.0, show_default=True, type=float, metavar="MINUTES",
+              help="With --seeds auto: no new round once the runs' training minutes (their fit time, CPU- or "
+                   "GPU-minutes as measured) reach this; 0: no budget.")
 @click.option("--enhancements", default="", metavar="A,B",
               help="Only these enhancements (leave-one-out: to remove; add-one: to add). Default: all.")
 @click.option("--variants", default="", metavar="ID,ID",
@@ -487,9 +493,9 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @_override_options("train.epochs=5 (every variant)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
-def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: str, alpha: float, metric: str,
-           min_effect: float, fixed_split: bool, workers: int, storage: str, set_pairs: tuple[str, ...],
-           overrides: str, data_dir: str, register: bool) -> None:
+def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, enhancements: str, variants: str,
+           alpha: float, metric: str, min_effect: float, fixed_split: bool, workers: int, storage: str,
+           set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
     """Did each enhancement help? Train variants of an experiment over paired seeds and test the effects."""
     with heavy_imports():
         import keras  # noqa: F401  (the variants train here: imported here, to be frozen)
@@ -499,7 +505,8 @@ def ablate(exp_id: str, design: str, seeds: str, enhancements: str, variants: st
 
     values = _override_values(set_pairs, overrides, data_dir)
     names = [n.strip() for n in enhancements.split(",") if n.strip()]
-    result = ablation.ablate(exp_id, design, cfg.parse_seeds(seeds), enhancements=names,
+    result = ablation.ablate(exp_id, design, None if seeds.strip() == "auto" else cfg.parse_seeds(seeds),
+                             enhancements=names, max_seeds=max_seeds, budget_minutes=budget,
                              variants=[v.strip() for v in variants.split(",") if v.strip()], overrides=values,
                              alpha=alpha, register=register, workers=workers, storage=storage or None,
                              metric=metric, fixed_split=fixed_split, min_effect_pp=min_effect)

@@ -249,6 +249,9 @@ BAD_INPUT = [
     (["--exp", "planted", "--metric", "top5"], "unknown --metric 'top5'; choose one of test_accuracy"),
     (["--exp", "planted", "--min-effect", "0"], "--min-effect must be a positive number of percentage points"),
     (["--exp", "planted", "--min-effect", "-1"], "--min-effect must be a positive number of percentage points"),
+    (["--exp", "planted", "--seeds", "auto", "--max-seeds", "1"], "--max-seeds must be at least 2"),
+    (["--exp", "planted", "--budget", "5"], "--budget goes with --seeds auto"),
+    (["--exp", "planted", "--seeds", "auto", "--budget", "-1"], "--budget must be a number of minutes >= 0"),
 ]
 
 
@@ -271,6 +274,30 @@ def test_a_run_that_fails_ends_the_ablation_failed_with_one_line_saying_how_to_r
     experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
     statuses = {r.data.tags.get("kind", "variant"): r.info.status for r in client.search_runs([experiment])}
     assert statuses == {"ablation": "FAILED", "variant": "FAILED"}  # nothing left RUNNING
+
+
+def test_seeds_auto_adds_seeds_only_where_the_answer_is_open_and_a_rerun_trains_nothing(catalogue, store) -> None:
+    result = CliRunner().invoke(cli.main, ["ablate", "--exp", "planted", "--seeds", "auto", "--max-seeds", "4",
+                                           "--overrides", TINY])
+    assert result.exit_code == 0, result.output
+    parent = parent_run()
+    assert parent.info.status == "FINISHED" and parent.data.tags["seeds"] == "auto (at most 4)"
+    verdicts = logged_effects(parent).xs("test_accuracy", level="metric")
+    assert verdicts.loc["planted_too_low_lr", "verdict"] == "hurts"
+    assert verdicts.loc["planted_noop", "verdict"] != "helps"
+    assert verdicts["note"].str.contains("sequential: ").all() and verdicts["t_p"].isna().all()
+    seeds = {}
+    for run in children(parent.info.run_id):
+        seeds.setdefault(run.data.tags["variant"], set()).add(int(run.data.tags["seed"]))
+    comparisons = {"planted_noop": "planted -planted_noop", "planted_too_low_lr": "planted -planted_too_low_lr"}
+    for effect, without in comparisons.items():  # a comparison used the seeds of its look, 3 or 4
+        used = int(verdicts.loc[effect, "n_seeds"])
+        assert used in (3, 4) and seeds[without] == set(range(used))
+        assert f"at look {used - 2} of 2 ({used} seeds)" in verdicts.loc[effect, "note"]
+    assert seeds["planted"] == set(range(int(verdicts["n_seeds"].max())))  # the shared variant: as far as needed
+    overrides = cfg.parse_overrides(TINY.split())
+    again = ablate.ablate("planted", "leave-one-out", None, overrides=overrides, max_seeds=4)
+    assert again.trained == 0 and again.reused == sum(len(s) for s in seeds.values())
 
 
 def test_two_worker_processes_share_one_ablation_on_postgresql(catalogue, store, postgres_url) -> None:

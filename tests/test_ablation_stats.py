@@ -535,3 +535,20 @@ def test_sequential_error_rates_with_small_counts():
     edge = rng.normal(0.01, 0.01, (4000, 12))
     verdict, *_ = ab.sequential_decisions(edge, design, 1, 0.01)
     assert np.mean(verdict == "equivalent") <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / 4000)
+
+
+def test_the_effects_table_of_a_sequential_ablation_carries_its_sequential_verdicts():
+    runs, comparisons = _frame({k: v[:3] for k, v in SEQUENTIAL.items()})
+    design = ab.SequentialDesign(max_seeds=6)
+    state = ab.sequential_step(runs, comparisons, design, min_effect=0.01)
+    plain = _effects(runs, comparisons, min_effect=0.01)
+    table = ab.with_sequential_verdicts(plain, state, design)
+    verdict_rows = table[table["role"] == "verdict"].set_index("effect")
+    decided = state.table.set_index("effect")
+    for column in ("n_seeds", "level", "mean_diff", "ci_low", "ci_high", "verdict", "vs_min_effect"):
+        assert verdict_rows[column].tolist() == decided[column].tolist(), column
+    assert verdict_rows["t_p"].isna().all() and verdict_rows["adj_p"].isna().all()
+    assert verdict_rows.loc["ruin", "note"] == "sequential: decided at look 1 of 4 (3 seeds), repeated interval"
+    assert "stopped by the budget" in verdict_rows.loc["noisy", "note"]
+    descriptive = table["role"] == "descriptive"
+    pd.testing.assert_frame_equal(table[descriptive], plain[descriptive])
