@@ -273,8 +273,8 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
 
     seeds None (`--seeds auto`): seeds in rounds (`ablation_stats.sequential_step`): every variant gets the first
     look's seeds, then only the variants of comparisons still open get the next look's, until every comparison is
-    decided or at `max_seeds`, or the runs' training time (their fit_seconds, summed: CPU- or GPU-minutes as they
-    measure them) passes `budget_minutes` (0: no budget). A rerun replays the rounds on the finished runs.
+    decided or at `max_seeds`, or the runs' training time (the fit_seconds each run logs, wall-clock on its CPU or
+    GPU, summed over the ablation's runs, wherever they ran) passes `budget_minutes` (0: no budget). A rerun replays the rounds on the finished runs.
     The runs go through the ablation's queue (`execution.queue.run_queue`, in `storage`), shared by `workers`
     processes on this machine and by the same command started anywhere else on the same storage."""
     from cifar_mlops.execution import queue

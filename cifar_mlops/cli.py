@@ -468,8 +468,8 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @click.option("--max-seeds", default=12, show_default=True, type=int,
               help="With --seeds auto: the most seeds a comparison gets; open at this many, it ends inconclusive.")
 @click.option("--budget", default=0.0, show_default=True, type=float, metavar="MINUTES",
-              help="With --seeds auto: no new round once the runs' training minutes (their fit time, CPU- or "
-                   "GPU-minutes as measured) reach this; 0: no budget.")
+              help="With --seeds auto: no new round once the runs' training minutes (the fit time each run logs, "
+                   "wall-clock on its CPU or GPU, summed over the runs) reach this; 0: no budget.")
 @click.option("--enhancements", default="", metavar="A,B",
               help="Only these enhancements (leave-one-out: to remove; add-one: to add). Default: all.")
 @click.option("--variants", default="", metavar="ID,ID",
