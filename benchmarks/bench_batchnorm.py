@@ -3,13 +3,19 @@ number of steps and against Keras's own moving averages (what main did), one exp
 
     .venv/bin/python benchmarks/bench_batchnorm.py [--exp 2.4] [--seed 0] [--methods precise,momentum,none]
 
-- precise:  train.bn_recompute_images=1024 (the default): `batchnorm.recompute` before each epoch's validation;
+- precise:  train.bn_recompute_images at its default: `batchnorm.recompute` before each epoch's validation;
 - momentum: train.bn_recompute_images=0 and, before the first step, every training BatchNorm's momentum set to
             clip(0.01 ** (1 / steps per epoch), 0.9, 0.99): one epoch's steps keep 1% of what came before;
 - none:     train.bn_recompute_images=0 and Keras's momentum (MobileNetV2 0.999, DenseNet-121 0.99).
 Each run is `train()` in a child process of this script (`--child`) on the sample's 3,336 / 834 split and its
 1,000 test images, throwaway store; CPU s = user + sys of the child (both cores count). For precise, the child
 also times `batchnorm.recompute` itself: its share of the fit time is the cost of the method.
+
+    .venv/bin/python benchmarks/bench_batchnorm.py --cost [--rounds 3]
+
+The cost alone, in one process (results/batchnorm_cost.json): an epoch of 2.4's MobileNetV2 (batch 256) on 3,336
+random images, then `recompute` of 512 and 1,024 images, eager and compiled (`batchnorm.compiled_forward`),
+interleaved for `--rounds` rounds; CPU seconds of the process (time.process_time).
 """
 
 from __future__ import annotations
@@ -54,9 +60,51 @@ def child(method: str, exp: str, seed: int, data_dir: str) -> None:
             last["last_epoch_train_accuracy"] = float(logs["accuracy"])
 
     overrides = {**common.SAMPLE_SPLIT, "data.data_dir": data_dir, "data.seed": seed, "train.seed": seed,
-                 "train.bn_recompute_images": 1024 if method == "precise" else 0}
-    metrics = train.train(config.resolve(exp, overrides), callbacks=[Watch()], register=False)
-    print(json.dumps({**metrics, **last, "recompute_s": round(spent[0], 2)}))
+                 **({} if method == "precise" else {"train.bn_recompute_images": 0})}
+    resolved = config.resolve(exp, overrides)
+    metrics = train.train(resolved, callbacks=[Watch()], register=False)
+    print(json.dumps({**metrics, **last, "recompute_s": round(spent[0], 2),
+                      "bn_recompute_images": resolved.train.bn_recompute_images}))
+
+
+def cost(rounds: int) -> None:
+    import numpy as np
+
+    from cifar_mlops import batchnorm, config
+    from cifar_mlops.models import create_model
+    from cifar_mlops.pipeline import Batches
+    from cifar_mlops.train import compile_model
+
+    settings = config.resolve("2.4")
+    model = create_model("mobilenetv2", dropout=settings.model.dropout)
+    compile_model(model, settings.train, settings.train.learning_rate, 100)
+    rng = np.random.default_rng(0)
+    batches = Batches(rng.integers(0, 256, (3336, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 3336),
+                      batch_size=settings.train.batch_size, num_classes=10, training=True)
+    compiled = batchnorm.compiled_forward(model)
+    model.fit(batches, epochs=1, verbose=0)  # traced once, as a training does before its first validation
+    batchnorm.recompute(model, batches, 512, compiled)
+
+    def cpu(work) -> float:
+        started = time.process_time()
+        work()
+        return time.process_time() - started
+
+    rows = []
+    for round_ in range(rounds):
+        row = {"round": round_, "epoch_s": cpu(lambda: model.fit(batches, epochs=1, verbose=0))}
+        for images in (512, 1024):
+            row[f"eager_{images}_s"] = cpu(lambda n=images: batchnorm.recompute(model, batches, n))
+            row[f"compiled_{images}_s"] = cpu(lambda n=images: batchnorm.recompute(model, batches, n, compiled))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    epoch = common.median([r["epoch_s"] for r in rows])
+    table = [[key, f"{common.median([r[key] for r in rows]):.2f}",
+              f"{100 * common.median([r[key] for r in rows]) / epoch:.1f}"]
+             for key in ("eager_512_s", "compiled_512_s", "eager_1024_s", "compiled_1024_s")]
+    common.print_table(["recompute", "CPU s (median)", "% of an epoch"], [["epoch", f"{epoch:.2f}", "100"], *table])
+    common.write_result("batchnorm_cost", {"model": "2.4 (mobilenetv2, batch 256)", "train_images": 3336,
+                                           "rounds": rows, "load_before": common.load_snapshot()})
 
 
 def main() -> None:
@@ -65,8 +113,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
+    parser.add_argument("--cost", action="store_true", help="measure the cost of the recomputation alone")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cost:
+        return cost(args.rounds)
     if args.child:
         return child(args.child, args.exp, args.seed, args.data_dir)
 

@@ -132,8 +132,8 @@ class TrainConfig(Strict):
     steps_per_execution: int = Field(1, ge=1)  # batches per compiled call; higher cuts Python overhead
     # training images whose batch statistics replace BatchNorm's moving averages before each epoch's
     # validation ("precise BN", cifar_mlops.batchnorm): the evaluated model's statistics are those of its
-    # weights; 0: keep the moving averages
-    bn_recompute_images: int = Field(1024, ge=0)
+    # weights; 0: keep the moving averages. 512 costs ~4% of an epoch of 3,336 images (benchmarks/RESULTS.md)
+    bn_recompute_images: int = Field(512, ge=0)
     # devices trained on at once, data-parallel (each step's train.batch_size images split between them):
     # 1, N or "all"; GPUs where there are, else the CPU (see cifar_mlops.backend.data_parallel)
     devices: Annotated[int, Field(ge=1)] | Literal["all"] = 1

@@ -114,9 +114,16 @@ def validate_each_epoch(val_ds, bn_batches, bn_images: int):
     from cifar_mlops import batchnorm
 
     class ValidateEachEpoch(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.forward = {}  # the compiled forward pass, per set of training BatchNorm layers (warm-up freezes some)
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             bn_batches.clock.epoch = epoch  # the epoch's own order and augmentation: a resumed run draws the same
-            batchnorm.recompute(self.model, bn_batches, bn_images)
+            layers = tuple(id(layer) for layer in batchnorm.trainable_batchnorms(self.model))
+            if layers not in self.forward:
+                self.forward[layers] = batchnorm.compiled_forward(self.model)
+            batchnorm.recompute(self.model, bn_batches, bn_images, self.forward[layers])
             results = self.model.evaluate(val_ds, verbose=0, return_dict=True)
             if logs is not None:
                 logs.update({f"val_{name}": float(value) for name, value in results.items()})
