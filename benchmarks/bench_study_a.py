@@ -16,7 +16,6 @@ Keras reported for the last epoch (the BatchNorm check), CPU minutes = user + sy
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common
@@ -25,16 +24,7 @@ PUBLISHED = {"2.4": 0.8842, "3.1": 0.9234, "3.2": 0.9341}  # the study's test ac
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exps", default="1.0,1.1,2.0,2.1,2.2,2.3,2.4,3.0")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--epochs", type=int, default=0, help="0: each iteration's own train.epochs")
-    parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
-    parser.add_argument("--merge", action="store_true",
-                        help="keep results/study_a.json runs (exp, seed) not rerun (build the table in several goes)")
-    args = parser.parse_args()
-    common.sample_study("study_a", args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
-                        args.data_dir, args.merge, PUBLISHED, "published_test")
+    common.sample_study_main(__doc__, "study_a", "1.0,1.1,2.0,2.1,2.2,2.3,2.4,3.0", "0", PUBLISHED, "published_test")
 
 
 if __name__ == "__main__":

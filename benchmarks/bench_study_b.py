@@ -13,7 +13,6 @@ CPU minutes per run = user + sys CPU time of the subprocess (both cores count), 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common
@@ -22,19 +21,8 @@ PUBLISHED = {"b0": 0.5336, "b5": 0.667}  # the study's validation accuracy, firs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exps", default="b0,b1,b2,b3,b4,b5,b6,b7,b8,b9")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=0, help="0: each iteration's own train.epochs")
-    parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
-    parser.add_argument("--merge", action="store_true",
-                        help="keep results/study_b.json runs (exp, seed) not rerun (build the table in several goes)")
-    parser.add_argument("--results", default="study_b",
-                        help="results/NAME.json to write (another name keeps study_b.json as it is)")
-    args = parser.parse_args()
+    common.sample_study_main(__doc__, "study_b", "b0,b1,b2,b3,b4,b5,b6,b7,b8,b9", "0,1,2", PUBLISHED, "published_val")
 
-    common.sample_study(args.results, args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
-                        args.data_dir, args.merge, PUBLISHED, "published val %")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -277,3 +277,23 @@ def sample_study(name: str, exps: list[str], seeds: list[int], epochs: int, data
     write_result(name, {"data": f"CIFAR-10 sample {repo_relative(data_dir)}", "split": SAMPLE_SPLIT,
                         "epochs_override": epochs or None, "exps": exps, "runs": runs, "summary": summary,
                         "load_before": before, "load_after": after})
+
+
+def sample_study_main(doc: str, name: str, exps: str, seeds: str, published: dict[str, float],
+                      published_key: str) -> None:
+    """The command line of a sample-study script (`bench_study_a.py`, `bench_study_b.py`): its defaults, then
+    `sample_study`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--exps", default=exps)
+    parser.add_argument("--seeds", default=seeds)
+    parser.add_argument("--epochs", type=int, default=0, help="0: each iteration's own train.epochs")
+    parser.add_argument("--data-dir", default=str(SAMPLE_DIR))
+    parser.add_argument("--merge", action="store_true",
+                        help=f"keep the runs (exp, seed) of results/{name}.json not rerun (build the table in several goes)")
+    parser.add_argument("--results", default=name,
+                        help=f"results/NAME.json to write (another name keeps {name}.json as it is)")
+    args = parser.parse_args()
+    sample_study(args.results, args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
+                 args.data_dir, args.merge, published, published_key)
