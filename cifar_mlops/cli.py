@@ -412,7 +412,8 @@ def predict(paths: tuple[str, ...], model_uri: str, out: str, top_k: int, batch_
               help="Optuna study name (default: cifar10-<exp>, so rerunning resumes the study).")
 @click.option("--storage", default="", metavar="URL",
               help="Optuna storage: postgresql://..., sqlite:///..., or a journal file path "
-                   "(default: ./optuna.journal, safe for several local processes).")
+                   "(default: optuna.journal beside a SQLite MLflow store, else ./optuna.journal; safe for several "
+                   "local processes).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes on this machine (one GPU each when GPUs are visible).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=0, show_default=True,
