@@ -55,6 +55,9 @@ def recompute(model: keras.Model, batches: Batches, images: int, forward: Callab
         return 0
     forward = forward or (lambda x: model(x, training=True))
     momentums = [layer.momentum for layer in layers]
+    # the forward passes draw dropout masks: the generators are put back, so the training goes on as without them
+    generators = [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+    generator_states = [keras.ops.convert_to_numpy(v) for v in generators]
     sums = [np.zeros((2, *layer.moving_mean.shape), np.float64) for layer in layers]
     count = batches_used = 0
     try:
@@ -70,6 +73,8 @@ def recompute(model: keras.Model, batches: Batches, images: int, forward: Callab
     finally:
         for layer, momentum in zip(layers, momentums):
             layer.momentum = momentum
+        for variable, state in zip(generators, generator_states):
+            variable.assign(state)
     for layer, total in zip(layers, sums):
         layer.moving_mean.assign(total[0] / batches_used)
         layer.moving_variance.assign(total[1] / batches_used)
