@@ -747,3 +747,204 @@ def with_sequential_verdicts(table: pd.DataFrame, state: SequentialState, design
         if row["verdict"] != INCONCLUSIVE:
             table.loc[index, ["seeds_to_decide", "seeds_to_decide_low", "seeds_to_decide_high"]] = np.nan
     return table
+
+
+# ---------------------------------------------------------------------------
+# Where the noise comes from (issue 31, item 4)
+#
+# The interval of a comparison rests on V, the variance across seeds of the per-seed difference D_s = mean over the
+# test images i of d_si = right(with) - right(without) (in {-1, 0, 1}; test accuracy, the one metric with a score
+# per image). Model: d_si = delta + t_s + e_si, t_s what the seed's training does to every image at once (a run that
+# is better overall), e_si what is left per image (which images were drawn, and which of them a training happens to
+# get right), independent across images. Then V = var(t) + var(e) / N: more test images shrink only the second
+# part, more seeds shrink both (and the t quantile).
+# - Test images drawn anew by each seed (data.seed = seed with data.test_size, or synthetic images): var(e) / N is,
+#   per seed, the variance of the mean of a paired proportion difference (McNemar's, (b + c)/N - ((b - c)/N)^2 over
+#   N, here with ddof = 1), averaged over the seeds.
+# - The same test images for every seed (the whole test set, or --fixed-split): what is fixed per image (an image
+#   one variant always gets right) is the same in every seed, so it is not in V at all: the verdict is about these
+#   images, and the choice of them is error the interval leaves out (`var_image_choice`, from the spread of the
+#   images' mean differences). The per-image part inside V is the image x seed interaction of a two-way layout,
+#   its residual mean square / N. McNemar's per-seed variance would count both and leave too little to training.
+# training = V - test-set part, floored at 0 (V is itself an estimate with n_seeds - 1 df).
+
+NOISE_COLUMNS = ["effect", "with", "without", "metric", "n_seeds", "n_images", "same_images", "level", "var_diff",
+                 "var_test", "var_train", "var_image_choice", "test_share", "width_more_images", "width_more_seeds",
+                 "advice"]
+MORE_SEEDS, MORE_IMAGES = "more seeds", "more test images"
+
+
+@dataclass(frozen=True)
+class NoiseSplit:
+    """The variance across seeds of a comparison's difference (fractions squared), split by where it comes from."""
+
+    var_diff: float  # V: sample variance (ddof=1) across seeds of the per-seed difference, what the interval uses
+    var_test: float  # its test-set part: shrinks as 1 / (test images per seed)
+    var_train: float  # the rest, what only more seeds shrink: V - var_test, floored at 0
+    var_image_choice: float  # same images in every seed: the choice of them, not in V (NaN when each seed draws its own)
+    n_images: float  # test images per seed (mean over seeds)
+
+
+def split_noise(diffs: Sequence[np.ndarray], same_images: bool) -> NoiseSplit:
+    """Split the across-seed variance of the mean of `diffs[s]` (per test image of seed s: right(with) -
+    right(without), in {-1, 0, 1}; at least 2 seeds) into test-set sampling and training (see the section's comment).
+    same_images: every seed scores the same images in the same order (else each seed's images are its own draw)."""
+    diffs = [np.asarray(d, dtype=float) for d in diffs]
+    if len(diffs) < 2:
+        raise AblationStatsError(f"splitting the variance across seeds needs at least 2 seeds (got {len(diffs)})")
+    sizes = np.array([d.size for d in diffs])
+    if np.any(sizes < 2):
+        raise AblationStatsError("splitting the variance needs at least 2 test images per seed")
+    means = np.array([d.mean() for d in diffs])
+    var_diff = float(np.var(means, ddof=1))
+    if same_images:
+        if np.any(sizes != sizes[0]):
+            raise AblationStatsError("the seeds were scored on different numbers of test images, not the same images")
+        matrix = np.vstack(diffs)  # seeds x images
+        s, n = matrix.shape
+        image_means = matrix.mean(axis=0)
+        residual = matrix - means[:, None] - image_means[None, :] + matrix.mean()
+        interaction = float(np.sum(residual**2) / ((s - 1) * (n - 1)))  # sigma_e^2 of the per-image part in V
+        var_test = interaction / n
+        var_image_choice = max(0.0, float(np.var(image_means, ddof=1)) - interaction / s) / n
+    else:
+        var_test = float(np.mean([np.var(d, ddof=1) / d.size for d in diffs]))
+        var_image_choice = float("nan")
+    return NoiseSplit(var_diff, var_test, max(0.0, var_diff - var_test), var_image_choice, float(sizes.mean()))
+
+
+def narrowing(split: NoiseSplit, n_seeds: int, level: float) -> tuple[float, float, str]:
+    """(width with unlimited test images, width with twice the seeds, advice), widths as fractions of the interval's
+    now. Unlimited test images (as many per seed as wanted, the same seeds, no training: the logged models only
+    predict them) leave the training part: sqrt(var_train / V). Twice the seeds halve V and lower the t quantile:
+    t(level, 2n - 1) / t(level, n - 1) / sqrt(2). The advice is the one that narrows more: doubling both never
+    favours images (V / 2 <= var_train + var_test / 2), so images are weighed at their limit, which costs no training.
+    No spread across seeds (V = 0): only more seeds can decide (the sign test), NaN widths."""
+    tail = (1 - level) / 2
+    seeds = float(stats.t.isf(tail, 2 * n_seeds - 1) / stats.t.isf(tail, n_seeds - 1) / np.sqrt(2))
+    if not split.var_diff > ZERO_SPREAD**2:
+        return float("nan"), seeds, MORE_SEEDS
+    images = float(np.sqrt(split.var_train / split.var_diff))
+    return images, seeds, MORE_IMAGES if images < seeds else MORE_SEEDS
+
+
+def noise_table(runs: pd.DataFrame, comparisons: list[Comparison], predictions: dict[tuple[str, int], np.ndarray],
+                y_test: np.ndarray | dict[int, np.ndarray], *, same_images: bool, alpha: float = 0.05) -> pd.DataFrame:
+    """One row per comparison (NOISE_COLUMNS): the variance of its test-accuracy difference across the seeds both
+    variants ran, split by `split_noise`, and `narrowing` at the verdicts' level 1 - alpha / m (the fixed design's).
+    runs, predictions, y_test: as for `effects`. same_images: every seed scored the same test images (checked against
+    the labels). Variances are fractions squared; var_diff equals the square of the effects table's sd_diff for test
+    accuracy, the runs' test accuracy being the fraction of their test images right."""
+    _check_runs(runs, ["variant", "seed", IMAGE_LEVEL_METRIC])
+    if same_images and isinstance(y_test, dict):
+        first = next(iter(y_test.values()))
+        if any(not np.array_equal(first, labels) for labels in y_test.values()):
+            raise AblationStatsError("the seeds were scored on different test images; they are not the same images")
+    level = 1 - alpha / max(1, len(comparisons))
+    rows = []
+    for comparison in comparisons:
+        seeds = _paired_metric(runs, comparison, IMAGE_LEVEL_METRIC)["seed"].tolist()
+        diffs = [_right(predictions, comparison.with_, seed, y_test).astype(int)
+                 - _right(predictions, comparison.without, seed, y_test).astype(int) for seed in seeds]
+        split = split_noise(diffs, same_images)
+        images, more_seeds, advice = narrowing(split, len(seeds), level)
+        rows.append({"effect": comparison.effect, "with": comparison.with_, "without": comparison.without,
+                     "metric": IMAGE_LEVEL_METRIC, "n_seeds": len(seeds), "n_images": split.n_images,
+                     "same_images": same_images, "level": level, "var_diff": split.var_diff,
+                     "var_test": split.var_test, "var_train": split.var_train,
+                     "var_image_choice": split.var_image_choice,
+                     "test_share": min(1.0, split.var_test / split.var_diff) if split.var_diff > ZERO_SPREAD**2
+                     else float("nan"),
+                     "width_more_images": images, "width_more_seeds": more_seeds, "advice": advice})
+    return pd.DataFrame(rows, columns=NOISE_COLUMNS)
+
+
+def _sd_pp(variance: float) -> str:
+    return f"{100 * np.sqrt(variance):.2f} pp"
+
+
+def noise_line(row: pd.Series | dict) -> str:
+    """One line of a `noise_table` row: the split (shares of the variance, sds in pp) and what narrows more."""
+    images = f"{row['n_images']:,.0f} test images {'shared by every seed' if row['same_images'] else 'per seed'}"
+    head = (f"{row['effect']}: the test-accuracy difference varies across {row['n_seeds']} seeds with sd "
+            f"{_sd_pp(row['var_diff'])} ({row['n_seeds'] - 1} df)")
+    if pd.isna(row["test_share"]):
+        return (f"{row['effect']}: every seed's test-accuracy difference is the same, no spread to split (test-set "
+                f"sampling alone would give sd {_sd_pp(row['var_test'])} at {images}); {row['advice']}: only seeds "
+                "decide it")
+    share = float(row["test_share"])
+    if share >= 1:
+        split = (f"test-set sampling ({images}) alone gives sd {_sd_pp(row['var_test'])}, as much or more: no "
+                 "training variance is measurable")
+    else:
+        split = (f"test-set sampling ({images}) is {share:.0%} of that variance (sd {_sd_pp(row['var_test'])}), "
+                 f"training {1 - share:.0%} (sd {_sd_pp(row['var_train'])})")
+    text = (f"{head}; {split}: {row['advice']} would narrow the interval more (unlimited test images: "
+            f"{row['width_more_images']:.2f}x its width, no training; twice the seeds: {row['width_more_seeds']:.2f}x)")
+    if row["same_images"] and pd.notna(row["var_image_choice"]):
+        text += (f"; the choice of these images, the same in every seed, is not in the interval: another draw of as "
+                 f"many would move the effect by about sd {_sd_pp(row['var_image_choice'])}")
+    return text
+
+
+def noise_markdown(noise: pd.DataFrame) -> str:
+    """Every `noise_line` under a heading line, as markdown list items; "" when there is none."""
+    if noise is None or noise.empty:
+        return ""
+    return ("Where the noise comes from (variance of each test-accuracy difference across seeds, split into test-set "
+            "sampling and training):\n\n" + "\n".join(f"- {noise_line(row)}" for _, row in noise.iterrows()))
+
+
+# ---------------------------------------------------------------------------
+# Per comparison, what the ablation's parent run shows (issue 31, item 5)
+
+COMPARISON_COLUMNS = ["effect", "metric", "verdict", "vs_min_effect", "n_seeds", "level", "mean_diff", "ci_low",
+                      "ci_high", "fit_minutes", "advice", "noise"]
+FIT_TIME = "the fit time each run logs (wall-clock, on the CPU or GPU it trained on)"
+MINUTES_MEANING = (f"training minutes: {FIT_TIME}, summed over the runs of the comparison's two variants at the seeds "
+                   "its verdict used; a variant shared by several comparisons counts in each")
+
+
+def comparison_summary(effects: pd.DataFrame, noise: pd.DataFrame | None, fit: pd.DataFrame) -> pd.DataFrame:
+    """One row per verdict row of `effects` (COMPARISON_COLUMNS): its verdict, seeds, interval and level, the training
+    minutes its verdict cost and the noise split's advice and line (blank without a `noise_table`).
+    fit: one row per (variant, seed) run with columns variant, seed, fit_seconds. The seeds a verdict used are the
+    first n_seeds of those both variants ran, in ascending order (all of them in a fixed design, the look's in a
+    sequential one)."""
+    lines = {} if noise is None or noise.empty else {row["effect"]: row for _, row in noise.iterrows()}
+    rows = []
+    for _, row in effects[effects["role"] == VERDICT].iterrows():
+        sides = [fit.loc[fit["variant"] == variant, ["seed", "fit_seconds"]].set_index("seed")["fit_seconds"]
+                 for variant in (row["with"], row["without"])]
+        seeds = sorted(set(sides[0].index) & set(sides[1].index))[:int(row["n_seeds"])]
+        minutes = float(sum(side.loc[seeds].sum() for side in sides)) / 60
+        found = lines.get(row["effect"])
+        rows.append({**{key: row[key] for key in ("effect", "metric", "verdict", "vs_min_effect", "level",
+                                                  "mean_diff", "ci_low", "ci_high")},
+                     "n_seeds": int(row["n_seeds"]), "fit_minutes": minutes,
+                     "advice": "" if found is None else found["advice"],
+                     "noise": "" if found is None else noise_line(found)})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+_VERSUS = {"clears": "clears min-effect", "below": "below min-effect", "not known": "min-effect not known"}
+
+
+def comparison_text(summary: pd.DataFrame) -> pd.DataFrame:
+    """`comparison_summary` as text cells: effect, verdict (with vs min-effect), seeds, the difference and its
+    interval in pp with the interval's level, training minutes, and what narrows the interval more."""
+    return pd.DataFrame({
+        "effect": summary["effect"],
+        "verdict": [f"{v} ({_VERSUS[m]})" if m in _VERSUS else str(v)
+                    for v, m in zip(summary["verdict"], summary["vs_min_effect"].fillna(""))],
+        "seeds": summary["n_seeds"].astype(str),
+        "difference, pp [interval]": [f"{interval_text(*r)} at {100 * lv:.4g}%" for *r, lv in
+                                      zip(summary["mean_diff"], summary["ci_low"], summary["ci_high"], summary["level"])],
+        "training minutes": summary["fit_minutes"].map(lambda m: f"{m:.1f}"),
+        "narrows more": summary["advice"].fillna("")})
+
+
+def comparison_markdown(summary: pd.DataFrame) -> str:
+    """`comparison_text` as a markdown table, with what the minutes are under it."""
+    return (comparison_text(summary).to_markdown(index=False, disable_numparse=True)
+            + f"\n\nMinutes are {MINUTES_MEANING}.")

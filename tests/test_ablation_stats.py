@@ -552,3 +552,156 @@ def test_the_effects_table_of_a_sequential_ablation_carries_its_sequential_verdi
     assert "stopped by the budget" in verdict_rows.loc["noisy", "note"]
     descriptive = table["role"] == "descriptive"
     pd.testing.assert_frame_equal(table[descriptive], plain[descriptive])
+
+
+# ---------------------------------------------------------------------------
+# Issue 31, item 4: where the noise comes from, by simulation
+
+
+def _redrawn_images(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
+    """right(with) - right(without) on n freshly drawn test images, each variant right on 80 % of them
+    independently, the `with` variant `shift` more (what its training did to every image at once)."""
+    return (rng.random(n) < 0.8 + shift).astype(int) - (rng.random(n) < 0.8).astype(int)
+
+
+def test_when_only_test_set_sampling_varies_the_training_part_is_about_0():
+    """No training effect: each seed scores its own 400 freshly drawn images. The test-set part is the variance of
+    the mean paired difference (2 x 0.16 / 400), the training part what the seeds' spread leaves over: ~0."""
+    rng = np.random.default_rng(4)
+    truth = 2 * 0.8 * 0.2 / 400
+    split = ab.split_noise([_redrawn_images(rng, 400) for _ in range(200)], same_images=False)
+    assert split.var_test == pytest.approx(truth, rel=0.05) and split.var_diff == pytest.approx(truth, rel=0.3)
+    assert split.var_train <= 0.25 * split.var_diff and split.n_images == 400
+    images, seeds, advice = ab.narrowing(split, 200, 0.95)
+    assert advice == ab.MORE_IMAGES
+    assert images < seeds
+    # unbiased before the floor at 0: over many small ablations the training part averages ~0 of the variance
+    splits = [ab.split_noise([_redrawn_images(rng, 1000) for _ in range(5)], same_images=False) for _ in range(300)]
+    total = np.mean([s.var_diff for s in splits])
+    assert abs(np.mean([s.var_diff - s.var_test for s in splits])) < 0.15 * total
+
+
+def test_when_training_dominates_it_says_more_seeds():
+    """Each seed's training moves the `with` variant's accuracy on every image by N(0, 2 pp); 10,000 images per
+    seed leave test-set sampling at sd 0.57 pp. The split finds the training variance; with 5 seeds at the level
+    of 2 comparisons, more seeds narrow the interval more."""
+    rng = np.random.default_rng(8)
+    train_sd, n = 0.02, 10_000
+
+    def seeds(count: int) -> list[np.ndarray]:
+        return [_redrawn_images(rng, n, rng.normal(0, train_sd)) for _ in range(count)]
+
+    many = ab.split_noise(seeds(60), same_images=False)
+    assert many.var_train == pytest.approx(train_sd**2, rel=0.45)
+    assert many.var_test == pytest.approx(2 * 0.8 * 0.2 / n, rel=0.1)
+    five = ab.split_noise(seeds(5), same_images=False)
+    images, more_seeds, advice = ab.narrowing(five, 5, 1 - 0.05 / 2)
+    assert advice == ab.MORE_SEEDS and more_seeds < images
+    assert more_seeds == pytest.approx(stats.t.isf(0.0125, 9) / stats.t.isf(0.0125, 4) / np.sqrt(2))
+
+
+def _same_images(rng: np.random.Generator, seeds: int, n: int, fixed: float, train_sd: float) -> list[np.ndarray]:
+    """Every seed scores the same n images: a fraction `fixed` of them is one variant's for good (half always
+    right only with it, half only without it), on the rest each variant is right 80 % of the time, the `with`
+    variant N(0, train_sd) more in each seed."""
+    kind = rng.choice([1, -1, 0], size=n, p=[fixed / 2, fixed / 2, 1 - fixed])
+    diffs = []
+    for _ in range(seeds):
+        rest = _redrawn_images(rng, n, rng.normal(0, train_sd))
+        diffs.append(np.where(kind == 0, rest, kind))
+    return diffs
+
+
+def test_on_the_same_images_what_is_fixed_per_image_is_not_counted_as_test_set_sampling():
+    """The whole test set in every seed: images that one variant always gets right are the same in every seed, so
+    they are not in the spread across seeds. The two-way split finds the training variance (0.6^2 x 2 pp^2) and
+    says how far the choice of these images could move the effect; McNemar's per-seed variance, as if each seed
+    drew its images, would leave nothing to training."""
+    rng = np.random.default_rng(12)
+    n, fixed, train_sd = 2000, 0.4, 0.02
+    diffs = _same_images(rng, 150, n, fixed, train_sd)
+    split = ab.split_noise(diffs, same_images=True)
+    assert split.var_train == pytest.approx((1 - fixed) ** 2 * train_sd**2, rel=0.5)
+    assert split.var_test == pytest.approx((1 - fixed) * 2 * 0.8 * 0.2 / n, rel=0.1)
+    assert split.var_image_choice == pytest.approx(fixed / n, rel=0.2)
+    assert ab.split_noise(diffs, same_images=False).var_train == 0.0  # the one-way split gets it wrong
+
+    flips_only = ab.split_noise(_same_images(rng, 150, n, fixed, 0.0), same_images=True)
+    assert flips_only.var_train <= 0.3 * flips_only.var_diff
+    assert ab.narrowing(flips_only, 150, 0.95)[2] == ab.MORE_IMAGES
+
+
+def test_two_seeds_ask_for_seeds_unless_training_is_almost_nothing():
+    """At 2 seeds the t quantile (1 df) dominates: twice the seeds narrow the interval to ~0.12x, more than removing
+    a test-set part of 90 % of the variance (0.32x)."""
+    split = ab.NoiseSplit(var_diff=1e-4, var_test=0.9e-4, var_train=0.1e-4, var_image_choice=np.nan, n_images=1000)
+    images, seeds, advice = ab.narrowing(split, 2, 0.975)
+    assert images == pytest.approx(np.sqrt(0.1)) and seeds == pytest.approx(0.116, abs=0.002)
+    assert advice == ab.MORE_SEEDS
+    flat = ab.NoiseSplit(var_diff=0.0, var_test=1e-4, var_train=0.0, var_image_choice=np.nan, n_images=1000)
+    assert ab.narrowing(flat, 3, 0.95)[2] == ab.MORE_SEEDS and np.isnan(ab.narrowing(flat, 3, 0.95)[0])
+
+
+def test_the_noise_table_splits_the_variance_the_verdicts_interval_uses(ablation, table):
+    """From the stored predictions: var_diff is the square of the effects table's sd_diff of test accuracy, the
+    test-set part each seed's McNemar-style variance averaged, training the rest; one line per comparison."""
+    runs, predictions, y_test = ablation
+    noise = ab.noise_table(runs, COMPARISONS, predictions, y_test, same_images=True)
+    assert list(noise.columns) == ab.NOISE_COLUMNS and list(noise["effect"]) == [c.effect for c in COMPARISONS]
+    for comparison, (_, row) in zip(COMPARISONS, noise.iterrows()):
+        assert row["var_diff"] == pytest.approx(_row(table, comparison.effect)["sd_diff"] ** 2, abs=1e-15)
+        assert row["var_train"] == pytest.approx(max(0.0, row["var_diff"] - row["var_test"]))
+        assert row["level"] == pytest.approx(1 - 0.05 / len(COMPARISONS)) and row["n_images"] == N_IMAGES
+    adamw = noise.set_index("effect").loc["adamw"]
+    d = [(predictions[("full", s)] == y_test).astype(int) - (predictions[("no_adamw", s)] == y_test) for s in SEEDS]
+    redrawn = ab.noise_table(runs, COMPARISONS, predictions, y_test, same_images=False).set_index("effect")
+    discordant = [(np.sum(x != 0) / N_IMAGES - np.mean(x) ** 2) * N_IMAGES / (N_IMAGES - 1) / N_IMAGES for x in d]
+    assert redrawn.loc["adamw", "var_test"] == pytest.approx(np.mean(discordant))  # McNemar's, ddof = 1
+    x = np.vstack(d).astype(float)  # the same images: two-way ANOVA's interaction mean square, over N
+    ss = lambda a: np.sum((a - x.mean()) ** 2)  # noqa: E731
+    interaction = (ss(x) - N_IMAGES * ss(x.mean(axis=1)) - len(SEEDS) * ss(x.mean(axis=0))) / (2 * (N_IMAGES - 1))
+    assert adamw["var_test"] == pytest.approx(interaction / N_IMAGES)
+    noop = noise.set_index("effect").loc["noop"]  # identical variants: no spread, nothing to split
+    assert noop["var_diff"] == 0 and np.isnan(noop["test_share"]) and noop["advice"] == ab.MORE_SEEDS
+    lines = ab.noise_markdown(noise).splitlines()
+    assert len([line for line in lines if line.startswith("- ")]) == len(COMPARISONS)
+    line = ab.noise_line(noise.iloc[0])
+    assert line.startswith("adamw: the test-accuracy difference varies across 3 seeds with sd ")
+    assert f"{adamw['advice']} would narrow the interval more" in line and "shared by every seed" in line
+
+
+def test_different_test_images_per_seed_are_not_the_same_images(ablation):
+    runs, predictions, y_test = ablation
+    labels = {seed: np.roll(y_test, seed) for seed in SEEDS}
+    moved = {(v, s): np.roll(p, s) for (v, s), p in predictions.items()}
+    with pytest.raises(ab.AblationStatsError, match="different test images"):
+        ab.noise_table(runs, COMPARISONS, moved, labels, same_images=True)
+    assert len(ab.noise_table(runs, COMPARISONS, moved, labels, same_images=False)) == len(COMPARISONS)
+
+
+def test_each_comparison_says_its_verdict_seeds_interval_and_training_minutes(ablation, table):
+    runs, predictions, y_test = ablation
+    fit = runs[["variant", "seed"]].assign(fit_seconds=[60.0 * (1 + i) for i in range(len(runs))])
+    noise = ab.noise_table(runs, COMPARISONS, predictions, y_test, same_images=True)
+    summary = ab.comparison_summary(table, noise, fit)
+    assert list(summary.columns) == ab.COMPARISON_COLUMNS and list(summary["effect"]) == [c.effect for c in COMPARISONS]
+    by_effect = summary.set_index("effect")
+    seconds = fit.set_index(["variant", "seed"])["fit_seconds"]
+    expected = sum(seconds[(v, s)] for v in ("full", "no_adamw") for s in SEEDS) / 60
+    assert by_effect.loc["adamw", "fit_minutes"] == pytest.approx(expected)
+    verdicts = table[table["role"] == "verdict"].set_index("effect")
+    for effect in by_effect.index:
+        assert by_effect.loc[effect, ["verdict", "ci_low", "ci_high", "n_seeds"]].tolist() == \
+            verdicts.loc[effect, ["verdict", "ci_low", "ci_high", "n_seeds"]].tolist()
+        assert by_effect.loc[effect, "noise"].startswith(f"{effect}: ")
+    # a sequential verdict that stopped at 2 of the 3 seeds costs the runs of those 2 seeds only
+    early = table.copy()
+    early.loc[(early["effect"] == "adamw") & (early["role"] == "verdict"), "n_seeds"] = 2
+    cut = ab.comparison_summary(early, None, fit).set_index("effect")
+    assert cut.loc["adamw", "fit_minutes"] == pytest.approx(
+        sum(seconds[(v, s)] for v in ("full", "no_adamw") for s in sorted(SEEDS)[:2]) / 60)
+    assert cut.loc["adamw", "noise"] == "" and cut.loc["adamw", "advice"] == ""
+    text = ab.comparison_markdown(summary)
+    lr = by_effect.loc["lr_x1000"]
+    assert f"{lr['verdict']} (clears min-effect)" in text and "wall-clock" in text
+    assert ab.interval_text(lr["mean_diff"], lr["ci_low"], lr["ci_high"]) + " at 99%" in text
