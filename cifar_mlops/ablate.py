@@ -150,6 +150,8 @@ class AblationResult:
     trained: int = 0
     reused: int = 0
     seed_sources: str = ""  # which sources of variance each seed changes (`seed_sources`)
+    noise: pd.DataFrame = field(default_factory=pd.DataFrame)  # where the noise comes from: ablation_stats.noise_table
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)  # ablation_stats.comparison_summary
 
 
 def config_digest(config: cfg.ExperimentConfig) -> str:
@@ -368,20 +370,31 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
     if state is not None:
         effects = ablation_stats.with_sequential_verdicts(effects, state, sequential)
     figure = ablation_stats.forest_plot(effects, min_effect=min_effect_pp / 100)
-    sources = seed_sources(plan.variants[0].config(spec.overrides, 0, fixed_split), fixed_split)
-    document = "\n\n".join([f"# Ablation {plan.name}", sources, variants_markdown(summary),
-                            ablation_stats.effects_markdown(effects), ablation_stats.image_level_markdown(effects),
-                            *plan.skipped])
+    reference = plan.variants[0].config(spec.overrides, 0, fixed_split)
+    sources = seed_sources(reference, fixed_split)
+    noise = ablation_stats.noise_table(frame, plan.comparisons, predictions, labels, alpha=alpha,
+                                       same_images=same_test_images(reference, fixed_split))
+    fit = ablation.metrics()
+    compared = ablation_stats.comparison_summary(effects, noise, fit)
+    verdicts = "\n\n".join([f"# Ablation {plan.name}", sources, ablation_stats.comparison_markdown(compared),
+                             ablation_stats.noise_markdown(noise)])
+    document = "\n\n".join([verdicts, variants_markdown(summary), ablation_stats.effects_markdown(effects),
+                             ablation_stats.image_level_markdown(effects), *plan.skipped])
+    minutes = float(np.nansum(fit.loc[fit["run_id"].isin(frame["run_id"]), "fit_seconds"])) / 60
+    tags, metrics = ablations.comparison_record(compared, verdicts + "\n\nThe whole tables: `ablation.md`.", minutes,
+                                                f"{ablation_stats.FIT_TIME}, summed over the ablation's runs")
     try:
-        runs.finish_run(spec.parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused},
-                        metrics={}, figures={"forest_plot": figure},
+        runs.finish_run(spec.parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused, **tags},
+                        metrics=metrics, figures={"forest_plot": figure},
                         texts={"ablation.md": document + "\n", "ablation_effects.csv": effects.to_csv(index=False),
                                "ablation_runs.csv": frame.to_csv(index=False),
-                               "ablation_variants.csv": summary.to_csv(index=False)})
+                               "ablation_variants.csv": summary.to_csv(index=False),
+                               "ablation_noise.csv": noise.to_csv(index=False),
+                               "ablation_comparisons.csv": compared.to_csv(index=False)})
     finally:
         evaluation.close({"forest_plot": figure})
     return AblationResult(plan, spec.parent_run_id, experiment, store.configure_store(), summary, effects,
-                          trained=trained, reused=reused, seed_sources=sources)
+                          trained=trained, reused=reused, seed_sources=sources, noise=noise, comparisons=compared)
 
 
 def seed_sources(config: cfg.ExperimentConfig, fixed_split: bool) -> str:
@@ -399,6 +412,12 @@ def seed_sources(config: cfg.ExperimentConfig, fixed_split: bool) -> str:
         changed.append(f"{split} (data.seed = seed)")
         fixed = "the variants of one seed share all of it, so the differences pair by seed"
     return f"Each seed changes {' and '.join(changed)}; {fixed}."
+
+
+def same_test_images(config: cfg.ExperimentConfig, fixed_split: bool) -> bool:
+    """Whether every seed scores the same test images: the split fixed, or real images with no data.test_size (the
+    whole test set); synthetic images and a data.test_size draw follow data.seed = seed (`seed_sources`)."""
+    return fixed_split or (config.data.source != "synthetic" and config.data.test_size is None)
 
 
 def queue_name(plan: Design) -> str:

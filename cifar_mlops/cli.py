@@ -517,6 +517,8 @@ def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, 
     click.echo("")
     click.echo(ablation.ablation_stats.effects_markdown(result.effects))
     click.echo("\n" + ablation.ablation_stats.image_level_markdown(result.effects))
+    click.echo("\n" + ablation.ablation_stats.comparison_markdown(result.comparisons))
+    click.echo("\n" + ablation.ablation_stats.noise_markdown(result.noise))
     for line in result.design.skipped:
         click.echo(line)
     click.echo(f"\nparent run {result.parent_run_id} in MLflow experiment {result.experiment!r} (forest plot, "

@@ -150,6 +150,47 @@ def test_reported_statistics_are_scipys_and_statsmodels_on_the_logged_runs(ablat
         assert logged == pytest.approx(per_seed)
 
 
+def test_the_parent_run_shows_each_verdict_its_minutes_and_where_its_noise_comes_from(ablation) -> None:
+    """Per comparison on the parent run, where the UI shows them: the verdict, seeds, interval, the training minutes
+    (the children's fit_seconds) and the noise split, recomputed here from the children's predictions (synthetic
+    images, drawn anew by each seed: each seed's McNemar-style variance of the paired difference); the description
+    is the verdicts' table."""
+    result, _ = ablation
+    parent = parent_run()
+    tags, metrics = parent.data.tags, parent.data.metrics
+    verdicts = logged_effects(parent).xs("test_accuracy", level="metric")
+    noise = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/ablation_noise.csv")))
+    finished = {(r.data.tags["variant"], int(r.data.tags["seed"])): r for r in children(parent.info.run_id)
+                if r.info.status == "FINISHED"}
+
+    def right(variant: str, seed: int) -> np.ndarray:
+        run_id = finished[(variant, seed)].info.run_id
+        table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/test_predictions.csv")))
+        return (table.sort_values("test_index")["predicted"] == table.sort_values("test_index")["label"]).to_numpy()
+
+    for effect in ("planted_noop", "planted_too_low_lr"):
+        row, without = verdicts.loc[effect], f"planted -{effect}"
+        assert tags[f"{effect}/verdict"].split(" (")[0] == row["verdict"] and metrics[f"{effect}/seeds"] == 3
+        assert metrics[f"{effect}/difference_pp"] == pytest.approx(100 * row["mean_diff"])
+        assert f"{100 * row['mean_diff']:+.2f} pp" in tags[f"{effect}/interval"]
+        seconds = [finished[(v, s)].data.metrics["fit_seconds"] for v in ("planted", without) for s in SEEDS]
+        assert metrics[f"{effect}/fit_minutes"] == pytest.approx(sum(seconds) / 60)
+        diffs = [right("planted", s).astype(int) - right(without, s).astype(int) for s in SEEDS]
+        split = noise.set_index("effect").loc[effect]
+        assert not split["same_images"]  # data.seed = seed draws new synthetic images
+        assert split["var_diff"] == pytest.approx(row["sd_diff"] ** 2, abs=1e-12)
+        assert split["var_diff"] == pytest.approx(np.var([d.mean() for d in diffs], ddof=1), abs=1e-12)
+        assert split["var_test"] == pytest.approx(np.mean([np.var(d, ddof=1) / d.size for d in diffs]))
+        assert split["var_train"] == pytest.approx(max(0.0, split["var_diff"] - split["var_test"]), abs=1e-15)
+        assert tags[f"{effect}/noise"].startswith(f"{effect}: ") and split["advice"] in tags[f"{effect}/noise"]
+    assert metrics["fit_minutes"] == pytest.approx(sum(r.data.metrics["fit_seconds"] for r in finished.values()) / 60)
+    assert "wall-clock" in tags["fit_minutes_measure"]
+    description = tags["mlflow.note.content"]
+    assert description.startswith("# Ablation planted leave-one-out") and "| planted_too_low_lr | hurts (" in description
+    assert "Where the noise comes from" in description and "- planted_noop: " in description
+    assert "Where the noise comes from" in result.stdout and "| training minutes " in result.stdout
+
+
 def test_a_rerun_trains_nothing_and_a_killed_run_is_rerun_alone(ablation) -> None:
     overrides = cfg.parse_overrides(TINY.split())
     again = ablate.ablate("planted", "leave-one-out", SEEDS, overrides=overrides)
@@ -174,6 +215,10 @@ def test_the_report_shows_each_ablation_but_never_its_runs_as_results(ablation) 
     effects = next(b for b in section.blocks if isinstance(b, report.Table) and b.title.endswith("effects"))
     verdicts = dict(zip(effects.frame["effect"] + " " + effects.frame["metric"], effects.frame["verdict"]))
     assert verdicts["planted_too_low_lr test_accuracy"] == "hurts"
+    compared = next(b for b in section.blocks if isinstance(b, report.Table) and "training minutes" in b.title)
+    assert list(compared.frame["effect"]) == ["planted_noop", "planted_too_low_lr"] and "wall-clock" in compared.note
+    assert compared.frame.set_index("effect").loc["planted_too_low_lr", "verdict"].startswith("hurts")
+    assert sum(isinstance(b, str) and b.startswith("Where the noise comes from: planted_") for b in section.blocks) == 2
     assert any(isinstance(b, report.Figure) and b.png.startswith(b"\x89PNG") for b in section.blocks)
     markdown = report.render(document, "markdown")
     assert "## Ablations" in markdown and "planted leave-one-out: effects" in markdown

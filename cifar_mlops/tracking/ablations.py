@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, open_parent_run, run_text_artifact
+from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, TAG_LIMIT, open_parent_run, run_text_artifact
 
 ABLATION_TAG = "ablation"  # on the parent and on every (variant, seed) run: which ablation it belongs to
 ABLATION_KIND = "ablation"  # tag `kind` of a parent run: never a result row of the report
@@ -51,7 +53,8 @@ def csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
 
 def finished_ablations(experiment: str) -> list[dict[str, Any]]:
     """Every FINISHED ablation parent run of `experiment`, oldest first, with what it logged:
-    {"run_id", "name", "tags", "variants" and "effects" (DataFrames), "forest_png" (bytes or None)}."""
+    {"run_id", "name", "tags", "variants" and "effects" (DataFrames), "forest_png" (bytes or None), "comparisons"
+    (`ablation_stats.comparison_summary`; None when logged before it)}."""
     import tempfile
     from pathlib import Path
 
@@ -76,5 +79,41 @@ def finished_ablations(experiment: str) -> list[dict[str, Any]]:
             except (mlflow.exceptions.MlflowException, OSError):
                 png = None
         ablations.append({"run_id": run.info.run_id, "name": run.data.tags.get(ABLATION_TAG, run.info.run_id),
-                          "tags": dict(run.data.tags), "variants": variants, "effects": effects, "forest_png": png})
+                          "tags": dict(run.data.tags), "variants": variants, "effects": effects, "forest_png": png,
+                          "comparisons": csv_artifact(run.info.run_id, "ablation_comparisons.csv")})
     return ablations
+
+
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description: the UI renders it as markdown on the run's page
+
+
+def metric_name(effect: str) -> str:
+    """An effect's name as MLflow takes it in a metric or tag key ("b3 -> b4" -> "b3 to b4")."""
+    return re.sub(r"[^\w.\- ]", "_", effect.replace("->", "to")).strip() or "_"
+
+
+def comparison_record(summary: pd.DataFrame, description: str, minutes: float, minutes_meaning: str
+                      ) -> tuple[dict[str, str], dict[str, float]]:
+    """(tags, metrics) that put each comparison of `summary` (`ablation_stats.comparison_summary`) where the UI shows
+    them on the ablation's parent run: tags `<effect>/verdict` (with vs min-effect), `<effect>/interval` (pp, its
+    level) and `<effect>/noise` (the noise split's line); metrics `<effect>/difference_pp`, `/ci_low_pp`,
+    `/ci_high_pp`, `/seeds`, `/fit_minutes`; `fit_minutes` (every run of the ablation) with the tag
+    `fit_minutes_measure` saying what they are; the run's description (`mlflow.note.content`, markdown): `description`
+    cut to what a tag keeps."""
+    tags: dict[str, str] = {"fit_minutes_measure": minutes_meaning}
+    metrics: dict[str, float] = {"fit_minutes": minutes}
+    for row in summary.itertuples(index=False):
+        key = metric_name(str(row.effect))
+        versus = "" if pd.isna(row.vs_min_effect) or not row.vs_min_effect else f" (vs min-effect: {row.vs_min_effect})"
+        tags[f"{key}/verdict"] = f"{row.verdict}{versus}"
+        tags[f"{key}/interval"] = (f"{100 * row.mean_diff:+.2f} pp [{100 * row.ci_low:+.2f}, {100 * row.ci_high:+.2f}] "
+                                   f"at {100 * row.level:.4g}%, {row.n_seeds} seeds")
+        if isinstance(row.noise, str) and row.noise:
+            tags[f"{key}/noise"] = row.noise
+        metrics.update({f"{key}/difference_pp": 100 * row.mean_diff, f"{key}/ci_low_pp": 100 * row.ci_low,
+                        f"{key}/ci_high_pp": 100 * row.ci_high, f"{key}/seeds": row.n_seeds,
+                        f"{key}/fit_minutes": row.fit_minutes})
+    metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}  # an unbounded interval end has no metric
+    tags[DESCRIPTION_TAG] = description if len(description) <= TAG_LIMIT else (
+        description[:TAG_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut to fit the description: the whole is ablation.md)")
+    return tags, metrics
