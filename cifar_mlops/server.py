@@ -1,7 +1,8 @@
 """`cifar-mlops server`: the team's MLflow tracking server, started the one way this project supports.
 
 MLflow's own `mlflow server` on PostgreSQL, with proxied artifacts (a folder or an s3:// bucket)
-and the basic-auth app. What this wrapper adds: it creates the databases that are missing (the
+and the basic-auth app, extended as MLflow allows (`--app-name cifar-team`, `cifar_mlops.team_app`:
+readers create nothing). What this wrapper adds: it creates the databases that are missing (the
 runs', the users', the Optuna studies'), keeps every password off command lines and out of logs
 (the admin's comes from $MLFLOW_AUTH_ADMIN_PASSWORD or a file; a database password from the URL
 moves to $PGPASSWORD), writes the auth app's settings to a private file, and prints what each
@@ -119,7 +120,7 @@ def auth_settings(users_db: str, admin: str) -> Path:
 
 def command(dbs: Databases, artifacts: str, host: str, port: int, workers: int, allowed_hosts: str = "") -> list[str]:
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    return [mlflow, "server", "--app-name", "basic-auth", "--backend-store-uri", dbs.runs,
+    return [mlflow, "server", "--app-name", "cifar-team", "--backend-store-uri", dbs.runs,
             "--artifacts-destination", artifacts, "--serve-artifacts", "--host", host, "--port", str(port),
             "--workers", str(workers), *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
 

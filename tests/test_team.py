@@ -275,3 +275,86 @@ def test_the_password_rule_is_mlflows_and_team_reads_it_without_the_server_comma
         _validate_password("x" * (MIN_PASSWORD_LENGTH - 1))
     code = "import sys, cifar_mlops.tracking.team; print('cifar_mlops.server' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def everything(admin: MlflowClient) -> tuple:
+    """`state` and the experiments and registered models themselves, with their tags."""
+    experiments = sorted((e.name, e.lifecycle_stage, tuple(sorted(e.tags.items()))) for e in admin.search_experiments())
+    models = sorted((m.name, tuple(sorted(m.tags.items()))) for m in admin.search_registered_models())
+    return state(admin), experiments, models
+
+
+def rest(team_server: dict, user: str, method: str, route: str, body: dict | None = None) -> requests.Response:
+    password = ADMIN_PASSWORD if user == "admin" else PASSWORDS[user]
+    return requests.request(method, f"{team_server['url']}/api/2.0/mlflow/{route}", json=body, timeout=30,
+                            auth=(user, password))
+
+
+def test_a_reader_creates_and_logs_nothing_while_trainers_and_maintainers_keep_their_rights(
+        team_server: dict, users: dict, as_user) -> None:
+    from cifar_mlops import team_app
+    from cifar_mlops.tracking import team
+
+    assert team_app.ROLE_EXPERIMENTS == team.EXPERIMENTS
+    as_user("admin")
+    admin = MlflowClient(team_server["url"])
+    ablation = admin.get_experiment_by_name("cifar10-ablation").experiment_id
+    made = rest(team_server, "trainer", "POST", "runs/create", {"experiment_id": ablation, "run_name": "trainer's"})
+    assert made.status_code == 200, made.text
+    run_id = made.json()["run"]["info"]["run_id"]
+    as_user("admin")
+    before = everything(admin)
+
+    # Directly through the REST API: every write is 403, and nothing changes.
+    reader = "reader-made"
+    refused = {
+        "experiments/create": rest(team_server, "reader", "POST", "experiments/create", {"name": reader}),
+        "registered-models/create": rest(team_server, "reader", "POST", "registered-models/create", {"name": reader}),
+        "prompt": rest(team_server, "reader", "POST", "registered-models/create",
+                       {"name": f"{reader}-prompt", "tags": [{"key": "mlflow.prompt.is_prompt", "value": "true"}]}),
+        "runs/create": rest(team_server, "reader", "POST", "runs/create", {"experiment_id": ablation}),
+        "runs/create (Default)": rest(team_server, "reader", "POST", "runs/create", {"experiment_id": "0"}),
+        "runs/log-batch": rest(team_server, "reader", "POST", "runs/log-batch", {
+            "run_id": run_id, "metrics": [{"key": "m", "value": 1.0, "timestamp": 0, "step": 0}],
+            "params": [{"key": "p", "value": "1"}], "tags": [{"key": "t", "value": "1"}]}),
+        "runs/log-metric": rest(team_server, "reader", "POST", "runs/log-metric",
+                                {"run_id": run_id, "key": "m", "value": 1.0, "timestamp": 0, "step": 0}),
+        "runs/set-tag": rest(team_server, "reader", "POST", "runs/set-tag", {"run_id": run_id, "key": "t", "value": "1"}),
+        "runs/update": rest(team_server, "reader", "POST", "runs/update", {"run_id": run_id, "status": "KILLED"}),
+        "model-versions/create": rest(team_server, "reader", "POST", "model-versions/create",
+                                      {"name": "cifar10-cnn-candidates", "source": "mlflow-artifacts:/x", "run_id": run_id}),
+        "experiments/set-experiment-tag": rest(team_server, "reader", "POST", "experiments/set-experiment-tag",
+                                               {"experiment_id": ablation, "key": "t", "value": "1"}),
+    }
+    assert {route: r.status_code for route, r in refused.items()} == {route: 403 for route in refused}
+    assert "user 'reader' may not create experiments or registered models" in refused["experiments/create"].json()["message"]
+    assert rest(team_server, "reader", "GET", f"runs/get?run_id={run_id}").status_code == 200  # reads stay
+    assert rest(team_server, "reader", "GET", "registered-models/search").status_code == 200
+    assert everything(admin) == before
+
+    # ... and through the CLI: one line, exit 3, naming who grants it; nothing written.
+    as_user("reader")
+    for command in (["report", "--format", "markdown"], ["train", "--exp", "smoke", *TINY]):
+        code, output = invoke(*command)
+        assert code == 3, output
+        [line] = [line for line in output.splitlines() if line.startswith("error:")]
+        assert "the server refused user 'reader'" in line and "cifar-mlops team set-role" in line, line
+    import mlflow as client_library
+
+    with pytest.raises(client_library.exceptions.MlflowException, match="may not create experiments"):
+        MlflowClient(team_server["url"]).create_experiment(reader)
+    as_user("admin")
+    assert everything(admin) == before
+
+    # A trainer and a maintainer still create experiments and registered models (theirs to manage).
+    for role in ("trainer", "maintainer"):
+        for route in ("experiments/create", "registered-models/create"):
+            made = rest(team_server, role, "POST", route, {"name": f"{role}-made"})
+            assert made.status_code == 200, (role, route, made.text)
+    assert rest(team_server, "admin", "POST", "experiments/create", {"name": "admin-made"}).status_code == 200
+    for name in ("trainer-made", "maintainer-made", "admin-made"):
+        admin.delete_experiment(admin.get_experiment_by_name(name).experiment_id)
+    for name in ("trainer-made", "maintainer-made"):
+        admin.delete_registered_model(name)
+    admin.delete_run(run_id)
+
