@@ -642,6 +642,44 @@ def set_role(name: str, role: str) -> None:
     click.echo(f"{name} is now {role}", err=True)
 
 
+@team.command("remove-user")
+@click.argument("name")
+def remove_user(name: str) -> None:
+    """Remove user NAME and its grants (what it logged stays)."""
+    with heavy_imports():
+        from cifar_mlops.tracking import store
+        from cifar_mlops.tracking import team as team_roles
+
+    store.quiet_mlflow()
+    team_roles.remove_user(name)
+    click.echo(f"removed {name}", err=True)
+
+
+@team.command("set-password")
+@click.argument("name")
+@click.option("--password-file", default="", metavar="FILE",
+              help="The new password (default: $CIFAR_MLOPS_USER_PASSWORD, else a prompt); never an argument.")
+def set_password(name: str, password_file: str) -> None:
+    """Give user NAME a new password."""
+    with heavy_imports():
+        from cifar_mlops.tracking import store
+        from cifar_mlops.tracking import team as team_roles
+
+    store.quiet_mlflow()
+    team_roles.set_password(name, _new_password(name, password_file))
+    click.echo(f"new password set for {name}", err=True)
+
+
+@team.command("list")
+def list_users() -> None:
+    """The users and their roles (no password, no secret)."""
+    with heavy_imports():
+        from cifar_mlops.tracking import store
+        from cifar_mlops.tracking import team as team_roles
+
+    store.quiet_mlflow()
+    click.echo(text_table(team_roles.list_users()))
+
 @main.command(hidden=True)
 @click.option("--spec", required=True, help="JSON from the coordinating process (`execution.workers.worker_args`).")
 def worker(spec: str) -> None:

@@ -358,3 +358,75 @@ def test_a_reader_creates_and_logs_nothing_while_trainers_and_maintainers_keep_t
         admin.delete_registered_model(name)
     admin.delete_run(run_id)
 
+def listed(output: str) -> dict[str, str]:
+    """`team list`'s table as user -> role."""
+    return dict(line.split() for line in output.splitlines()[1:] if line.strip())
+
+
+def test_users_are_managed_whole_and_refusals_are_one_line(team_server: dict, users: dict, as_user, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = f"dana-{uuid.uuid4().hex[:12]}", f"dana-{uuid.uuid4().hex[:12]}"
+    as_user("admin")
+    monkeypatch.setenv("CIFAR_MLOPS_USER_PASSWORD", first)
+    assert invoke("team", "add-user", "dana", "--role", "trainer")[0] == 0
+    code, output = invoke("team", "list")
+    assert code == 0, output
+    assert listed(output) == {"admin": "admin", "dana": "trainer", "maintainer": "maintainer", "reader": "reader",
+                              "trainer": "trainer"}
+    assert not any(p in output for p in (ADMIN_PASSWORD, first, *PASSWORDS.values()))
+
+    def answers(password: str) -> int:
+        return requests.get(f"{team_server['url']}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10,
+                            auth=("dana", password)).status_code
+
+    assert answers(first) == 200
+
+    # A new password from a file (or $CIFAR_MLOPS_USER_PASSWORD), never an argument.
+    monkeypatch.delenv("CIFAR_MLOPS_USER_PASSWORD")
+    secret = tmp_path / "dana.password"
+    secret.write_text(second + "\n")
+    code, output = invoke("team", "set-password", "dana", "--password-file", str(secret))
+    assert code == 0 and "new password set for dana" in output, output
+    assert (answers(second), answers(first)) == (200, 401)
+    code, output = invoke("team", "set-password", "dana", second)
+    assert code == 2 and "Got unexpected extra argument" in output  # no password on a command line
+    short = tmp_path / "short"
+    short.write_text("short")
+    code, output = invoke("team", "set-password", "dana", "--password-file", str(short))
+    assert code == 2 and "the password for 'dana' is 5 characters; the server needs at least 12" in output
+    code, output = invoke("team", "set-password", "nobody", "--password-file", str(secret))
+    assert code == 2 and "no user 'nobody' on this server" in output
+    assert answers(second) == 200
+
+    # Refusals for anyone but the admin: one line, exit 3, who grants it; nothing changed.
+    for role in ("reader", "trainer", "maintainer"):
+        as_user(role)
+        for command, action in ((["team", "set-password", "dana", "--password-file", str(secret)],
+                                 "set the password of 'dana'"), (["team", "remove-user", "dana"], "remove user 'dana'"),
+                                (["team", "list"], "list the users")):
+            code, output = invoke(*command)
+            assert code == 3, (role, command, output)
+            [line] = output.strip().splitlines()
+            assert line.startswith(f"error: user {role!r} may not {action}: only the team server's admin may"), line
+    refused = requests.delete(f"{team_server['url']}/api/2.0/mlflow/users/delete", json={"username": "dana"},
+                              auth=("trainer", PASSWORDS["trainer"]), timeout=10)
+    assert refused.status_code == 403
+    assert answers(second) == 200
+
+    # Removing: the user and its grants go (added again, it holds only its new role's grants); the admin stays.
+    as_user("admin")
+    code, output = invoke("team", "remove-user", "dana")
+    assert code == 0 and "removed dana" in output, output
+    assert answers(second) == 401
+    assert "dana" not in listed(invoke("team", "list")[1])
+    code, output = invoke("team", "remove-user", "dana")
+    assert code == 2 and "no user 'dana' on this server" in output
+    code, output = invoke("team", "remove-user", "admin")
+    assert code == 2 and "'admin' is the team server's admin, who is not removed" in output
+    monkeypatch.setenv("CIFAR_MLOPS_USER_PASSWORD", first)
+    assert invoke("team", "add-user", "dana", "--role", "reader")[0] == 0
+    assert listed(invoke("team", "list")[1])["dana"] == "reader"
+    assert invoke("team", "remove-user", "dana")[0] == 0
+    assert ADMIN_PASSWORD not in team_server["log"].read_text() and first not in team_server["log"].read_text()
+    assert second not in team_server["log"].read_text()
+

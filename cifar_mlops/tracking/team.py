@@ -151,3 +151,71 @@ def set_role(username: str, role: str) -> None:
         _revoke_role_grants(auth, username, experiment_ids)
         for resource_type, resource_id, permission in role_grants:
             auth.grant_user_permission(username, resource_type, resource_id, permission)
+
+
+def _existing_user(auth, username: str, action: str):
+    """The user `username` (its `User`), or a one-line TeamError when the server has none."""
+    with _as_admin(action):
+        try:
+            return auth.get_user(username)
+        except mlflow.exceptions.MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" in str(err):
+                raise TeamError(f"no user {username!r} on this server; `cifar-mlops team list` shows who there is") from None
+            raise
+
+
+def remove_user(username: str) -> None:
+    """Delete user `username` and its grants (the caller is the admin; the admin itself stays)."""
+    auth = _admin_client(f"remove user {username!r}")
+    user = _existing_user(auth, username, f"remove user {username!r}")
+    if user.is_admin:
+        raise TeamError(f"{username!r} is the team server's admin, who is not removed (it manages the others)")
+    with _as_admin(f"remove user {username!r}"):
+        auth.delete_user(username)
+
+
+def set_password(username: str, password: str) -> None:
+    """Give user `username` a new password (the caller is the admin); other server workers accept the old one
+    for at most the auth cache's 30 s."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise TeamError(f"the password for {username!r} is {len(password)} characters; the server needs at least "
+                        f"{MIN_PASSWORD_LENGTH}")
+    auth = _admin_client(f"set the password of {username!r}")
+    _existing_user(auth, username, f"set the password of {username!r}")
+    with _as_admin(f"set the password of {username!r}"):
+        auth.update_user_password(username, password)
+
+
+
+def _get(auth, route: str, **params: str) -> dict:
+    """GET an auth API route of the server as the caller (MLflow's client has no call for it)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    response = http_request(get_default_host_creds(auth.tracking_uri), route, "GET", params=params)
+    return verify_rest_response(response, route).json()
+
+
+def role_of(held: set[tuple[str, str, str]], experiment_ids: dict[str, str]) -> str:
+    """The role whose grants are exactly those of `held` on the project's resources; else `custom`."""
+    project = {(resource_type, resource_id) for resource_type, resource_id, _ in grants("maintainer", experiment_ids)}
+    held = {grant for grant in held if grant[:2] in project}
+    return next((role for role in ROLES if held == set(grants(role, experiment_ids))), "custom")
+
+
+def list_users() -> list[dict[str, str]]:
+    """Every user of the team server and its role (admin, reader, trainer, maintainer or custom); no secret."""
+    auth = _admin_client("list the users")
+    with _as_admin("list the users"):
+        client = store.client()
+        experiment_ids = {name: (found.experiment_id if (found := client.get_experiment_by_name(name)) else "")
+                          for name in EXPERIMENTS}
+        rows = []
+        for user in sorted(_get(auth, "/api/2.0/mlflow/users/list")["users"], key=lambda u: u["username"]):
+            if user["is_admin"]:
+                rows.append({"user": user["username"], "role": "admin"})
+                continue
+            found = _get(auth, "/api/3.0/mlflow/users/permissions/list", username=user["username"])["permissions"]
+            held = {(p["resource_type"], p["resource_pattern"], p["permission"]) for p in found}
+            rows.append({"user": user["username"], "role": role_of(held, experiment_ids)})
+    return rows
