@@ -310,6 +310,8 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
     if resume is None:  # before any device scope opens: clearing the session would end it
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)
+    if register:  # a user who may not register learns it before any run starts or epoch trains
+        registry.check_may_register(config.family)
     # the devices first: a training that cannot have them starts no run
     with backend.data_parallel(config.train.devices, config.train.batch_size) as devices, \
             runs.TrainingRun(config, experiment=context.experiment, parent_run_id=context.parent_run_id,

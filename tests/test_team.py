@@ -358,6 +358,7 @@ def test_a_reader_creates_and_logs_nothing_while_trainers_and_maintainers_keep_t
         admin.delete_registered_model(name)
     admin.delete_run(run_id)
 
+
 def listed(output: str) -> dict[str, str]:
     """`team list`'s table as user -> role."""
     return dict(line.split() for line in output.splitlines()[1:] if line.strip())
@@ -430,3 +431,38 @@ def test_users_are_managed_whole_and_refusals_are_one_line(team_server: dict, us
     assert ADMIN_PASSWORD not in team_server["log"].read_text() and first not in team_server["log"].read_text()
     assert second not in team_server["log"].read_text()
 
+
+def test_a_trainer_who_may_not_register_there_learns_it_before_training(team_server: dict, users: dict,
+                                                                          as_user) -> None:
+    from cifar_mlops.tracking import registry
+
+    as_user("admin")
+    admin = MlflowClient(team_server["url"])
+    before = everything(admin)
+    as_user("trainer")  # without CIFAR_MLOPS_REGISTER_INTO=candidates
+    code, output = invoke("train", "--exp", "smoke", *TINY)
+    assert code == 3, output
+    [line] = output.strip().splitlines()
+    assert line == ("error: user 'trainer' may not register into cifar10-cnn (it holds READ there; registering needs "
+                    "EDIT on registered model cifar10-cnn, which the team's admin grants: `cifar-mlops team set-role`); "
+                    "trainers register into cifar10-cnn-candidates (export CIFAR_MLOPS_REGISTER_INTO=candidates); "
+                    "nothing was trained")
+    as_user("admin")
+    assert everything(admin) == before  # no run started, none left RUNNING, nothing registered
+
+    # What the check reads: the user's own permission, which the server tells that user and no other.
+    asked = {"resource_type": "registered_model", "resource_id": "cifar10-cnn"}
+    own = requests.get(f"{team_server['url']}{registry.USER_PERMISSION_ROUTE}", timeout=10,
+                       params={"username": "trainer", **asked}, auth=("trainer", PASSWORDS["trainer"]))
+    assert own.status_code == 200 and own.json()["permission"] == "READ"
+    other = requests.get(f"{team_server['url']}{registry.USER_PERMISSION_ROUTE}", timeout=10,
+                         params={"username": "maintainer", **asked}, auth=("trainer", PASSWORDS["trainer"]))
+    assert other.status_code == 403
+    # Those who may register pass the check: a trainer into candidates, a maintainer into the served model.
+    as_user("trainer", candidates=True)
+    registry.check_may_register("cnn")
+    as_user("maintainer")
+    registry.check_may_register("cnn")
+    as_user("reader", candidates=True)
+    with pytest.raises(registry.store.PermissionDenied, match="may not register into cifar10-cnn-candidates"):
+        registry.check_may_register("cnn")

@@ -51,6 +51,47 @@ def registration_name(family: str) -> str:
     return candidates_name(served) if target == "candidates" else served
 
 
+# MLflow's basic-auth app answers a user's own effective permission on a resource here (admin or self only).
+USER_PERMISSION_ROUTE = "/api/3.0/mlflow/users/permissions/get"
+
+
+def check_may_register(family: str) -> None:
+    """On a team server, refuse at once (one line, before anything is trained) when the user may not add
+    versions to the registered model a training of `family` goes to: that needs EDIT on it. It asks the
+    server for the user's own permission (what any user may read about itself); elsewhere (a local store,
+    a server without users, a model not made yet) there is nothing to ask, and registering decides."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    uri = store.configure_store()
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not store.is_server(uri) or not user:
+        return
+    name = registration_name(family)
+    try:
+        MlflowClient().get_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        refused = store.refusal(err, f"register into {name}", "READ", f"registered model {name}")
+        if refused is None:
+            raise
+        raise refused from None
+    response = http_request(get_default_host_creds(uri), USER_PERMISSION_ROUTE, "GET", max_retries=2,
+                            params={"username": user, "resource_type": "registered_model", "resource_id": name})
+    if response.status_code != 200:  # no basic-auth app (404): no users, no permissions to check
+        return
+    permission = response.json().get("permission", "")
+    if permission in ("EDIT", "MANAGE"):
+        return
+    hint = (f"; trainers register into {candidates_name(name)} (export {REGISTER_INTO}=candidates)"
+            if not is_candidates(name) else "")
+    raise store.PermissionDenied(
+        f"user {user!r} may not register into {name} (it holds {permission or 'no permission'} there; registering "
+        f"needs EDIT on registered model {name}, which the team's admin grants: `cifar-mlops team set-role`)"
+        f"{hint}; nothing was trained")
+
+
 class RegisteredVersion:
     """One registered model version, as the rest of the package sees it."""
 
