@@ -188,7 +188,7 @@ def _experiment_options(exp_help: str, set_example: str, register_help: str, exp
 @click.option("--resume", "resume_id", default="", metavar="RUN_ID",
               help="Go on with training run RUN_ID from its last checkpoint, in that run, with its own config.")
 @click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[BOOL]",
-              help="With --resume: resume a FAILED run too, or a RUNNING one whose process may still be alive.")
+              help="With --resume: resume a FAILED run too (never a RUNNING one whose process may still be alive).")
 def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool, seeds: str,
           resume_id: str, force: bool) -> None:
     """Train, evaluate, track and register one experiment (or resume a lost training: --resume)."""

@@ -231,13 +231,16 @@ def test_a_running_run_is_resumed_only_once_its_process_is_gone(store):
             return str(err)
         return None
 
-    assert "heard from 5 s ago (host elsewhere, process 42)" in refusal(
+    assert "s ago (host elsewhere, process 42)" in refusal(  # heard from 5 s ago, and the time asking takes
         trainer="elsewhere 42", heartbeat=now_ms - 5_000)
+    with pytest.raises(runs.ResumeRefused, match="--force does not skip this"):
+        runs.resume_point(run_id, force=True)
     assert refusal(heartbeat=now_ms - 1000 * (runs.SILENT_SECONDS + 1)) is None  # silent long enough
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert "still training on this machine as process" in refusal(trainer=f"{socket.gethostname()} {sleeper.pid}")
-        runs.resume_point(run_id, force=True).close()
+        with pytest.raises(runs.ResumeRefused, match="still training on this machine"):  # --force too
+            runs.resume_point(run_id, force=True)
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -334,3 +337,84 @@ def test_an_interrupted_checkpoint_upload_leaves_the_checkpoint_before_it_usable
     assert steps(run_id) == {key: [1, 2, 3, 4] for key in EPOCH_METRICS}  # each epoch logged once
     assert run.data.metrics["epochs_run"] == 4
     assert [epoch for epoch, _, _ in runs.checkpoints(run_id, run.data.tags)] == [4, 3]  # the cut-off files are gone
+
+
+@pytest.mark.slow
+def test_a_forced_resume_of_a_live_training_is_refused_and_it_trains_on_alone(store, tmp_path):
+    command = ["cifar-mlops", "train", "--exp", "smoke", "--no-register", *(f"--set={pair}" for pair in KILLED)]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update(PATH=f"{BIN}{os.pathsep}{environment['PATH']}", MLFLOW_TRACKING_URI=store)
+    client = MlflowClient()
+    with open(tmp_path / "live.log", "w") as output:
+        child = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline, checkpoint = time.monotonic() + 300, ""
+            while not checkpoint and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT)
+                found = client.search_runs([experiment.experiment_id]) if experiment else []
+                checkpoint = found[0].data.tags.get(runs.CHECKPOINT_TAG, "") if found else ""
+            assert checkpoint, (tmp_path / "live.log").read_text()[-3000:]
+            result = cli_train("--resume", the_run(), "--force")  # while it trains on
+            assert child.poll() is None, "the training ended before the forced resume was tried"
+            assert result.exit_code == 1, result.output
+            [line] = error_lines(result)
+            assert f"is RUNNING and it is still training on this machine as process {child.pid}" in line, line
+            assert child.wait(timeout=300) == 0, (tmp_path / "live.log").read_text()[-3000:]
+        finally:
+            child.kill()
+            child.wait()
+    run = client.get_run(the_run())
+    assert run.info.status == "FINISHED" and runs.RESUMED_TAG not in run.data.tags
+    assert steps(run.info.run_id) == {key: [1, 2, 3, 4] for key in EPOCH_METRICS}  # one writer: each epoch once
+
+
+def test_a_training_stopped_after_some_final_metrics_resumes_without_logging_them_twice(store, monkeypatch):
+    def lost_while_saving(self, *args, **kwargs):
+        raise KeyboardInterrupt  # the final metrics are logged, the model is not: as a kill there leaves it
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.TrainingRun, "log_trained_model", lost_while_saving)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny("smoke", train__epochs=2))
+    run_id = the_run()
+    client = MlflowClient()
+    stopped = client.get_run(run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags[runs.CHECKPOINT_TAG].startswith("2 ")
+    assert {"test_accuracy", "fit_seconds", "epochs_run"} <= set(stopped.data.metrics)
+
+    result = cli_train("--resume", run_id)
+    assert result.exit_code == 0, result.output
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for name in (*FINAL, "fit_seconds", "epochs_run"):
+        history = client.get_metric_history(run_id, name)
+        assert [(m.step, m.value) for m in history] == [(0, stopped.data.metrics[name])], name
+    assert steps(run_id) == {key: [1, 2] for key in EPOCH_METRICS}
+    [version] = client.search_model_versions()
+    assert version.run_id == run_id
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_a_mixed_precision_training_resumes_in_its_precision(store, tmp_path, precision):
+    run_id = failed_run(train__precision=precision)
+    assert MlflowClient().get_run(run_id).data.params["train.dtype_policy"] == precision
+    result = cli_train("--resume", run_id, "--force", "--no-register")
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch 1 of 3" in result.stderr
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.dtype_policy"] == precision
+    assert steps(run_id) == {key: [1, 2, 3] for key in EPOCH_METRICS}
+    assert run.data.metrics["epochs_run"] == 3 and 0 <= run.data.metrics["test_accuracy"] <= 1
+    # the checkpoint the resumed process wrote after epoch 3 holds a model in that precision
+    import zipfile
+
+    import mlflow
+
+    [(epoch, _, path), *_] = runs.checkpoints(run_id, run.data.tags)
+    assert epoch == 3
+    with zipfile.ZipFile(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                             dst_path=str(tmp_path))) as bundle:
+        bundle.extractall(tmp_path / "checkpoint")
+    resumed = keras.saving.load_model(tmp_path / "checkpoint" / "model.keras")
+    assert precision in {layer.dtype_policy.name for layer in resumed.layers if layer.weights}

@@ -235,6 +235,7 @@ class ResumePoint:
     model_path: Path  # the checkpoint's model.keras (with its optimizer state)
     tags: dict[str, str]
     logged_steps: dict[str, set[int]] = field(default_factory=dict)  # per-epoch metric -> steps already logged
+    logged_final: set[str] = field(default_factory=set)  # final metrics (step 0) logged before it stopped
     folder: tempfile.TemporaryDirectory | None = None
     checkpoint: str = ""  # the checkpoint's path in the run
 
@@ -255,8 +256,8 @@ def _still_training(tags: Mapping[str, str], now_ms: int) -> str | None:
     silent = (now_ms - int(beat)) / 1000 if beat.isdigit() else None
     if silent is not None and silent < SILENT_SECONDS:
         return (f"it was heard from {silent:.0f} s ago (host {host or '?'}, process {pid or '?'}), so it may still be "
-                f"training there; once it has been silent for {SILENT_SECONDS} s it can be resumed, or add --force "
-                "if you know that process is gone")
+                f"training there; once it has been silent for {SILENT_SECONDS} s it can be resumed (--force does not "
+                "skip this: two processes would write one run)")
     return None
 
 
@@ -265,7 +266,7 @@ def resume_point(run_id: str, *, force: bool = False) -> ResumePoint:
 
     Refused: an unknown or deleted run, one that is not a training of its own (a tuning trial,
     an ablation's run, an ensemble), one that ended FINISHED, a FAILED one unless `force`, a RUNNING
-    one whose process may still be training (unless `force`), early stopping, no (complete) checkpoint.
+    one whose process may still be training (even with `force`), early stopping, no (complete) checkpoint.
     Nothing is changed, whatever the answer.
     """
     store.configure_store()
@@ -302,7 +303,7 @@ def resume_point(run_id: str, *, force: bool = False) -> ResumePoint:
     if config.train.early_stopping_patience is not None:
         raise ResumeRefused(f"run {run_id} ({exp}) trains with early stopping (train.early_stopping_patience), "
                             f"which is not resumed; train it again with `cifar-mlops train --exp {exp}`", run_id)
-    if status == "RUNNING" and not force:
+    if status == "RUNNING":  # even with --force: two processes must never write one run
         reason = _still_training(tags, int(time.time() * 1000))
         if reason:
             raise ResumeRefused(f"run {run_id} ({exp}) is RUNNING and {reason}", run_id)
@@ -330,6 +331,7 @@ def resume_point(run_id: str, *, force: bool = False) -> ResumePoint:
     point.folder = folder
     for key in (k for k in run.data.metrics if k.startswith("epoch_")):
         point.logged_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
+    point.logged_final = {k for k in run.data.metrics if not k.startswith(("epoch_", "system/"))}
     return point
 
 
@@ -589,7 +591,10 @@ class TrainingRun:
             self.run_id, CHECKPOINT_FOLDER) if artifact.path not in self.checkpoints])
 
     def log_results(self, metrics: dict[str, float], texts: dict[str, str], figures: dict[str, Figure]) -> None:
-        log_batch(self.run_id, metrics=metrics)
+        """The final metrics (step 0), texts and figures; a resumed run that logged some final metrics before it
+        stopped keeps those (the same checkpoint evaluates the same) and logs no step 0 twice."""
+        logged = self.resume.logged_final if self.resume is not None else set()
+        log_batch(self.run_id, metrics={k: v for k, v in metrics.items() if k not in logged})
         for name, text in texts.items():
             mlflow.log_text(text, name)
         for name, figure in figures.items():
