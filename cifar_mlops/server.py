@@ -118,15 +118,30 @@ def auth_settings(users_db: str, admin: str) -> Path:
     return Path(name)
 
 
+LOOPBACK = ("127.0.0.1", "localhost")  # the server's own machine keeps answering when --allowed-hosts names others
+
+
+def host_patterns(allowed_hosts: str, port: int) -> str:
+    """MLflow's --allowed-hosts for the names given: MLflow compares the whole Host header, which carries the port
+    when the client uses one (http://NAME:PORT) and none behind a TLS proxy on 443 (https://NAME), so each
+    name is allowed both ways; a name given with a port or a pattern is kept as it is."""
+    names = [name.strip() for name in allowed_hosts.split(",") if name.strip()]
+    patterns = []
+    for name in [*names, *LOOPBACK]:
+        patterns += [name] if (":" in name or "*" in name) else [name, f"{name}:{port}"]
+    return ",".join(dict.fromkeys(patterns))
+
+
 def command(dbs: Databases, artifacts: str, host: str, port: int, workers: int, allowed_hosts: str = "") -> list[str]:
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     return [mlflow, "server", "--app-name", "cifar-team", "--backend-store-uri", dbs.runs,
             "--artifacts-destination", artifacts, "--serve-artifacts", "--host", host, "--port", str(port),
-            "--workers", str(workers), *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
+            "--workers", str(workers), *(["--allowed-hosts", host_patterns(allowed_hosts, port)] if allowed_hosts else [])]
 
 
-def what_to_export(dbs: Databases, host: str, port: int) -> list[str]:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+def what_to_export(dbs: Databases, host: str, port: int, allowed_hosts: str = "") -> list[str]:
+    named = [name.strip().split(":")[0] for name in allowed_hosts.split(",") if name.strip() and "*" not in name]
+    shown = named[0] if named else "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return [
         f"team server: http://{shown}:{port} (runs: {dbs.runs}, users: {dbs.users}, Optuna studies: {dbs.studies})",
         "every machine exports:",
@@ -157,7 +172,7 @@ def serve(backend_store_uri: str, artifacts: str, *, host: str = "127.0.0.1", po
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     if dbs.password:
         env["PGPASSWORD"] = dbs.password
-    for line in what_to_export(dbs, host, port):
+    for line in what_to_export(dbs, host, port, allowed_hosts):
         log(line, prefix="cifar-mlops server")
     argv = command(dbs, artifacts, host, port, workers, allowed_hosts)
     os.execvpe(argv[0], argv, env)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -466,3 +467,73 @@ def test_a_trainer_who_may_not_register_there_learns_it_before_training(team_ser
     as_user("reader", candidates=True)
     with pytest.raises(registry.store.PermissionDenied, match="may not register into cifar10-cnn-candidates"):
         registry.check_may_register("cnn")
+
+
+@contextmanager
+def another_server(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[dict]:
+    """One more `cifar-mlops server` on its own new database (dropped after), with `args` added."""
+    import sqlalchemy
+
+    try:
+        _postgres("SELECT 1")
+    except sqlalchemy.exc.OperationalError as err:
+        skip_or_fail(f"no PostgreSQL server answers at {PG_URL}: {str(err).splitlines()[0]}")
+    database = f"cifar_mlops_team_{uuid.uuid4().hex[:8]}"
+    backend = sqlalchemy.engine.make_url(PG_URL).set(database=database).render_as_string(hide_password=False)
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update(MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, **(env or {}))
+    log = folder / f"server-{port}.log"
+    argv = [str(BIN / "cifar-mlops"), "server", "--backend-store-uri", backend, "--port", str(port), "--workers", "1",
+            *args]
+    if "--artifacts-destination" not in args:
+        argv += ["--artifacts-destination", str(folder / "artifacts")]
+    try:
+        with server_process(argv, environment, log, f"http://127.0.0.1:{port}/health"):
+            yield {"url": f"http://127.0.0.1:{port}", "port": port, "log": log, "database": database}
+    finally:
+        for name in (database, f"{database}_auth", f"{database}_optuna"):
+            _postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_server_for_other_machines_answers_the_names_it_was_given_and_no_other(tmp_path: Path) -> None:
+    with another_server(tmp_path, "--host", "0.0.0.0", "--allowed-hosts", "mlflow.team.test") as started:
+        port = started["port"]
+
+        def status(address: str, host: str) -> int:  # another machine's request: another address, its Host header
+            return requests.get(f"http://{address}:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+                                headers={"Host": host}, auth=("admin", ADMIN_PASSWORD), timeout=10).status_code
+
+        assert status("127.0.0.2", f"mlflow.team.test:{port}") == 200  # http://mlflow.team.test:PORT
+        assert status("127.0.0.2", "mlflow.team.test") == 200  # behind a TLS proxy: https://mlflow.team.test
+        assert status("127.0.0.1", f"127.0.0.1:{port}") == 200  # the server's own machine
+        for host in (f"evil.test:{port}", "evil.test", f"127.0.0.2:{port}", f"mlflow.team.test.evil.test:{port}"):
+            refused = requests.get(f"http://127.0.0.2:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+                                   headers={"Host": host}, auth=("admin", ADMIN_PASSWORD), timeout=10)
+            assert refused.status_code == 403 and "Invalid Host header" in refused.text, (host, refused.text)
+        log = started["log"].read_text()
+        assert f"export MLFLOW_TRACKING_URI=http://mlflow.team.test:{port}" in log
+        assert ADMIN_PASSWORD not in log
+
+
+def test_the_tls_proxy_example_forwards_to_the_server_command_it_shows() -> None:
+    import re
+    import shlex
+
+    from cifar_mlops import server
+    from tests.conftest import REPO
+    from tests.test_deploy import parse
+
+    text = (REPO / "deploy" / "team-server" / "Caddyfile").read_text()
+    [line] = [line.lstrip("# ") for line in text.splitlines() if "cifar-mlops server" in line]
+    command, params = parse(shlex.split(line))
+    assert command.name == "server"
+    site = re.search(r"^(\S+) \{$", text, re.MULTILINE)[1]
+    host, port = re.search(r"^\s*reverse_proxy (\S+):(\d+)$", text, re.MULTILINE).groups()
+    assert (host, int(port)) == (params["host"], params["port"]) == ("127.0.0.1", 5000)  # the loopback only
+    # Caddy forwards the client's Host header (the site name, no port on 443): the server must take it
+    assert site in server.host_patterns(params["allowed_hosts"], params["port"]).split(",")
+    docs = (REPO / "docs" / "team.md").read_text()
+    for export in (f"export MLFLOW_TRACKING_URI=https://{site}", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert export in text and export in docs
+    assert "caddy run --config deploy/team-server/Caddyfile" in docs
