@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cifar_mlops import ablation_stats, evaluation
+from cifar_mlops import ablation_stats, evaluation, progress
 from cifar_mlops import config as cfg
 from cifar_mlops.ablation_stats import Comparison
 from cifar_mlops.errors import UserError
@@ -205,13 +205,16 @@ class Ablation:
     def is_done(self, task: str) -> bool:
         return task in self.finished()
 
-    def work(self, task: str) -> None:
-        """Train `task` as a nested run of the ablation, unless another process has meanwhile."""
+    def work(self, task: str, bar: progress.RunsBar | None = None) -> None:
+        """Train `task` as a nested run of the ablation, unless another process has meanwhile; tell `bar` (the
+        command's progress bar; a worker process has none and logs a line)."""
         from cifar_mlops.train import RunContext, train
 
         if self.is_done(task):
             return
         variant, seed = self.tasks[task]
+        if bar is not None:
+            bar.start(f"{variant.id} seed {seed}")
         config = self.config(task)
         tags = {"ablation": self.plan.name, "variant": variant.id, "seed": seed, "config_sha256": config_digest(config),
                 "mlflow.runName": f"{variant.id} seed {seed}",
@@ -219,6 +222,9 @@ class Ablation:
                 **({"added": variant.added} if variant.added else {})}
         metrics = train(config, RunContext(parent_run_id=self.spec.parent_run_id, tags=tags),
                         register=self.spec.register)
+        if bar is not None:
+            bar.finished(f"{variant.id} seed {seed}", f"test_accuracy={metrics['test_accuracy']:.4f}")
+            return
         left = len(self.tasks) - len(self.finished())
         log(f"[{len(self.tasks) - left}/{len(self.tasks)}] {variant.id} seed {seed}: "
             f"test_accuracy={metrics['test_accuracy']:.4f}; {left} run{'s' if left != 1 else ''} left")
@@ -314,12 +320,23 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
         claim=lambda run_id: queue.elect(study, parent, run_id, valid=runs.is_active))
     ablation = Ablation(spec, plan)
 
+    bar, asked = progress.RunsBar("ablate", 0), set()  # one bar over every round: the runs asked for so far
+
     def run(tasks: list[str]) -> int:
         pending = [task for task in tasks if not ablation.is_done(task)]
+        new = [task for task in tasks if task not in asked]
+        asked.update(new)
+        bar.add_total(len(new))
+        bar.reused(len(set(new) - set(pending)))
         if pending:
-            failures = queue.run_queue(queue_name(plan), spec.storage, pending, ablation.work, ablation.is_done,
-                                       study=study, workers=[worker_args(spec)] * workers if workers > 1 else [],
-                                       tracking_uri=store.configure_store())
+            before = bar.done  # with worker processes, the bar counts what the queue reports done
+
+            def polled(done: int, running: list[str]) -> None:
+                bar.set_done(before + done, [f"{ablation.tasks[t][0].id} seed {ablation.tasks[t][1]}" for t in running])
+
+            failures = queue.run_queue(queue_name(plan), spec.storage, pending, lambda task: ablation.work(task, bar),
+                                       ablation.is_done, study=study, tracking_uri=store.configure_store(),
+                                       workers=[worker_args(spec)] * workers if workers > 1 else [], on_progress=polled)
             for failure in failures:
                 log(f"{failure}; its run was picked up by another process")
         return len(pending)
@@ -358,11 +375,13 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
             reused = len(ran) - trained
         frame, predictions, labels = ablation.results(ran)
     except BaseException as err:
+        bar.close()
         status, reason = runs.failure(err)
         runs.finish_run(spec.parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
         if isinstance(err, (UserError, KeyboardInterrupt)):
             err.add_note(f"ablation {plan.name!r}: rerun the same command to resume it (finished runs are reused)")
         raise
+    bar.close()
 
     summary = ablation_stats.variant_summary(frame)
     effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha, metric=metric,

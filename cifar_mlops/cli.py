@@ -17,7 +17,7 @@ import time
 import click
 from tabulate import tabulate
 
-from cifar_mlops import backend
+from cifar_mlops import backend, progress
 from cifar_mlops import config as cfg
 from cifar_mlops.errors import UserError
 from cifar_mlops.process import heavy_imports
@@ -179,6 +179,10 @@ def _experiment_options(exp_help: str, set_example: str, register_help: str, exp
     )
 
 
+_VERBOSE = click.option("--verbose", is_flag=True, default=False,
+                        help="Keras's per-epoch lines for every run, too (off under the command's progress bar).")
+
+
 @main.command()
 @_experiment_options("Experiment id from the catalogue, e.g. 2.4 or smoke (with --resume: optional, must be the run's).",
                      "train.epochs=5", "Register the trained model as a new version of cifar10-<family>.",
@@ -189,8 +193,9 @@ def _experiment_options(exp_help: str, set_example: str, register_help: str, exp
               help="Go on with training run RUN_ID from its last checkpoint, in that run, with its own config.")
 @click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[BOOL]",
               help="With --resume: resume a FAILED run too (never a RUNNING one whose process may still be alive).")
+@_VERBOSE
 def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool, seeds: str,
-          resume_id: str, force: bool) -> None:
+          resume_id: str, force: bool, verbose: bool) -> None:
     """Train, evaluate, track and register one experiment (or resume a lost training: --resume)."""
     pairs = [*cfg.split_overrides(overrides), *set_pairs]
     if (resume_id.strip() or os.environ.get("MLFLOW_RUN_ID")) and _resume(resume_id.strip(), exp_id, pairs,
@@ -200,7 +205,8 @@ def train(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str
         raise cfg.ConfigError("--force goes with --resume RUN_ID")
     if not exp_id:
         raise cfg.ConfigError("give --exp ID (an experiment of `cifar-mlops experiments`), or --resume RUN_ID")
-    _run_experiment("train", exp_id, pairs, data_dir, register, cfg.parse_seeds(seeds) if seeds.strip() else None)
+    _run_experiment("train", exp_id, pairs, data_dir, register, cfg.parse_seeds(seeds) if seeds.strip() else None,
+                    verbose)
 
 
 def _resume(resume_id: str, exp_id: str, pairs: list[str], data_dir: str, register: bool, seeds: str,
@@ -243,9 +249,9 @@ def ensemble(exp_id: str, set_pairs: tuple[str, ...], overrides: str, data_dir: 
 
 
 def _run_experiment(kind: str, exp_id: str, pairs: list[str], data_dir: str, register: bool,
-                    seeds: list[int] | None = None) -> None:
+                    seeds: list[int] | None = None, verbose: bool = False) -> None:
     """Resolve the experiment (a bad one fails before anything heavy is imported), run it (once per seed
-    when `seeds`), print its metrics."""
+    when `seeds`, with a progress bar; `verbose`: Keras's epoch lines too), print its metrics."""
     values = _ensemble_overrides(pairs) if kind == "ensemble" else cfg.parse_overrides(pairs)
     if data_dir:
         values.setdefault("data.data_dir", data_dir)
@@ -265,10 +271,17 @@ def _run_experiment(kind: str, exp_id: str, pairs: list[str], data_dir: str, reg
 
     store.quiet_mlflow()
     shown = ("val_", "test_", "ensemble_gain_") if kind == "ensemble" else ("val_", "test_")
-    for config in configs:
-        metrics = run(config, register=register)
-        seed = f"seed {config.train.seed}: " if seeds is not None else ""
-        click.echo(seed + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(shown)))
+    if seeds is None:
+        metrics = run(configs[0], register=register)
+        click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(shown)))
+        return
+    with progress.runs_bar("train", len(configs), verbose=verbose) as bar:  # --seeds: one bar over the seeds
+        for config in configs:
+            bar.start(f"{exp_id} seed {config.train.seed}")
+            metrics = run(config, register=register)
+            bar.finished(f"{exp_id} seed {config.train.seed}", f"test_accuracy={metrics['test_accuracy']:.4f}")
+            bar.write(f"seed {config.train.seed}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                               if k.startswith(shown)), file=sys.stdout)
 
 
 ENSEMBLE_TOP_LEVEL = ("members", "voting", "fit_weights", "batch_size")
@@ -426,9 +439,10 @@ def predict(paths: tuple[str, ...], model_uri: str, out: str, top_k: int, batch_
 @_override_options("data.val_size=1000 (every trial)")
 @click.option("--register-best", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               metavar="[true|false]", help="Retrain the best trial's configuration once and register it.")
+@_VERBOSE
 def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, timeout: float, sampler: str,
          pruner: str, seed: str, set_pairs: tuple[str, ...], overrides: str, data_dir: str,
-         register_best: bool) -> None:
+         register_best: bool, verbose: bool) -> None:
     """Tune an experiment with Optuna: one nested MLflow run per trial under one parent run per study."""
     with heavy_imports():
         if workers == 1:  # the trials run in this process; with more, only the workers train
@@ -437,6 +451,7 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
         from cifar_mlops.tracking import store
 
     values = _override_values(set_pairs, overrides, data_dir)
+    progress.set_verbose(verbose)
     if seed.strip() and not seed.strip().lstrip("-").isdigit():
         raise tuning.TuneError(f"--seed must be an integer (got {seed!r})")
     result = tuning.tune(exp_id, trials, study_name=study_name or None, storage=storage or None,
@@ -453,6 +468,7 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
         click.echo(f"registered the best configuration as a new version of {result.registered}")
     click.echo(f"parent run {result.parent_run_id} in MLflow experiment {result.experiment!r}; to see it, "
                f"{store.where_to_look(result.tracking_uri)}")
+    click.echo(f"every trial in optuna-dashboard (pip install 'cifar-mlops[dashboard]'): run {result.dashboard}")
     if result.worker_failures:
         lost = f"; trials {', '.join(map(str, result.failed_dead))} marked FAIL" if result.failed_dead else ""
         raise UserError(f"{'; '.join(result.worker_failures)}{lost}; rerun the same command to continue the study")
@@ -494,9 +510,10 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @_override_options("train.epochs=5 (every variant)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
+@_VERBOSE
 def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, enhancements: str, variants: str,
            alpha: float, metric: str, min_effect: float, fixed_split: bool, workers: int, storage: str,
-           set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool) -> None:
+           set_pairs: tuple[str, ...], overrides: str, data_dir: str, register: bool, verbose: bool) -> None:
     """Did each enhancement help? Train variants of an experiment over paired seeds and test the effects."""
     with heavy_imports():
         import keras  # noqa: F401  (the variants train here: imported here, to be frozen)
@@ -505,6 +522,7 @@ def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, 
         from cifar_mlops.tracking import store
 
     values = _override_values(set_pairs, overrides, data_dir)
+    progress.set_verbose(verbose)
     names = [n.strip() for n in enhancements.split(",") if n.strip()]
     result = ablation.ablate(exp_id, design, None if seeds.strip() == "auto" else cfg.parse_seeds(seeds),
                              enhancements=names, max_seeds=max_seeds, budget_minutes=budget,

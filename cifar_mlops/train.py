@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from cifar_mlops import backend, data, evaluation
 from cifar_mlops.config import DataConfig, ExperimentConfig, TrainConfig, check_kind, flatten, with_overrides
 from cifar_mlops.errors import UserError, first_line
 from cifar_mlops.models import create_model, init_from_data
-from cifar_mlops.progress import log
+from cifar_mlops.progress import detail, keras_verbosity, log
 from cifar_mlops.tracking import registry, runs
 from cifar_mlops.tracking.image_model import flip_averaged, predict_in_batches
 
@@ -232,7 +231,7 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
     if cfg.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=cfg.early_stopping_patience,
                                                        restore_best_weights=True))
-    verbose = 1 if sys.stderr.isatty() else 2
+    verbose = keras_verbosity()  # 0 inside ablate / tune / train --seeds (their bar), unless --verbose
     history: dict[str, list[float]] = {}
     for first, end, learning_rate, frozen in training_phases(config):
         if end <= start:
@@ -240,8 +239,8 @@ def fit(model, config: ExperimentConfig, splits: data.Splits, callbacks: Iterabl
         if first >= start:
             if frozen or first > 0:
                 model.get_layer("backbone").trainable = not frozen
-                log(f"epochs {first + 1}-{end}: backbone {'frozen' if frozen else 'fine-tuned'}, "
-                    f"learning rate {learning_rate:g}")
+                detail(f"epochs {first + 1}-{end}: backbone {'frozen' if frozen else 'fine-tuned'}, "
+                       f"learning rate {learning_rate:g}")
             compile_model(model, cfg, learning_rate, (end - first) * steps_per_epoch)
         else:  # resumed inside this phase: the checkpoint's model is compiled for it
             log(f"epochs {start + 1}-{end}: going on from the checkpoint after epoch {start}")
@@ -266,10 +265,10 @@ def predictor(model, devices: int) -> Callable:
 def tracked_splits(run: runs.TrainingRun, data_config: DataConfig, splits: data.Splits | None = None) -> data.Splits:
     """The splits a run uses, loaded here unless a caller that runs many times passes them, and logged."""
     if splits is None:
-        log("loading data")
+        detail("loading data")
         splits = data.load_splits(data_config)
-    log(f"data: {splits.source} from {splits.location}: "
-        f"{len(splits.y_train)} train / {len(splits.y_val)} val / {len(splits.y_test)} test images")
+    detail(f"data: {splits.source} from {splits.location}: "
+           f"{len(splits.y_train)} train / {len(splits.y_val)} val / {len(splits.y_test)} test images")
     run.log_data(splits)
     return splits
 
@@ -317,7 +316,7 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
             runs.TrainingRun(config, experiment=context.experiment, parent_run_id=context.parent_run_id,
                              tags=context.tags, on_start=context.on_start, resume=resume.point if resume else None,
                              heartbeat=checkpoints) as run:
-        log(f"{config.exp_id}: tracking {run.url_hint}")
+        detail(f"{config.exp_id}: tracking {run.url_hint}")
         splits = tracked_splits(run, config.data, splits)
 
         if resume is None:
@@ -325,11 +324,11 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
             run.log(params={"train.dtype_policy": policy, "train.backend": keras.backend.backend()})
             with building_with_policy(policy):  # the model keeps it; compile adds loss scaling for mixed_float16
                 model = create_model(config.model.name, num_classes=splits.num_classes, **config.model.settings())
-            log(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
-                f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}, "
-                f"on {keras.backend.backend()}" + (f", {devices} devices" if devices > 1 else ""))
+            detail(f"model {config.model.name}: {model.count_params():,} parameters, input 32x32 uint8 -> "
+                   f"{config.model.image_size}x{config.model.image_size} {config.model.interpolation}, {policy}, "
+                   f"on {keras.backend.backend()}" + (f", {devices} devices" if devices > 1 else ""))
             for name in init_from_data(model, splits.x_train, seed=config.train.seed):
-                log(f"layer {name} set from the training images")
+                detail(f"layer {name} set from the training images")
             start, history, fit_before = 0, {}, 0.0
         else:
             model, state = resume.model, resume.point.state
@@ -344,7 +343,7 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
         fit_seconds = fit_before + time.perf_counter() - started
         history = {key: [*history.get(key, []), *trained.get(key, [])] for key in {*history, *trained}}
 
-        log("evaluating on train, val and test" + (", with test-time flips" if config.model.test_time_flip else ""))
+        detail("evaluating on train, val and test" + (", with test-time flips" if config.model.test_time_flip else ""))
         predict = predictor(model, devices)
         if config.model.test_time_flip:  # as the logged model predicts where it is served
             predict = flip_averaged(predict)
@@ -362,7 +361,7 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
             version = run.register(model_uri, metrics)
             name = registry.registration_name(config.family)
             log(f"registered {name} version {version}: {run.version_link(name, version)}")
-        log(" ".join(f"{k}={metrics[k]:.4f}" for k in ("train_accuracy", "val_accuracy", "test_accuracy", "test_f1_macro")))
+        detail(" ".join(f"{k}={metrics[k]:.4f}" for k in ("train_accuracy", "val_accuracy", "test_accuracy", "test_f1_macro")))
         return metrics
 
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -41,6 +44,7 @@ PRUNERS = ("median", "percentile", "successive-halving", "hyperband", "none")
 SEARCHED_SECTION = "train"  # every search dimension overrides train.<name>
 TRIAL_METRICS = ("val_accuracy", "val_f1_macro", "train_accuracy", "test_accuracy", "epochs_run")
 COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # TuneResult.counts and the parent's trials_* tags
+DASHBOARD_URL = "http://127.0.0.1:8080"  # where `optuna-dashboard STORAGE` serves by default
 
 
 class TuneError(UserError):
@@ -213,8 +217,9 @@ class WorkerSpec:
             raise
 
 
-def run_worker(spec: WorkerSpec) -> int:
-    """Run up to `spec.trials` trials of the study in this process; return how many finished."""
+def run_worker(spec: WorkerSpec, bar: progress.RunsBar | None = None) -> int:
+    """Run up to `spec.trials` trials of the study in this process; return how many finished. `bar`: the
+    command's progress bar, told of each trial (a worker process has none: it logs a line per trial)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cifar_mlops import data
     from cifar_mlops.tracking import store, studies
@@ -230,6 +235,8 @@ def run_worker(spec: WorkerSpec) -> int:
 
     def objective(trial: optuna.Trial) -> float:
         queue.claim(trial)
+        if bar is not None:
+            bar.start(f"trial {trial.number}")
         values = suggest(trial, config.search)
         trial_config = cfg.resolve(spec.exp_id, {**spec.overrides, **values})
         run_ids: list[str] = []
@@ -261,7 +268,10 @@ def run_worker(spec: WorkerSpec) -> int:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             studies.end_trial_run(run_id, trial.state.name)
-        log(f"worker {spec.index}: {progress_line(study, trial)}")
+        if bar is None:
+            log(f"worker {spec.index}: {progress_line(study, trial)}")
+        else:
+            bar.finished(progress_line(study, trial))
 
     # a batch size too large for the device fails that trial, not the worker
     study.optimize(objective, n_trials=spec.trials, timeout=spec.timeout, callbacks=[finished],
@@ -332,6 +342,7 @@ class TuneResult:
     registered: str | None = None
     worker_failures: list[str] = field(default_factory=list)
     failed_dead: list[int] = field(default_factory=list)
+    dashboard: str = ""  # how to open the study in optuna-dashboard (`dashboard_command`)
 
 
 def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig) -> tuple[optuna.Study, list[int]]:
@@ -379,7 +390,8 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
          workers: int = 1, timeout: float | None = None, sampler: str = "tpe", pruner: str = "median",
          seed: int | None = None, overrides: dict[str, Any] | None = None,
          register_best: bool = False) -> TuneResult:
-    """Run `trials` more trials of experiment `exp_id`'s study on `workers` processes; return the summary."""
+    """Run `trials` more trials of experiment `exp_id`'s study on `workers` processes, under a progress bar
+    (`progress.runs_bar`); return the summary."""
     from cifar_mlops.tracking import registry, store, studies
 
     overrides = dict(overrides or {})
@@ -403,7 +415,9 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
             "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "none"}
     parent_run_id, experiment = _parent_run(study, spec, tags)
     result = TuneResult(study_name=study_name, storage=redact(storage), parent_run_id=parent_run_id,
-                        tracking_uri=store.configure_store(), experiment=experiment, failed_dead=failed_dead)
+                        tracking_uri=store.configure_store(), experiment=experiment, failed_dead=failed_dead,
+                        dashboard=dashboard_command(storage, queue.open_storage(storage).get_study_id_from_name(
+                            study_name)))  # optuna-dashboard numbers its pages by the study's id
     log(f"study {study_name!r} ({len(study.trials)} earlier trials) in {redact(storage)}; "
         f"parent run {parent_run_id} in MLflow experiment {experiment!r}")
 
@@ -416,11 +430,13 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
              for i in range(workers)]
     status = "FINISHED"
     try:
-        if workers == 1:
-            run_worker(specs[0])
-        else:
-            result.worker_failures = run_worker_processes([(f"{s.trials} trials", worker_args(s)) for s in specs],
-                                                          result.tracking_uri)
+        with progress.runs_bar("tune", trials, unit="trials") as bar:
+            if workers == 1:
+                run_worker(specs[0], bar)
+            else:
+                with progress.every(queue.QUEUE_POLL_SECONDS, lambda: bar.set_done(*trials_since(study, offset))):
+                    result.worker_failures = run_worker_processes(
+                        [(f"{s.trials} trials", worker_args(s)) for s in specs], result.tracking_uri)
             if result.worker_failures:
                 status = "FAILED"
     except KeyboardInterrupt:
@@ -442,6 +458,34 @@ def tune(exp_id: str, trials: int, *, study_name: str | None = None, storage: st
         result.registered = f"{registry.registered_model_name(best_config.family)} (see `mlflow ui`)"
         studies.tag_run(parent_run_id, {"best_registered": "yes"})
     return result
+
+
+def trials_since(study: optuna.Study, offset: int) -> tuple[int, list[str]]:
+    """What the study says of the trials numbered from `offset` on (this command's, with several workers): how
+    many ended (COMPLETE, PRUNED or FAIL), and which run now."""
+    done, running = 0, []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number >= offset:
+            if trial.state == TrialState.RUNNING:
+                running.append(f"trial {trial.number}")
+            elif trial.state.is_finished():
+                done += 1
+    return done, running
+
+
+def dashboard_command(storage: str | None, study_id: int | None = None) -> str:
+    """The command that opens optuna-dashboard (the `dashboard` extra) on the study's storage, and the page of
+    study `study_id` there: a journal file by its path, a database by its URL without the password (psycopg
+    reads it from $PGPASSWORD or ~/.pgpass), a relative SQLite path made absolute."""
+    path = queue.journal_path(storage)
+    if path is not None:
+        target = str(path)
+    else:
+        target = re.sub(r"(://[^:/@]*):[^@]*@", r"\1@", storage)
+        if target.startswith("sqlite:///") and not target.startswith("sqlite:////"):
+            target = "sqlite:///" + str(Path(target[len("sqlite:///"):]).resolve())
+    page = f"{DASHBOARD_URL}/dashboard" + (f"/studies/{study_id}" if study_id is not None else "")
+    return f"`optuna-dashboard {shlex.quote(target)}`, then open {page}"
 
 
 def _finish(study: optuna.Study, result: TuneResult, status: str) -> None:
@@ -474,6 +518,7 @@ def _finish(study: optuna.Study, result: TuneResult, status: str) -> None:
                                                 "params": as_overrides(best.params)}, indent=2)
     result.table = best_table(study)
     texts["best_trials.txt"] = result.table + "\n"
+    tags[studies.NOTE_TAG] = study_note(study, result)  # the run page's description, as markdown
     if result.worker_failures:
         tags["failure_reason"] = "; ".join(result.worker_failures)
     figures = study_figures(study)
@@ -529,11 +574,37 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 def best_table(study: optuna.Study, top: int = 5) -> str:
     """The `top` completed trials, best first (equals in trial order), as a text table: trial, val_accuracy,
     test_accuracy, the searched params, the trial's run id."""
+    table = best_frame(study, top)
+    return "no completed trials yet" if table.empty else table.to_string(index=False)
+
+
+def study_note(study: optuna.Study, result: TuneResult, top: int = 5) -> str:
+    """The parent run's description (markdown, on its page in MLflow's UI): the study, its trial counts, the
+    `top` trials as a table whose run ids link to the trials' runs, how to open it in optuna-dashboard."""
+    from cifar_mlops.tracking import studies
+
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n or state != "RUNNING")
+    lines = [f"**Optuna study `{result.study_name}`**, storage `{result.storage or queue.DEFAULT_JOURNAL}`: "
+             f"{sum(result.counts.values())} trials ({counts}); maximizing `{OBJECTIVE}`."]
+    table = best_frame(study, top)
+    if table.empty:
+        lines.append("No completed trial yet.")
+    else:
+        links = studies.run_links([r for r in table["run_id"] if r])
+        table["run_id"] = [f"[{r[:8]}]({links[r]})" if r in links else r for r in table["run_id"]]
+        lines += [f"Best {len(table)} trials:", table.to_markdown(index=False, disable_numparse=True)]
+    if result.dashboard:
+        lines.append(f"Every trial in optuna-dashboard: {result.dashboard}.")
+    return "\n\n".join(lines)
+
+
+def best_frame(study: optuna.Study, top: int = 5) -> pd.DataFrame:
+    """`best_table`'s rows as text cells (no row: no completed trial yet)."""
     frame = trials_frame(study)
     complete = (frame[frame["state"] == TrialState.COMPLETE.name]
                 .sort_values("value", ascending=False, kind="stable").head(top))
     if complete.empty:
-        return "no completed trials yet"
+        return pd.DataFrame()
     extras = ["user_attrs_test_accuracy", "user_attrs_mlflow_run_id"]
     complete = complete.reindex(columns=complete.columns.union(extras, sort=False))
     params = sorted(c for c in complete.columns if c.startswith("params_") and complete[c].notna().any())
@@ -544,7 +615,7 @@ def best_table(study: optuna.Study, top: int = 5) -> str:
         **{name.removeprefix("params_"): complete[name].map(_cell) for name in params},
         "run_id": complete["user_attrs_mlflow_run_id"].map(_cell),
     })
-    return table.to_string(index=False)
+    return table
 
 
 def _fmt4(value: Any) -> str:

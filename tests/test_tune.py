@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def assert_no_running_runs() -> None:
     assert client.search_runs(ids, filter_string="attributes.status = 'RUNNING'") == []
 
 
-def test_four_trial_study_with_default_storage(store: str, tmp_path: Path) -> None:
+def test_four_trial_study_with_default_storage(store: str, tmp_path: Path, capsys) -> None:
     result = tune.tune("smoke", 4, overrides={**TINY, "search.epochs.high": 2}, seed=0, pruner="none")
 
     study = journal_study("cifar10-smoke")
@@ -82,6 +83,26 @@ def test_four_trial_study_with_default_storage(store: str, tmp_path: Path) -> No
             "best_params.json"} <= artifacts
     assert MlflowClient().search_model_versions() == []  # trials do not register
     assert_no_running_runs()
+
+    # The run's page in the UI: its description (markdown) is the result table, every run id a link to its run
+    note = tags[studies.NOTE_TAG]
+    assert note.startswith("**Optuna study `cifar10-smoke`**") and "4 trials (4 COMPLETE, 0 PRUNED, 0 FAIL)" in note
+    header, rule, *rows = [line for line in note.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "trial", "val_accuracy", "test_accuracy", "batch_size", "epochs", "learning_rate", "run_id"]
+    ranked = sorted(study.trials, key=lambda t: (-t.value, t.number))
+    assert [int(row.split("|")[1]) for row in rows] == [t.number for t in ranked]
+    best_run = best.user_attrs["mlflow_run_id"]
+    assert f"[{best_run[:8]}](#/experiments/{parent.info.experiment_id}/runs/{best_run}?workflowType=machine_learning)" in rows[0]
+    assert f"`optuna-dashboard {tmp_path / queue.DEFAULT_JOURNAL}`" in note
+    # the trials' runs group in the UI by the searched values (params) and by outcome (tags)
+    for run in children:
+        assert {"train.learning_rate", "train.batch_size", "train.epochs"} <= set(run.data.params)
+        assert {"optuna_study", "state", "trial_number"} <= set(run.data.tags)
+    # one line per finished trial on stderr (not a terminal here): the bar
+    lines = re.findall(r"^\[cifar-mlops tune\] (\d)/4 trials done \| elapsed \d\d:\d\d, left ~\S+ \| trial (\d) COMPLETE",
+                       capsys.readouterr().err, re.MULTILINE)
+    assert lines == [(str(n + 1), str(n)) for n in range(4)]
 
 
 @pytest.mark.core

@@ -295,19 +295,40 @@ def drain(study: optuna.Study, work: Callable[[str], None]) -> int:
     return ran
 
 
+def task_progress(study: optuna.Study, tasks: Sequence[str], since: int = 0) -> tuple[int, list[str]]:
+    """What the queue says of `tasks` in its trials numbered from `since` on: how many are done (a COMPLETE
+    trial), and which run now (a RUNNING one)."""
+    wanted = set(tasks)
+    done, running = set(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        task = trial.user_attrs.get(TASK)
+        if trial.number >= since and task in wanted:
+            if trial.state == TrialState.COMPLETE:
+                done.add(task)
+            else:
+                running.append(task)
+    return len(done), running
+
+
 def run_queue(name: str, storage: str | None, tasks: list[str], work: Callable[[str], None],
               is_done: Callable[[str], bool], *, study: optuna.Study | None = None,
-              workers: Sequence[list[str]] = (), tracking_uri: str = "") -> list[str]:
+              workers: Sequence[list[str]] = (), tracking_uri: str = "",
+              on_progress: Callable[[int, list[str]], None] | None = None) -> list[str]:
     """Queue `tasks` and run them all: in this process, with a `cifar-mlops ARGS` worker process for each ARGS
     of `workers` (each draining the same queue), and any process of another machine on the same storage. A
     task lost with a dead worker is queued again and run here; returns what went wrong with the worker
     processes. `work` must skip a task that `is_done` (another process finished it). `study`: the queue
-    already opened (`open_queue`)."""
+    already opened (`open_queue`). `on_progress(done, running)`: told what the queue says of `tasks`
+    (`task_progress`) every QUEUE_POLL_SECONDS while the worker processes run (a progress bar's count)."""
     study = study or open_queue(name, storage)
+    held = [t.number for t in _tasks(study, (TrialState.WAITING, TrialState.RUNNING)) if t.user_attrs[TASK] in tasks]
+    since = min([*held, len(study.get_trials(deepcopy=False))])  # the trials that run `tasks` now, and later ones
     enqueue(study, tasks)
     failures: list[str] = []
     if workers:
-        failures = run_worker_processes([(f"tasks of queue {name!r}", args) for args in workers], tracking_uri)
+        poll = None if on_progress is None else lambda: on_progress(*task_progress(study, tasks, since))
+        with progress.every(QUEUE_POLL_SECONDS, poll):
+            failures = run_worker_processes([(f"tasks of queue {name!r}", args) for args in workers], tracking_uri)
     while True:
         drain(study, work)
         fail_dead_trials(study)

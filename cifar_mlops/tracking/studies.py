@@ -11,6 +11,7 @@ from cifar_mlops.tracking import store
 from cifar_mlops.tracking.runs import FAILURE_TAG, is_active, log_batch, open_parent_run
 
 TUNING_EXPERIMENT = "cifar10-tuning"
+NOTE_TAG = "mlflow.note.content"  # a run's description: MLflow's UI renders it as markdown on the run's page
 # An Optuna trial state -> the status of the trial's run (PRUNED: stopped early on purpose, not a failure)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}
 
@@ -22,6 +23,20 @@ def study_run(study_name: str, tags: dict[str, str], reuse_run_id: str | None = 
         return reuse_run_id if reuse_run_id and is_active(reuse_run_id) else None
 
     return open_parent_run(TUNING_EXPERIMENT, study_name, tags, earlier)
+
+
+def run_links(run_ids: list[str]) -> dict[str, str]:
+    """Each run's page in MLflow's UI as a link relative to the UI (for a run's description: right on any
+    server that shows it), in the training view; runs that are gone are left out."""
+    client = store.client()
+    links = {}
+    for run_id in run_ids:
+        try:
+            experiment_id = client.get_run(run_id).info.experiment_id
+        except mlflow.exceptions.MlflowException:
+            continue
+        links[run_id] = f"#/{store.run_page(experiment_id, run_id)}?{store.TRAINING_VIEW}"
+    return links
 
 
 def delete_run(run_id: str) -> None:

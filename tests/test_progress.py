@@ -1,0 +1,105 @@
+"""One progress bar per long command: `ablate`, `tune`, `train --seeds` (and `select`, through `progress.runs_bar`).
+
+The commands run as a user runs them, stderr to a pipe (a log file, not a terminal): one line per finished run
+with runs done / total, elapsed time and the time left, and no Keras per-epoch line unless --verbose.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_mlops import progress
+from tests.conftest import BIN, run_command
+
+TINY_SET = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+            "data.synthetic_test_pool=40", "--set", "train.epochs=1"]
+KERAS_EPOCH = re.compile(r"^Epoch \d+/\d+$|\d+/\d+ - \d+m?s - .*loss", re.MULTILINE)  # fit(verbose=2)'s lines
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def bar_lines(stderr: str, command: str, unit: str = "runs") -> list[re.Match]:
+    """The bar's lines in a log: `[cifar-mlops COMMAND] DONE/TOTAL UNIT done | elapsed T, left ~T | WHAT`."""
+    return list(re.finditer(rf"^\[cifar-mlops {command}\] (\d+)/(\d+) {unit} done \| elapsed (\d\d:\d\d), "
+                            r"left ~(\d\d:\d\d|\?) \| (.+)$", stderr, re.MULTILINE))
+
+
+def test_in_a_log_a_bar_is_one_line_per_finished_run_and_its_estimate_leaves_out_reused_runs() -> None:
+    log = io.StringIO()
+    bar = progress.RunsBar("ablate", 0, stream=log)
+    bar.add_total(4)
+    bar.reused(2)  # found done: no line, and no part of the rate
+    bar.start("b seed 0")
+    assert log.getvalue() == ""
+    time.sleep(0.2)
+    bar.finished("b seed 0", "test_accuracy=0.5000")
+    left = bar.remaining()
+    assert left is not None and 0.15 < left < 2  # one run left at the one run's time, not a third of it
+    bar.set_done(4, [])  # what a queue reports: the last one finished elsewhere
+    bar.close()
+    lines = bar_lines(log.getvalue(), "ablate")
+    assert [(m[1], m[2], m[5]) for m in lines] == [("3", "4", "b seed 0: test_accuracy=0.5000"),
+                                                   ("4", "4", "1 more finished")]
+    assert lines[0][4] != "?" and lines[1][4] == "00:00"
+
+
+def test_on_a_terminal_the_bar_is_one_updating_line_that_names_the_current_run() -> None:
+    screen = Terminal()
+    with progress.runs_bar("tune", 3, unit="trials", stream=screen) as bar:
+        bar.start("trial 0")
+        bar.write("[cifar-mlops] a log line")  # above the bar, not inside it
+        bar.finished("trial 0")
+        bar.start("trial 1")
+    shown = screen.getvalue()
+    assert "\n" not in shown.split("[cifar-mlops] a log line\n")[-1].rstrip("\n")  # after the log line: \r only
+    redraws = shown.split("\r")
+    assert any("now: trial 0" in r and "0/3 trials" in r for r in redraws)
+    assert any("now: trial 1" in r and "1/3 trials" in r and " left]" in r for r in redraws)
+
+
+def test_the_runs_under_a_bar_are_quiet_and_verbose_brings_them_back(monkeypatch, capsys) -> None:
+    monkeypatch.delenv(progress.RUN_OUTPUT, raising=False)
+    with progress.runs_bar("train", 1, stream=io.StringIO()):
+        assert progress.keras_verbosity() == 0
+        progress.detail("evaluating on train, val and test")
+    assert progress.keras_verbosity() == 2  # pytest's stderr is no terminal: one line per epoch, as before
+    progress.set_verbose(True)
+    with progress.runs_bar("train", 1, stream=io.StringIO()):
+        assert progress.keras_verbosity() == 2
+        progress.detail("model cnn_tiny")
+    assert capsys.readouterr().err == "[cifar-mlops] model cnn_tiny\n"
+
+
+@pytest.mark.slow
+def test_ablate_in_a_log_file_prints_one_line_per_run_and_no_keras_epochs(tmp_path: Path) -> None:
+    done = run_command([str(BIN / "cifar-mlops"), "ablate", "--exp", "smoke", "--design", "variants",
+                        "--variants", "smoke-wide", "--seeds", "2", *TINY_SET], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = bar_lines(done.stderr, "ablate")
+    assert [(int(m[1]), int(m[2])) for m in lines] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert {re.sub(r": test_accuracy=0\.\d{4}$", "", m[5]) for m in lines} == {
+        "smoke seed 0", "smoke seed 1", "smoke-wide seed 0", "smoke-wide seed 1"}
+    assert lines[0][4] != "?" and lines[-1][4] == "00:00"
+    assert not KERAS_EPOCH.search(done.stdout + done.stderr)
+    assert "evaluating on train, val and test" not in done.stderr  # each run's own steps: quiet under the bar
+
+
+@pytest.mark.slow
+def test_train_seeds_verbose_keeps_the_bar_and_brings_back_keras_epoch_lines(tmp_path: Path) -> None:
+    done = run_command([str(BIN / "cifar-mlops"), "train", "--exp", "smoke", "--seeds", "2", "--no-register",
+                        "--verbose", *TINY_SET], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = bar_lines(done.stderr, "train")
+    assert [(m[1], m[2]) for m in lines] == [("1", "2"), ("2", "2")]
+    assert [m[5].split(":")[0] for m in lines] == ["smoke seed 0", "smoke seed 1"]
+    assert len(KERAS_EPOCH.findall(done.stdout + done.stderr)) >= 2  # Keras's lines, one per epoch (1 epoch, 2 seeds)
+    assert "evaluating on train, val and test" in done.stderr
+    assert re.findall(r"^seed (\d): val_accuracy=", done.stdout, re.MULTILINE) == ["0", "1"]  # results on stdout
