@@ -473,6 +473,7 @@ def effects_text(table: pd.DataFrame) -> pd.DataFrame:
 
     if "role" not in table.columns:  # logged before issue 31 (95 % intervals, Holm p): shown as it was logged
         return table.drop(columns=["with", "without"], errors="ignore").astype(str)
+    table = table.fillna({"verdict": "", "vs_min_effect": "", "note": ""})  # blanks read back from a CSV are NaN
     return pd.DataFrame({
         "effect": table["effect"],
         "metric": table["metric"],

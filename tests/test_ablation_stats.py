@@ -705,3 +705,13 @@ def test_each_comparison_says_its_verdict_seeds_interval_and_training_minutes(ab
     lr = by_effect.loc["lr_x1000"]
     assert f"{lr['verdict']} (clears min-effect)" in text and "wall-clock" in text
     assert ab.interval_text(lr["mean_diff"], lr["ci_low"], lr["ci_high"]) + " at 99%" in text
+
+
+def test_blank_cells_read_back_from_the_logged_csv_stay_blank(table):
+    """The report reads the effects table from the parent run's CSV, where blank text cells come back as NaN."""
+    import io
+
+    logged = pd.read_csv(io.StringIO(table.to_csv(index=False)))
+    text = ab.effects_text(logged)
+    assert not text.isin(["nan"]).any().any()
+    assert text.equals(ab.effects_text(table))
