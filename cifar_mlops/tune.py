@@ -360,6 +360,7 @@ def _prepare_study(spec: WorkerSpec, config: cfg.ExperimentConfig) -> tuple[optu
     if owner is None:
         study.set_user_attr("exp_id", spec.exp_id)
         study.set_user_attr("objective", OBJECTIVE)
+        study.set_user_attr(queue.KIND, f"tuning study of experiment {spec.exp_id}")
     elif owner != spec.exp_id:
         raise TuneError(f"study {spec.study_name!r} tunes experiment {owner}, not {spec.exp_id}; "
                         "pass another --study name")

@@ -24,9 +24,9 @@ from tests.test_tune import TINY, TINY_SET
 PRINTED = r"every trial in optuna-dashboard \(pip install 'cifar-mlops\[dashboard\]'\): run `([^`]+)`, then open (\S+)"
 
 
-def dashboard_trials(command: str, page: str, study: optuna.Study, log: Path) -> list[dict]:
+def dashboard_trials(command: str, page: str, study: optuna.Study, log: Path) -> tuple[list[dict], dict[str, dict]]:
     """Start `command` (as printed, on a free port instead of 8080), check that `page` is the study's, and return
-    the trials its API serves."""
+    the trials its API serves, and every study it lists (by name: their user attrs)."""
     port = free_port()
     argv = [str(BIN / "optuna-dashboard"), *shlex.split(command)[1:], "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -38,7 +38,7 @@ def dashboard_trials(command: str, page: str, study: optuna.Study, log: Path) ->
         assert requests.get(page.replace(tune.DASHBOARD_URL, f"http://127.0.0.1:{port}"), timeout=30).ok
         detail = requests.get(f"{api}/{study_id}", timeout=30).json()
     assert detail["name"] == study.study_name and detail["directions"] == ["maximize"]
-    return detail["trials"]
+    return detail["trials"], {name: {a["key"]: a["value"] for a in s["user_attrs"]} for name, s in studies.items()}
 
 
 def assert_same_trials(served: list[dict], study: optuna.Study) -> None:
@@ -65,7 +65,7 @@ def test_tune_prints_the_dashboard_command_of_its_journal_and_the_dashboard_serv
 
     study = optuna.load_study(study_name="cifar10-smoke", storage=queue.open_storage(str(tmp_path / "optuna.journal")))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert_same_trials(dashboard_trials(command, page, study, tmp_path / "dashboard.log"), study)
+    assert_same_trials(dashboard_trials(command, page, study, tmp_path / "dashboard.log")[0], study)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -80,9 +80,13 @@ def test_on_a_database_the_printed_command_opens_the_same_study(kind: str, store
     else:
         assert shlex.split(command) == ["optuna-dashboard", storage]
     study = optuna.load_study(study_name="cifar10-smoke", storage=queue.open_storage(storage))
-    served = dashboard_trials(command, page, study, tmp_path / "dashboard.log")
+    queue.open_queue("ablation smoke variants smoke-wide", storage)  # an ablation's run queue in the same storage
+    served, listed = dashboard_trials(command, page, study, tmp_path / "dashboard.log")
     assert len(served) == 1
     assert_same_trials(served, study)
+    # told apart in the dashboard's list by name, and on their pages by what they say they are
+    assert listed["cifar10-smoke"][queue.KIND] == "tuning study of experiment smoke"
+    assert listed["ablation smoke variants smoke-wide"][queue.KIND] == queue.QUEUE_KIND
 
 
 def test_the_printed_command_leaves_the_password_out_and_quotes_for_the_shell() -> None:

@@ -46,6 +46,8 @@ OUTCOME = "outcome"  # user attr of a queued trial told PRUNED without running: 
 DUPLICATE = "duplicate: an earlier trial of the queue holds this task"
 NOTHING_LEFT = "no task: another process took the last one"
 CLAIM = "claim"  # user attr of a finished trial holding a process's proposal in `elect`
+KIND = "kind"  # user attr of a study: what it is, shown on its page in optuna-dashboard beside tuning studies
+QUEUE_KIND = "run queue (not a tuning study): one trial per run of an ablation or selection, value 0"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the commands' progress lines replace Optuna's
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -231,7 +233,9 @@ def elect(study: optuna.Study, key: str, candidate: str | None = None,
 
 
 def open_queue(name: str, storage: str | None) -> optuna.Study:
-    """The queue `name` (a study, created if missing), dead local workers' tasks failed."""
+    """The queue `name` (a study, created if missing, its user attr `kind` saying it is a queue), dead local
+    workers' tasks failed. Its callers name it `ablation ...` or `selection ...`: in optuna-dashboard, beside the
+    tuning studies (`cifar10-<exp>` or `tune --study NAME`), what a study is shows in its name."""
     opened = open_storage(storage)
     try:
         study = optuna.create_study(study_name=name, storage=opened, load_if_exists=True,
@@ -239,6 +243,8 @@ def open_queue(name: str, storage: str | None) -> optuna.Study:
     except Exception as err:  # noqa: BLE001 - e.g. the database went away
         raise QueueError(f"cannot open queue {name!r} in {redact(storage) or DEFAULT_JOURNAL}: "
                          f"{first_line(err)}") from None
+    if KIND not in study.user_attrs:
+        study.set_user_attr(KIND, QUEUE_KIND)
     fail_dead_trials(study)
     return study
 
