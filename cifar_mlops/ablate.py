@@ -73,8 +73,9 @@ class Design:
 
 
 def build_design(exp_id: str, design: str, *, enhancements: Sequence[str] = (), variants: Sequence[str] = (),
-                 overrides: dict[str, Any] | None = None) -> Design:
-    """The variants and comparisons of `design` on experiment `exp_id`, each checked to resolve."""
+                 overrides: dict[str, Any] | None = None, base: Sequence[str] | None = None) -> Design:
+    """The variants and comparisons of `design` on experiment `exp_id`, each checked to resolve. `base` (add-one
+    only): add to experiment `exp_id` itself with these enhancements instead of to its parent (`select`'s steps)."""
     overrides = overrides or {}
     if design not in DESIGNS:
         raise AblationError(f"unknown design {design!r}; choose one of {', '.join(DESIGNS)}")
@@ -97,16 +98,17 @@ def build_design(exp_id: str, design: str, *, enhancements: Sequence[str] = (), 
         comparisons = [Comparison(v.removed, reference.id, v.id) for v in candidates]
         arms = [reference, *candidates]
     elif design == "add-one":
-        if not config.parent:
+        if not config.parent and base is None:
             raise AblationError(f"{exp_id} has no parent: add-one adds enhancements to the iteration it builds on")
-        base = Variant(config.parent, config.parent)
-        parent = base.config(overrides, 0)
+        start = Variant(config.parent, config.parent) if base is None else Variant(
+            exp_id + "".join(f" +{name}" for name in base if name not in config.enhancements), exp_id, tuple(base))
+        parent = start.config(overrides, 0)
         study = [name for name, entry in catalogue.items() if config.study in entry.get("studies", [])]
         added = named or [name for name in study if name not in parent.enhancements]
-        candidates = [Variant(f"{parent.exp_id} +{name}", parent.exp_id, (*parent.enhancements, name), added=name)
+        candidates = [Variant(f"{start.id} +{name}", start.exp_id, (*parent.enhancements, name), added=name)
                       for name in added if name not in parent.enhancements]
-        comparisons = [Comparison(v.added, v.id, base.id) for v in candidates]
-        arms = [base, *candidates]
+        comparisons = [Comparison(v.added, v.id, start.id) for v in candidates]
+        arms = [start, *candidates]
     elif design == "path":
         chain = [exp_id]
         while (parent_id := cfg.resolve(chain[0]).parent) is not None and parent_id not in chain:
@@ -136,7 +138,8 @@ def build_design(exp_id: str, design: str, *, enhancements: Sequence[str] = (), 
         raise AblationError(f"the {design} design of {exp_id} has no variants to compare ({reason})")
     # the name finds the parent run again on a rerun: it says which changes were asked for
     chosen = ",".join(variants if design == "variants" else named)
-    return Design(f"{exp_id} {design}{f' {chosen}' if chosen else ''}", usable, comparisons, skipped)
+    what = design if base is None else f"{design} from {arms[0].id}"
+    return Design(f"{exp_id} {what}{f' {chosen}' if chosen else ''}", usable, comparisons, skipped)
 
 
 @dataclass
@@ -173,6 +176,7 @@ class AblationSpec:
     storage: str | None = None  # the queue's storage (None: optuna.journal beside the SQLite MLflow store)
     fixed_split: bool = False  # True: data.seed stays the experiment's, every seed trains on the same split
     parent_run_id: str = ""
+    base: list[str] | None = None  # add-one from the experiment itself with these enhancements (`build_design`)
 
     def run(self) -> int:
         return run_worker(self)
@@ -184,20 +188,27 @@ class Ablation:
     def __init__(self, spec: AblationSpec, plan: Design) -> None:
         self.spec, self.plan = spec, plan
         self.tasks = {f"{v.id}|{seed}": (v, seed) for seed in spec.seeds for v in plan.variants}  # seed-major
+        self.elsewhere = None  # the store's FINISHED runs by config digest (`finished`), read on first use
 
     def config(self, task: str) -> cfg.ExperimentConfig:
         variant, seed = self.tasks[task]
         return variant.config(self.spec.overrides, seed, self.spec.fixed_split)
 
     def finished(self) -> dict[str, dict[str, Any]]:
-        """task -> its FINISHED run (tags, metrics), for the tasks whose run trained the same resolved config."""
+        """task -> its FINISHED run (tags, metrics), for the tasks whose run trained the same resolved config: its
+        own nested run, else one anywhere in the store's ablation experiment with the same config digest (another
+        ablation's, a `select` step's): a (configuration, seed) is trained once per store."""
         from cifar_mlops.tracking import ablations
 
         by_key = {(c["tags"].get("variant"), c["tags"].get("seed"), c["tags"].get("config_sha256")): c
                   for c in ablations.finished_children(self.spec.parent_run_id)}
+        if self.elsewhere is None:
+            self.elsewhere = ablations.FinishedByDigest(self.spec.parent_run_id)
+        digests = {task: config_digest(self.config(task)) for task in self.tasks}
+        anywhere = self.elsewhere.find(set(digests.values()))
         found = {}
         for task, (variant, seed) in self.tasks.items():
-            child = by_key.get((variant.id, str(seed), config_digest(self.config(task))))
+            child = by_key.get((variant.id, str(seed), digests[task])) or anywhere.get(digests[task])
             if child is not None:
                 found[task] = child
         return found
@@ -276,7 +287,8 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
            variants: Sequence[str] = (), overrides: dict[str, Any] | None = None, alpha: float = 0.05,
            register: bool = False, workers: int = 1, storage: str | None = None, metric: str = "test_accuracy",
            fixed_split: bool = False, min_effect_pp: float = 100 * ablation_stats.DEFAULT_MIN_EFFECT,
-           max_seeds: int = ablation_stats.DEFAULT_MAX_SEEDS, budget_minutes: float = 0.0) -> AblationResult:
+           max_seeds: int = ablation_stats.DEFAULT_MAX_SEEDS, budget_minutes: float = 0.0,
+           base: Sequence[str] | None = None, nested_in: str | None = None) -> AblationResult:
     """Train (or reuse) every (variant, seed) of the ablation, then test each change's effect.
 
     seeds None (`--seeds auto`): seeds in rounds (`ablation_stats.sequential_step`): every variant gets the first
@@ -284,7 +296,8 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
     decided or at `max_seeds`, or the runs' training time (the fit_seconds each run logs, wall-clock on its CPU or
     GPU, summed over the ablation's runs, wherever they ran) passes `budget_minutes` (0: no budget). A rerun replays the rounds on the finished runs.
     The runs go through the ablation's queue (`execution.queue.run_queue`, in `storage`), shared by `workers`
-    processes on this machine and by the same command started anywhere else on the same storage."""
+    processes on this machine and by the same command started anywhere else on the same storage.
+    `base`: see `build_design`; `nested_in`: a run the ablation's parent run is nested under (a `select` step's)."""
     from cifar_mlops.execution import queue
     from cifar_mlops.execution.workers import worker_args
     from cifar_mlops.tracking import ablations, runs, store
@@ -297,7 +310,7 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
     sequential = ablation_stats.SequentialDesign(max_seeds=max_seeds, alpha=alpha)  # checks --max-seeds, --alpha
     spec = AblationSpec(exp_id, design, list(range(max_seeds)) if auto else list(seeds), list(enhancements),
                         list(variants), dict(overrides or {}), register, queue.absolute(storage),
-                        fixed_split=fixed_split)
+                        fixed_split=fixed_split, base=None if base is None else list(base))
     ablation_stats.check_seeds(spec.seeds)
     ablation_stats.check_metric(metric)
     ablation_stats.check_min_effect(min_effect_pp)
@@ -305,7 +318,8 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
         raise AblationError(f"--alpha must be in (0, 1), got {alpha}")
     if workers < 1:
         raise AblationError(f"--workers must be at least 1 (got {workers})")
-    plan = build_design(exp_id, design, enhancements=enhancements, variants=variants, overrides=spec.overrides)
+    plan = build_design(exp_id, design, enhancements=enhancements, variants=variants, overrides=spec.overrides,
+                        base=spec.base)
     for line in plan.skipped:
         log(line)
     store.quiet_mlflow()
@@ -315,7 +329,8 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
         "ablation_of": exp_id, "design": design,
         "seeds": f"auto (at most {max_seeds})" if auto else ",".join(map(str, seeds)),
         "variants": " | ".join(v.id for v in plan.variants), "split": "fixed" if fixed_split else "data.seed = seed",
-        "overrides": " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "none"},
+        "overrides": " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "none",
+        **({"mlflow.parentRunId": nested_in} if nested_in else {})},
         agreed=lambda: queue.elect(study, parent, valid=runs.is_active),
         claim=lambda run_id: queue.elect(study, parent, run_id, valid=runs.is_active))
     ablation = Ablation(spec, plan)
@@ -450,7 +465,7 @@ def run_worker(spec: AblationSpec) -> int:
 
     store.quiet_mlflow()
     plan = build_design(spec.exp_id, spec.design, enhancements=spec.enhancements, variants=spec.variants,
-                        overrides=spec.overrides)
+                        overrides=spec.overrides, base=spec.base)
     return queue.drain(queue.open_queue(queue_name(plan), spec.storage), Ablation(spec, plan).work)
 
 

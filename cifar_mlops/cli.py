@@ -543,6 +543,55 @@ def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, 
                f"tables as markdown and CSV); to see it, {store.where_to_look(result.tracking_uri)}")
 
 
+@main.command(name="select")
+@click.option("--exp", "exp_id", required=True, help="The experiment to start from, e.g. b5.")
+@click.option("--candidates", default="", metavar="A,B",
+              help="The enhancements to try (default: every one of the study's the experiment lacks and its rules "
+                   "allow).")
+@click.option("--max-seeds", default=12, show_default=True, type=int,
+              help="The most seeds a comparison of a step gets (seeds in rounds, as ablate --seeds auto).")
+@click.option("--budget", default="", callback=_optional_number(float), metavar="MINUTES",
+              help="Start no step or round once the steps' runs' training minutes (each run's logged fit time, "
+                   "summed) reach this; empty: no budget.")
+@click.option("--alpha", default=0.05, show_default=True, type=float,
+              help="Error rate of each step's verdicts (Bonferroni over the step's candidates).")
+@click.option("--metric", default="test_accuracy", show_default=True,
+              help="The metric the verdicts are about (test_accuracy, test_f1_macro, val_accuracy, val_f1_macro).")
+@click.option("--min-effect", default=1.0, show_default=True, type=float, metavar="PP",
+              help="A candidate is kept only when its whole interval lies at least PP percentage points above 0.")
+@click.option("--fixed-split/--seeded-split", default=False, show_default=True,
+              help="--seeded-split: seed k also draws the train/validation split; --fixed-split: one split.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine sharing each step's runs.")
+@click.option("--storage", default="", metavar="URL",
+              help="The steps' queues, shared by every process and machine running this selection "
+                   "(postgresql://... or a journal file; default as ablate's).")
+@_override_options("train.epochs=5 (every run of every step)")
+@click.option("--register/--no-register", default=False, show_default=True,
+              help="Train the final iteration once more and register its model.")
+def select_command(exp_id: str, candidates: str, max_seeds: int, budget: float | None, alpha: float, metric: str,
+                   min_effect: float, fixed_split: bool, workers: int, storage: str, set_pairs: tuple[str, ...],
+                   overrides: str, data_dir: str, register: bool) -> None:
+    """The next iteration, chosen by the paired test: greedy forward selection over the catalogue."""
+    with heavy_imports():
+        import keras  # noqa: F401  (the steps train here: imported here, to be frozen)
+
+        from cifar_mlops import select as selection
+        from cifar_mlops.tracking import store
+
+    values = _override_values(set_pairs, overrides, data_dir)
+    result = selection.select(exp_id, candidates_named=[c.strip() for c in candidates.split(",") if c.strip()],
+                              overrides=values, alpha=alpha, metric=metric, min_effect_pp=min_effect,
+                              max_seeds=max_seeds, budget_minutes=budget, workers=workers,
+                              storage=storage or None, fixed_split=fixed_split, register=register)
+    document = selection.report_markdown(result, cfg.resolve(exp_id).study, min_effect)
+    body, _, last = document.rpartition("\n\n")
+    click.echo("\n" + body + "\n")
+    click.echo(f"parent run {result.run_id} in MLflow experiment {result.experiment!r} (path plot, tables); "
+               f"to see it, {store.where_to_look(result.tracking_uri)}\n")
+    click.echo(last)
+
+
 @main.command()
 @click.option("--experiment", default="cifar10-ablation", show_default=True,
               help="The MLflow experiment whose FINISHED runs are reported.")

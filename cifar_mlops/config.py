@@ -23,9 +23,12 @@ from cifar_mlops.errors import UserError, first_line
 
 EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Experiment metadata: read from the experiment's own file only (never inherited through `extends:`, never
-# `--set`), not training settings. `published`: the source study's own figures for this iteration.
-META_KEYS = ("description", "study", "extends", "parent", "enhancements", "kind", "published")
+# `--set`), not training settings. `published`: the source study's own figures for this iteration. `selected`:
+# how `cifar-mlops select` chose a generated iteration (`Selected`); checked, never part of the config.
+META_KEYS = ("description", "study", "extends", "parent", "enhancements", "kind", "published", "selected")
 STUDY_A_ENHANCEMENTS_FILE = "enhancements.yaml"
+RULES_KEY = "rules"  # the enhancement catalogue's block of study rules (`StudyRules`), not an enhancement
+GENERATED_DIR = "generated"  # experiments/generated/: the iterations `cifar-mlops select` writes
 
 
 class ConfigError(UserError):
@@ -239,6 +242,86 @@ class PublishedFigures(Strict):
         return {name: getattr(self, name) for name in PUBLISHED_METRICS if getattr(self, name) is not None}
 
 
+ENHANCEMENT_KINDS = ("training", "model", "input", "split", "augmentation", "test_time_augmentation",
+                     "pretrained_weights", "known_architecture")
+EnhancementKind = Literal["training", "model", "input", "split", "augmentation", "test_time_augmentation",
+                          "pretrained_weights", "known_architecture"]
+
+
+class Enhancement(Strict):
+    """One entry of `experiments/enhancements.yaml`: one named change."""
+
+    label: str  # its row in the study's check-mark table
+    studies: tuple[str, ...] = ()  # the studies whose table has the row (and whose `select` proposes it)
+    description: str = ""
+    # what sort of change it is, what a study's rules forbid (`StudyRules.forbids`): training (optimiser,
+    # schedule, epochs, batch, loss), model (a layer of this project's own networks), input (how the model sees
+    # its 32x32 input), split (how validation images are drawn), augmentation (random changes to training
+    # images), test_time_augmentation (predictions averaged over changed copies of an image), pretrained_weights,
+    # known_architecture (VGG, ResNet, DenseNet blocks); none: not classified (a study with rules refuses it)
+    kind: EnhancementKind | None = None
+    set: dict[str, Any]  # dotted key -> value
+
+    @field_validator("set")
+    @classmethod
+    def _dotted_keys(cls, values: dict[str, Any]) -> dict[str, Any]:
+        bad = [key for key in values if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", str(key))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a dotted section.key")
+        return values
+
+
+class StudyRules(Strict):
+    """A study's constraint, as data: `text` quotes the study, `forbids` maps each kind of enhancement it rules
+    out to the words of `text` that rule it out (checked to be a quote)."""
+
+    text: str
+    forbids: dict[EnhancementKind, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _reasons_quote_the_text(self) -> StudyRules:
+        flat = " ".join(self.text.split())
+        for kind, reason in self.forbids.items():
+            if " ".join(reason.split()) not in flat:
+                raise ValueError(f"forbids.{kind}: {reason!r} is not a quote of the study's text")
+        return self
+
+    def refusal(self, name: str, entry: dict[str, Any]) -> str | None:
+        """Why these rules rule out enhancement `name` (its catalogue entry), or None when they allow it."""
+        kind = entry.get("kind")
+        if kind is None:
+            return f"{name} has no `kind:` in {STUDY_A_ENHANCEMENTS_FILE}: the rules cannot be checked for it"
+        if kind in self.forbids:
+            return f"{name} is {kind.replace('_', ' ')}: the study says {self.forbids[kind]!r}"
+        return None
+
+
+class SelectedStep(Strict):
+    """One kept step of a forward selection: the enhancement it added and the evidence it was kept on."""
+
+    step: int = Field(ge=1)
+    added: str
+    effect_pp: float  # mean paired difference of the primary metric, percentage points
+    interval_pp: tuple[float, float]  # the verdict's repeated interval, percentage points
+    level: float = Field(gt=0, lt=1)  # its confidence level
+    verdict: str
+    seeds: int = Field(ge=2)
+    ablation_run_id: str  # the step's ablation parent run (its own nested runs)
+
+
+class Selected(Strict):
+    """The `selected:` block of a generated experiment: which `select` wrote it and why each step was kept."""
+
+    selection: str  # the selection's name, e.g. "b5 select"
+    run_id: str  # its MLflow parent run
+    metric: str
+    alpha: float = Field(gt=0, lt=1)
+    min_effect_pp: float = Field(gt=0)
+    max_seeds: int = Field(ge=2)
+    overrides: dict[str, Any] = Field(default_factory=dict)  # the --set values every step trained with
+    steps: tuple[SelectedStep, ...] = Field(min_length=1)
+
+
 class ExperimentConfig(Strict):
     """A trainable experiment: everything `train(config)` needs."""
 
@@ -361,19 +444,59 @@ def _show(path: Path) -> str:
 
 
 def load_enhancements() -> dict[str, dict[str, Any]]:
-    """The enhancement catalogue: name -> {label, studies, description, set: {dotted.key: value}}."""
+    """The enhancement catalogue: name -> {label, studies, description, kind, set: {dotted.key: value}}
+    (`Enhancement`), without the `rules:` block (`load_study_rules`)."""
     path = experiments_dir() / STUDY_A_ENHANCEMENTS_FILE
-    catalogue = _read_yaml(path)
+    catalogue = {name: entry for name, entry in _read_yaml(path).items() if name != RULES_KEY}
     for name, entry in catalogue.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("set"), dict) or "label" not in entry:
             raise ConfigError(f"{_show(path)}: {name}: each enhancement needs `label` and a `set:` mapping")
+        _checked(Enhancement, entry, f"{_show(path)}: {name}")
     return catalogue
+
+
+def load_study_rules() -> dict[str, StudyRules]:
+    """Study -> its rules, from the `rules:` block of the enhancement catalogue (studies without one: none)."""
+    path = experiments_dir() / STUDY_A_ENHANCEMENTS_FILE
+    block = _read_yaml(path).get(RULES_KEY) or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{_show(path)}: {RULES_KEY}: must map each study to its rules (text, forbids)")
+    return {str(study): _checked(StudyRules, rules, f"{_show(path)}: {RULES_KEY}.{study}")
+            for study, rules in block.items()}
+
+
+def _checked(schema: type[BaseModel], fields: Any, where: str) -> Any:
+    """`fields` validated as `schema`; a ConfigError naming `where` and the key otherwise."""
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = "".join(f"{p}: " for p in [".".join(str(p) for p in first["loc"])] if p)
+        message = (f"unknown key; known keys here: {', '.join(_known_keys(schema, first['loc'][:-1]))}"
+                   if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, "))
+        raise ConfigError(f"{where}: {key}{message}") from None
+
+
+def generated_dir() -> Path:
+    """Where `cifar-mlops select` writes the iterations it chose, and where experiment ids are looked up after
+    the catalogue: $CIFAR_MLOPS_GENERATED, else `generated/` in the catalogue folder."""
+    env = os.environ.get("CIFAR_MLOPS_GENERATED")
+    return Path(env) if env else experiments_dir() / GENERATED_DIR
+
+
+def selected_block(exp_id: str) -> Selected | None:
+    """The `selected:` block of experiment `exp_id`'s own file (a generated iteration's), or None."""
+    path = _experiment_path(exp_id)
+    raw = _read_yaml(path).get("selected")
+    return None if raw is None else _checked(Selected, raw, f"{_show(path)}: selected")
 
 
 def _experiment_path(exp_id: str) -> Path:
     if not isinstance(exp_id, str) or not EXPERIMENT_ID.match(exp_id) or ".." in exp_id:
         raise ConfigError(f"{exp_id!r} is not an experiment id (ids are names like 2.4 or b5, never paths)")
     path = experiments_dir() / f"{exp_id}.yaml"
+    if not path.is_file() and (generated_dir() / f"{exp_id}.yaml").is_file():
+        path = generated_dir() / f"{exp_id}.yaml"  # an iteration `select` wrote
     if exp_id == Path(STUDY_A_ENHANCEMENTS_FILE).stem or not path.is_file():
         raise ConfigError(f"unknown experiment {exp_id!r}; known experiments: {', '.join(list_experiments())}")
     return path
@@ -528,7 +651,9 @@ def _layer_experiment(exp_id: str, seen: tuple[str, ...],
 
     sections = {k: v for k, v in raw.items() if k not in META_KEYS}
     layered.merge(sections, where)
-    meta = {k: raw[k] for k in META_KEYS if k in raw and k != "extends"}
+    meta = {k: raw[k] for k in META_KEYS if k in raw and k not in ("extends", "selected")}
+    if "selected" in raw:  # metadata of the file alone, checked here, never a setting
+        _checked(Selected, raw["selected"], f"{where}: selected")
     meta["enhancements"] = inherited + tuple(e for e in enhancements if e not in inherited)
     meta["kind"] = kind
     if meta.get("parent") is not None:

@@ -8,10 +8,13 @@
   over members), both where it is evaluated and where it is served;
 - `studies`: tuning's parent and trial runs;
 - `results`: reading finished runs for reports, logging a report run;
-- `ablations`: an ablation's parent run and its (variant, seed) runs;
+- `ablations`: an ablation's parent run and its (variant, seed) runs; FINISHED runs by config digest;
+- `selections`: a forward selection's parent run, its steps, its description;
 - `team`: users and roles on a team server (MLflow's auth API).
 """
 
-from cifar_mlops.tracking import ablations, image_model, registry, results, runs, served, store, studies, team
+from cifar_mlops.tracking import (ablations, image_model, registry, results, runs, selections, served, store, studies,
+                                  team)
 
-__all__ = ["ablations", "image_model", "registry", "results", "runs", "served", "store", "studies", "team"]
+__all__ = ["ablations", "image_model", "registry", "results", "runs", "selections", "served", "store", "studies",
+           "team"]

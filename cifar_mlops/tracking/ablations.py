@@ -45,6 +45,43 @@ def finished_children(parent_run_id: str) -> list[dict[str, Any]]:
     return [{"run_id": r.info.run_id, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)} for r in found]
 
 
+DIGEST_TAG = "config_sha256"  # on every (variant, seed) run: the digest of the resolved config it trained
+
+
+class FinishedByDigest:
+    """The FINISHED runs of a parent run's experiment that carry a config digest (any ablation's, any `select`
+    step's), the earliest per digest: read whole on first use, then only the runs that ended since (minus a
+    margin for other machines' clocks): a FINISHED run stays FINISHED."""
+
+    MARGIN_MS = 10 * 60 * 1000
+
+    def __init__(self, parent_run_id: str) -> None:
+        self.parent_run_id = parent_run_id
+        self.by_digest: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.since: int | None = None  # the latest end time seen
+
+    def find(self, digests: set[str]) -> dict[str, dict[str, Any]]:
+        """digest -> {"run_id", "tags", "metrics"} of a FINISHED run that trained it, for the digests found."""
+        client = store.client()
+        experiment_id = client.get_run(self.parent_run_id).info.experiment_id
+        query = f"tags.{DIGEST_TAG} IS NOT NULL and attributes.status = 'FINISHED'"
+        if self.since is not None:
+            query += f" and attributes.end_time >= {self.since - self.MARGIN_MS}"
+        token = None
+        while True:
+            page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
+            for r in page:
+                digest, start = r.data.tags[DIGEST_TAG], r.info.start_time or 0
+                if digest not in self.by_digest or start < self.by_digest[digest][0]:
+                    self.by_digest[digest] = (start, {"run_id": r.info.run_id, "tags": dict(r.data.tags),
+                                                      "metrics": dict(r.data.metrics)})
+                self.since = max(self.since or 0, r.info.end_time or 0)
+            token = page.token
+            if not token:
+                break
+        return {digest: self.by_digest[digest][1] for digest in digests if digest in self.by_digest}
+
+
 def csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
     """A CSV artifact of a run as a DataFrame (e.g. its test predictions), None when it is missing."""
     text = run_text_artifact(run_id, path)

@@ -1,0 +1,74 @@
+"""Forward selections: one parent run per `cifar-mlops select` in `cifar10-ablation`, each step's ablation parent
+run nested under it, the path table as its description and a plot of the path as an artifact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from cifar_mlops.tracking import store
+from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, TAG_LIMIT, log_batch, open_parent_run
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+SELECTION_TAG = "selection"  # on the parent run and on each step's ablation parent run: which selection
+SELECTION_KIND = "selection"  # tag `kind` of a selection's parent run: never a result row of the report
+STEP_TAG = "selection_step"  # on each step's ablation parent run: its step number
+MODEL_TAG = "selection_model"  # on the training of the final iteration that `--register` registers
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description: the UI renders it as markdown on the run's page
+
+
+def selection_run(name: str, tags: dict[str, Any], *, agreed: Callable[[], str | None] = lambda: None,
+                  claim: Callable[[str], str] | None = None) -> tuple[str, str]:
+    """The selection's parent run, RUNNING: `mlflow run`'s own run, else the one the processes running it
+    `agreed()` on, else the latest tagged `selection=name` (a rerun continues it), else a new one (kept if
+    `claim(its id)` says so). Returns (run id, experiment name)."""
+    def earlier(client, experiment_id: str) -> str | None:
+        run_id = agreed()
+        if run_id:
+            return run_id
+        found = client.search_runs([experiment_id], filter_string=(
+            f"tags.{SELECTION_TAG} = '{name}' and tags.kind = '{SELECTION_KIND}'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0].info.run_id if found else None
+
+    return open_parent_run(ABLATION_EXPERIMENT, f"select {name}",
+                           {**tags, "kind": SELECTION_KIND, SELECTION_TAG: name}, earlier, claim)
+
+
+def tag_step(ablation_run_id: str, name: str, step: int) -> None:
+    """Mark a step's ablation parent run as step `step` of selection `name`."""
+    log_batch(ablation_run_id, tags={SELECTION_TAG: name, STEP_TAG: step})
+
+
+def fit_seconds(run_ids: Iterable[str]) -> dict[str, float]:
+    """run id -> the `fit_seconds` metric it logged (the training's wall-clock on its CPU or GPU)."""
+    client = store.client()
+    return {run_id: float(client.get_run(run_id).data.metrics.get("fit_seconds", float("nan")))
+            for run_id in dict.fromkeys(run_ids)}
+
+
+def model_training(selection_run_id: str, exp_id: str) -> str | None:
+    """The FINISHED training of `exp_id` nested under the selection that `--register` made, if any."""
+    client = store.client()
+    experiment_id = client.get_run(selection_run_id).info.experiment_id
+    found = client.search_runs([experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{selection_run_id}' and tags.{MODEL_TAG} = '{exp_id}' "
+        "and attributes.status = 'FINISHED'"), max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def describe(run_id: str, markdown: str, note: str) -> None:
+    """Set the run's description (markdown, cut with `note` to what a tag keeps)."""
+    text = markdown if len(markdown) <= TAG_LIMIT else markdown[:TAG_LIMIT - len(note) - 4].rsplit("\n", 1)[0] + \
+        f"\n\n{note}"
+    log_batch(run_id, tags={DESCRIPTION_TAG: text})
+
+
+def finish(run_id: str, status: str, *, tags: dict[str, Any], figure: Figure | None, texts: dict[str, str]) -> None:
+    """Record the selection's outcome and end its parent run with `status`."""
+    from cifar_mlops.tracking.runs import finish_run
+
+    finish_run(run_id, status, tags=tags, metrics={}, figures={"selection_path": figure} if figure else {},
+               texts=texts)
