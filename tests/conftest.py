@@ -277,3 +277,82 @@ def server_process(argv: list[str], env: dict[str, str], log: Path, ready_url: s
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+# The trained registry that the promotion, ensemble and serving tests share: trained once per test run (the
+# xdist workers take turns through a file lock), each module gets its own copy to change as it likes.
+# Versions, in order: 1 = `smoke` after 1 epoch ("weak"), 2 = `smoke` after 6 epochs at full width ("mid"),
+# 3 = `smoke-wide` after 10 epochs at a higher learning rate ("strong"). The ensemble's members, `smoke` and
+# `smoke-wide` (the newest version of each), are versions 2 and 3.
+TRAINED_REGISTRY = {"weak": ("smoke", {"train__epochs": 1}),
+                    "mid": ("smoke", {"train__epochs": 6, "model__width": 1.0}),
+                    "strong": ("smoke-wide", {"train__epochs": 10, "model__width": 1.0, "train__learning_rate": 0.01})}
+
+
+def _train_registry(folder: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cifar_mlops.train import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        use_store(folder, patch)
+        for exp_id, overrides in TRAINED_REGISTRY.values():
+            train(tiny(exp_id, **overrides))
+        accuracy = [float(v.tags["test_accuracy"]) for v in sorted(
+            MlflowClient().search_model_versions("name = 'cifar10-cnn'"), key=lambda v: int(v.version))]
+        assert accuracy == sorted(accuracy) and len(set(accuracy)) == 3, f"weak < mid < strong: {accuracy}"
+        while mlflow.active_run():
+            mlflow.end_run()
+
+
+def copy_store(source: Path, target: Path) -> None:
+    """Copy the SQLite store in folder `source` (mlflow.db, artifacts in mlruns/) to folder `target`,
+    every path of `source` the database and the MLmodel files hold rewritten to `target`."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(source / "mlruns", target / "mlruns")
+    for mlmodel in (target / "mlruns").rglob("MLmodel"):  # its `artifact_path` says where the model was logged
+        mlmodel.write_text(mlmodel.read_text().replace(str(source), str(target)))
+    origin, copy = sqlite3.connect(source / "mlflow.db"), sqlite3.connect(target / "mlflow.db")
+    try:
+        origin.backup(copy)
+        with copy:
+            for (table,) in copy.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                for column in copy.execute(f"PRAGMA table_info('{table}')").fetchall():
+                    if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                        copy.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?) '
+                                     f'WHERE instr("{column[1]}", ?) > 0', (str(source), str(target), str(source)))
+    finally:
+        origin.close()
+        copy.close()
+
+
+@pytest.fixture(scope="session")
+def trained_registry_template(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The folder of the shared trained registry (see TRAINED_REGISTRY), made by the first worker to ask."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    folder = shared / "trained-registry"
+    with FileLock(str(shared / "trained-registry.lock")):
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            _train_registry(folder)
+            (folder / "done").touch()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_registry(trained_registry_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """This module's own copy of the shared trained registry, as the current store (and working directory);
+    its tracking URI. Versions of cifar10-cnn: 1 weak, 2 mid, 3 strong (TRAINED_REGISTRY)."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("trained-registry")
+    copy_store(trained_registry_template, folder)
+    with pytest.MonkeyPatch.context() as patch:
+        yield use_store(folder, patch)
+        while mlflow.active_run():
+            mlflow.end_run()

@@ -20,28 +20,18 @@ from mlflow.types import Schema, TensorSpec
 from cifar_mlops import cli, data, ensemble
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs, served
-from cifar_mlops.train import train
-from tests.conftest import REPO, tiny, tiny_data_overrides, tiny_ensemble, use_store
+from tests.conftest import REPO, tiny_data_overrides, tiny_ensemble
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("ensemble")
 
-# Two members that differ enough for voting and weighting to matter (synthetic data, seconds each).
-MEMBERS = {"smoke": {"train__epochs": 6, "model__width": 1.0},
-           "smoke-wide": {"train__epochs": 10, "model__width": 1.0, "train__learning_rate": 0.01}}
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory):
-    """A store holding one registered cifar10-cnn version of `smoke` and one of `smoke-wide`."""
-    folder = tmp_path_factory.mktemp("ensemble-registry")
-    with pytest.MonkeyPatch.context() as patch:
-        uri = use_store(folder, patch)
-        for exp_id, overrides in MEMBERS.items():
-            train(tiny(exp_id, **overrides))
-        yield uri
-        while mlflow.active_run():
-            mlflow.end_run()
+def registry(trained_registry: str) -> str:
+    """The shared trained registry (conftest.TRAINED_REGISTRY): the newest cifar10-cnn version of `smoke` (2)
+    and of `smoke-wide` (3) are the members, apart enough for voting and weighting to matter."""
+    return trained_registry
 
 
 def cli_tiny_data() -> list[str]:
@@ -174,7 +164,7 @@ def test_the_served_ensemble_predicts_exactly_what_was_evaluated(registry) -> No
         ("[{registered_model: cifar10-cnn, exp_id: smoke}, {registered_model: cifar10-odd, version: 1}]",
          "cifar10-odd/1 takes float32 (-1, 64), not raw uint8 (-1, 32, 32, 3) images"),
         ("[{registered_model: cifar10-cnn, exp_id: smoke}, {registered_model: cifar10-five, version: 1}]",
-         "members disagree on the number of classes (cifar10-cnn/1 outputs 10, cifar10-five/1 outputs 5)"),
+         "members disagree on the number of classes (cifar10-cnn/2 outputs 10, cifar10-five/1 outputs 5)"),
     ],
 )
 def test_bad_members_are_one_line_errors_and_register_nothing(registry, members: str, message: str) -> None:

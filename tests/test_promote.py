@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -14,34 +13,19 @@ from scipy.stats import binomtest
 from cifar_mlops import cli, data
 from cifar_mlops import promote as rule
 from cifar_mlops.tracking import served
-from cifar_mlops.train import train
-from tests.conftest import tiny, use_store
+from tests.conftest import TRAINED_REGISTRY, tiny
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("promote")
 
 MODEL = "cifar10-cnn"
-# Three versions of one experiment on the same data, clearly apart in test accuracy.
-TRAININGS = {"weak": {"train__epochs": 1}, "mid": {"train__epochs": 6, "model__width": 1.0},
-             "strong": {"train__epochs": 10, "model__width": 1.0, "train__learning_rate": 0.01}}
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
-    """A store with three registered cifar10-cnn versions of `smoke`: name -> version number."""
-    folder = tmp_path_factory.mktemp("promotion-registry")
-    with pytest.MonkeyPatch.context() as patch:
-        use_store(folder, patch)
-        numbers = {}
-        for i, (name, overrides) in enumerate(TRAININGS.items(), start=1):
-            train(tiny("smoke", **overrides))
-            numbers[name] = i
-        accuracy = {name: float(MlflowClient().get_model_version(MODEL, str(v)).tags["test_accuracy"])
-                    for name, v in numbers.items()}
-        assert accuracy["weak"] < accuracy["mid"] < accuracy["strong"], accuracy
-        yield numbers
-        while mlflow.active_run():
-            mlflow.end_run()
+def versions(trained_registry: str) -> dict[str, int]:
+    """The shared trained registry's cifar10-cnn versions, clearly apart in test accuracy on the same data:
+    name (weak, mid, strong) -> version number (conftest.TRAINED_REGISTRY)."""
+    return {name: number for number, name in enumerate(TRAINED_REGISTRY, start=1)}
 
 
 def reset(champion: int | None = None) -> None:
@@ -161,10 +145,10 @@ def test_a_version_says_what_it_is_and_a_promotion_appends_why_it_took_the_alias
     strong, weak = (client.get_model_version(MODEL, str(versions[n])) for n in ("strong", "weak"))
     run = client.get_run(strong.run_id)
     metrics = run.data.metrics
-    assert strong.description.startswith("Experiment **smoke**: A tiny CNN")
+    assert strong.description.startswith("Experiment **smoke-wide**: A second smoke member")
     for line in ("- data: synthetic (NOT CIFAR-10)",
                  f"- test accuracy {metrics['test_accuracy']:.4f}, test F1 (macro) {metrics['test_f1_macro']:.4f}",
-                 f"- seed 0, Keras backend {keras.backend.backend()}",
+                 f"- seed 1, Keras backend {keras.backend.backend()}",
                  f"- run [{run.info.run_id}](http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/"
                  f"{run.info.run_id}?workflowType=machine_learning) in MLflow experiment `cifar10-ablation`"):
         assert line in strong.description.splitlines(), (line, strong.description)
@@ -185,7 +169,7 @@ def test_a_version_says_what_it_is_and_a_promotion_appends_why_it_took_the_alias
     for line in (f" (promoted) by alice at {tagged['promoted_at']}: test_accuracy "
                  f"{float(tagged['promotion_delta']):+.4f} >= 0 and McNemar p={float(tagged['promotion_p_value']):.4g} < 0.5",
                  "- rule: test_accuracy better by more than 0 and by at least 0, McNemar's exact test p < 0.5",
-                 f"- candidate {MODEL}/{versions['strong']}, exp smoke: test_accuracy {strong_acc:.4f}",
+                 f"- candidate {MODEL}/{versions['strong']}, exp smoke-wide: test_accuracy {strong_acc:.4f}",
                  f"- incumbent {MODEL}/{versions['weak']}, exp smoke: test_accuracy {weak_acc:.4f}; now @previous",
                  f"- McNemar exact p={float(tagged['promotion_p_value']):.4g} (candidate-only right "
                  f"{tagged['promotion_discordant'].split(',')[0]}, incumbent-only right "
