@@ -179,8 +179,9 @@ def _experiment_options(exp_help: str, set_example: str, register_help: str, exp
     )
 
 
-_VERBOSE = click.option("--verbose", is_flag=True, default=False,
-                        help="Keras's per-epoch lines for every run, too (off under the command's progress bar).")
+_VERBOSE = click.option("--verbose", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[BOOL]",
+                        help="Each run's own lines too, Keras's per epoch included (off under the command's "
+                             "progress bar).")
 
 
 @main.command()
