@@ -354,6 +354,8 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
                                        workers=[worker_args(spec)] * workers if workers > 1 else [], on_progress=polled)
             for failure in failures:
                 log(f"{failure}; its run was picked up by another process")
+            finished = ablation.finished()  # with the runs that other commands on the same queue trained
+            bar.set_done(before + sum(task in finished for task in pending))
         return len(pending)
 
     state = None

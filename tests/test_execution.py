@@ -4,6 +4,7 @@ commands on one ablation at the same moment."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,6 +41,8 @@ def test_two_ablations_started_together_on_one_store_make_one_parent_and_train_e
     outputs = [shell.communicate(timeout=540) for shell in shells]
     for shell, (_, err) in zip(shells, outputs):
         assert shell.returncode == 0 and "Traceback" not in err, err[-3000:]
+        # each command's bar ends at every run done, the other command's included
+        assert re.findall(r"^\[cifar-mlops ablate\] (\d)/4 runs done", err, re.MULTILINE)[-1] == "4", err[-3000:]
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id
