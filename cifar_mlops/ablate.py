@@ -358,7 +358,7 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
             bar.set_done(before + sum(task in finished for task in pending))
         return len(pending)
 
-    state = None
+    state, figure = None, None
     try:
         if auto:
             wanted, trained = [f"{v.id}|{seed}" for seed in range(sequential.looks[0]) for v in plan.variants], 0
@@ -391,35 +391,28 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
             trained = run(ran)
             reused = len(ran) - trained
         frame, predictions, labels = ablation.results(ran)
-    except BaseException as err:
         bar.close()
-        status, reason = runs.failure(err)
-        runs.finish_run(spec.parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
-        if isinstance(err, (UserError, KeyboardInterrupt)):
-            err.add_note(f"ablation {plan.name!r}: rerun the same command to resume it (finished runs are reused)")
-        raise
-    bar.close()
 
-    summary = ablation_stats.variant_summary(frame)
-    effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha, metric=metric,
-                                     min_effect=min_effect_pp / 100)
-    if state is not None:
-        effects = ablation_stats.with_sequential_verdicts(effects, state, sequential)
-    figure = ablation_stats.forest_plot(effects, min_effect=min_effect_pp / 100)
-    reference = plan.variants[0].config(spec.overrides, 0, fixed_split)
-    sources = seed_sources(reference, fixed_split)
-    noise = ablation_stats.noise_table(frame, plan.comparisons, predictions, labels, alpha=alpha,
-                                       same_images=same_test_images(reference, fixed_split))
-    fit = ablation.metrics()
-    compared = ablation_stats.comparison_summary(effects, noise, fit)
-    verdicts = "\n\n".join([f"# Ablation {plan.name}", sources, ablation_stats.comparison_markdown(compared),
-                             ablation_stats.noise_markdown(noise)])
-    document = "\n\n".join([verdicts, variants_markdown(summary), ablation_stats.effects_markdown(effects),
-                             ablation_stats.image_level_markdown(effects), *plan.skipped])
-    minutes = float(np.nansum(fit.loc[fit["run_id"].isin(frame["run_id"]), "fit_seconds"])) / 60
-    tags, metrics = ablations.comparison_record(compared, verdicts + "\n\nThe whole tables: `ablation.md`.", minutes,
-                                                f"{ablation_stats.FIT_TIME}, summed over the ablation's runs")
-    try:
+        summary = ablation_stats.variant_summary(frame)
+        effects = ablation_stats.effects(frame, plan.comparisons, predictions, labels, alpha=alpha, metric=metric,
+                                         min_effect=min_effect_pp / 100)
+        if state is not None:
+            effects = ablation_stats.with_sequential_verdicts(effects, state, sequential)
+        figure = ablation_stats.forest_plot(effects, min_effect=min_effect_pp / 100)
+        reference = plan.variants[0].config(spec.overrides, 0, fixed_split)
+        sources = seed_sources(reference, fixed_split)
+        noise = ablation_stats.noise_table(frame, plan.comparisons, predictions, labels, alpha=alpha,
+                                           same_images=same_test_images(reference, fixed_split))
+        fit = ablation.metrics()
+        compared = ablation_stats.comparison_summary(effects, noise, fit)
+        verdicts = "\n\n".join([f"# Ablation {plan.name}", sources, ablation_stats.comparison_markdown(compared),
+                                 ablation_stats.noise_markdown(noise)])
+        document = "\n\n".join([verdicts, variants_markdown(summary), ablation_stats.effects_markdown(effects),
+                                 ablation_stats.image_level_markdown(effects), *plan.skipped])
+        minutes = float(np.nansum(fit.loc[fit["run_id"].isin(frame["run_id"]), "fit_seconds"])) / 60
+        tags, metrics = ablations.comparison_record(
+            compared, verdicts + "\n\nThe whole tables: `ablation.md`.", minutes,
+            f"{ablation_stats.FIT_TIME}, summed over the ablation's runs")
         runs.finish_run(spec.parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused, **tags},
                         metrics=metrics, figures={"forest_plot": figure},
                         texts={"ablation.md": document + "\n", "ablation_effects.csv": effects.to_csv(index=False),
@@ -427,8 +420,16 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
                                "ablation_variants.csv": summary.to_csv(index=False),
                                "ablation_noise.csv": noise.to_csv(index=False),
                                "ablation_comparisons.csv": compared.to_csv(index=False)})
+    except BaseException as err:
+        bar.close()
+        status, reason = runs.failure(err)
+        runs.finish_run(spec.parent_run_id, status, tags=reason, metrics={}, figures={}, texts={})
+        if isinstance(err, (UserError, KeyboardInterrupt)):
+            err.add_note(f"ablation {plan.name!r}: rerun the same command to resume it (finished runs are reused)")
+        raise
     finally:
-        evaluation.close({"forest_plot": figure})
+        if figure is not None:
+            evaluation.close({"forest_plot": figure})
     return AblationResult(plan, spec.parent_run_id, experiment, store.configure_store(), summary, effects,
                           trained=trained, reused=reused, seed_sources=sources, noise=noise, comparisons=compared)
 

@@ -321,6 +321,29 @@ def test_a_run_that_fails_ends_the_ablation_failed_with_one_line_saying_how_to_r
     assert statuses == {"ablation": "FAILED", "variant": "FAILED"}  # nothing left RUNNING
 
 
+def test_statistics_that_fail_end_the_ablation_failed_with_one_line(catalogue, store) -> None:
+    """The runs all FINISHED, then seed 1's test_predictions.csv were rewritten with other labels (as if scored on
+    other images): a rerun reuses every run, its statistics fail, and the parent run ends FAILED, not RUNNING."""
+    args = ["ablate", "--exp", "planted", "--enhancements", "planted_noop", "--seeds", "2", "--fixed-split",
+            "--overrides", TINY]
+    first = CliRunner().invoke(cli.main, args)
+    assert first.exit_code == 0, first.output
+    client = MlflowClient()
+    for child in children(parent_run().info.run_id):
+        if child.data.tags["seed"] == "1":  # both variants alike: each seed still pairs, the seeds no longer match
+            path = f"runs:/{child.info.run_id}/test_predictions.csv"
+            table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(path)))
+            table["label"] = (table["label"] + 1) % 10
+            client.log_text(child.info.run_id, table.to_csv(index=False), "test_predictions.csv")
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2, result.output
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "different test images" in line and "Traceback" not in result.stderr, result.stderr
+    parent = parent_run()
+    assert parent.info.status == "FAILED" and "different test images" in parent.data.tags[runs.FAILURE_TAG]
+    assert {r.info.status for r in children(parent.info.run_id)} == {"FINISHED"}  # reused, untouched
+
+
 def test_seeds_auto_adds_seeds_only_where_the_answer_is_open_and_a_rerun_trains_nothing(catalogue, store) -> None:
     result = CliRunner().invoke(cli.main, ["ablate", "--exp", "planted", "--seeds", "auto", "--max-seeds", "4",
                                            "--overrides", TINY])
