@@ -30,6 +30,7 @@ from typing import TextIO
 
 RUN_OUTPUT = "CIFAR_MLOPS_RUN_OUTPUT"  # what a training prints: "quiet" under a bar, "verbose" with --verbose
 REFRESH_SECONDS = 1.0  # a terminal's bar redraws its clock this often between runs
+FALLBACK_COLUMNS = 120  # the bar's width on a terminal that reports no size
 
 _active: list[RunsBar] = []  # the bar open in this process, if any: `log` prints above it
 
@@ -64,6 +65,14 @@ def keras_verbosity() -> int:
     return 1 if sys.stderr.isatty() else 2
 
 
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal `stream` writes to, 0 when it says none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def _clock(seconds: float) -> str:
     from tqdm import tqdm
 
@@ -92,8 +101,10 @@ class RunsBar:
         if self.interactive:
             from tqdm import tqdm
 
+            sized = _columns(self.stream) > 0  # a terminal that reports no size: tqdm would print nothing
             self._bar = tqdm(total=total, initial=done, file=self.stream, desc=f"[cifar-mlops {command}]",
-                             unit=unit, dynamic_ncols=True, leave=True, mininterval=0,
+                             unit=unit, dynamic_ncols=sized, ncols=None if sized else FALLBACK_COLUMNS,
+                             nrows=None if sized else 24, leave=True, mininterval=0,
                              bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} " + unit + " [{elapsed} elapsed, ? left]")
             self._redraw()
             self._stop = threading.Event()
