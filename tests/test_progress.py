@@ -7,7 +7,11 @@ with runs done / total, elapsed time and the time left, and no Keras per-epoch l
 from __future__ import annotations
 
 import io
+import os
+import pty
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +67,31 @@ def test_on_a_terminal_the_bar_is_one_updating_line_that_names_the_current_run()
     redraws = shown.split("\r")
     assert any("now: trial 0" in r and "0/3 trials" in r for r in redraws)
     assert any("now: trial 1" in r and "1/3 trials" in r and " left]" in r for r in redraws)
+
+
+def test_in_a_real_terminal_without_a_size_the_bar_still_draws_one_line(tmp_path: Path) -> None:
+    """stderr on a pseudo-terminal that reports 0 x 0 (as under `script` or some CI runners): tqdm alone draws
+    nothing there."""
+    script = ("import time\nfrom cifar_mlops import progress\n"
+              "with progress.runs_bar('ablate', 2) as bar:\n"
+              "    bar.start('smoke seed 0'); time.sleep(0.3); bar.finished('smoke seed 0')\n")
+    leader, follower = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert child.wait(timeout=60) == 0
+    os.close(leader)
+    screen = shown.decode()
+    assert "now: smoke seed 0" in screen and "1/2 runs [" in screen
+    assert screen.count("\n") == 1  # redrawn in place (\r), one newline when the bar closes
 
 
 def test_the_runs_under_a_bar_are_quiet_and_verbose_brings_them_back(monkeypatch, capsys) -> None:
