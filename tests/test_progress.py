@@ -95,7 +95,7 @@ def test_in_a_real_terminal_without_a_size_the_bar_still_draws_one_line(tmp_path
 
 
 def test_the_runs_under_a_bar_are_quiet_and_verbose_brings_them_back(monkeypatch, capsys) -> None:
-    monkeypatch.delenv(progress.RUN_OUTPUT, raising=False)
+    monkeypatch.setenv(progress.RUN_OUTPUT, "")  # undone after the test, set_verbose included
     with progress.runs_bar("train", 1, stream=io.StringIO()):
         assert progress.keras_verbosity() == 0
         progress.detail("evaluating on train, val and test")
