@@ -111,6 +111,24 @@ def test_every_variant_and_seed_runs_once_nested_and_tagged(ablation) -> None:
     assert "test-set sampling only, ignores training variance" in result.stdout
 
 
+def test_the_ui_groups_the_runs_by_variant_into_each_variants_mean_over_seeds(ablation) -> None:
+    """MLflow's UI "Group by" (3.17: tags and params, not `mlflow.*` tags; Average by default) on the tags
+    `ablation` and `variant` of the nested runs gives each variant's mean over its seeds, as the parent logged it."""
+    parent = parent_run()
+    finished = [r for r in children(parent.info.run_id) if r.info.status == "FINISHED"]  # a rerun below kills one
+    table = pd.DataFrame([{"ablation": r.data.tags["ablation"], "variant": r.data.tags["variant"],
+                           "seed": int(r.data.tags["seed"]), "test_accuracy": r.data.metrics["test_accuracy"]}
+                          for r in finished])
+    assert set(table["ablation"]) == {parent.data.tags["ablation"]}  # one ablation's runs, told apart from others'
+    grouped = table.groupby(["ablation", "variant"]).agg(seeds=("seed", "nunique"), mean=("test_accuracy", "mean"))
+    logged = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/ablation_variants.csv")))
+    assert len(grouped) == len(logged) == 3
+    for row in logged.itertuples():
+        group = grouped.loc[(parent.data.tags["ablation"], row.variant)]
+        assert group["seeds"] == row.n_seeds == len(SEEDS)
+        assert group["mean"] == pytest.approx(row.test_accuracy_mean)
+
+
 def test_the_planted_harm_hurts_and_the_no_op_never_helps(ablation) -> None:
     effects = logged_effects(parent_run())
     assert effects.loc[("planted_too_low_lr", "test_accuracy"), "verdict"] == "hurts"
