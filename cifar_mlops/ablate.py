@@ -189,6 +189,7 @@ class Ablation:
         self.spec, self.plan = spec, plan
         self.tasks = {f"{v.id}|{seed}": (v, seed) for seed in spec.seeds for v in plan.variants}  # seed-major
         self.elsewhere = None  # the store's FINISHED runs by config digest (`finished`), read on first use
+        self.digests: dict[str, str] = {}  # task -> its config's digest (resolving costs ~50 ms a config)
 
     def config(self, task: str) -> cfg.ExperimentConfig:
         variant, seed = self.tasks[task]
@@ -204,7 +205,8 @@ class Ablation:
                   for c in ablations.finished_children(self.spec.parent_run_id)}
         if self.elsewhere is None:
             self.elsewhere = ablations.FinishedByDigest(self.spec.parent_run_id)
-        digests = {task: config_digest(self.config(task)) for task in self.tasks}
+            self.digests = {task: config_digest(self.config(task)) for task in self.tasks}
+        digests = self.digests
         anywhere = self.elsewhere.find(set(digests.values()))
         found = {}
         for task, (variant, seed) in self.tasks.items():

@@ -193,8 +193,7 @@ def write_iteration(exp_id: str, config: cfg.ExperimentConfig, n: int, kept: lis
     block = {**selected, "steps": [
         {"step": s.number, "added": s.kept, **_evidence(s)} for s in kept_steps]}
     document = {
-        "description": f"{exp_id} plus what forward selection kept: {', '.join(kept[:n])} "
-                       f"(cifar-mlops select, {selected['selection']!r})",
+        "description": f"{exp_id} plus what forward selection kept: {', '.join(kept[:n])} (cifar-mlops select)",
         "study": config.study, "extends": exp_id, "parent": exp_id if n == 1 else f"{exp_id}-select-{n - 1}",
         "enhancements": list(kept[:n]), "selected": block}
     header = (f"# Written by `cifar-mlops select --exp {exp_id}` (MLflow run {selected['run_id']}): iteration {n} of "
@@ -237,7 +236,7 @@ def path_plot(exp_id: str, steps: list[Step], metric: str) -> Figure:
     if last is not None and last.kept:
         kept_id = f"{label(exp_id, last.base)} +{last.kept}"
         points.append((kept_id, last.runs.loc[last.runs["variant"] == kept_id, metric].to_numpy(float)))
-    figure, axes = plt.subplots(figsize=(max(5.0, 1.8 * len(points) + 1.5), 4.2))
+    figure, axes = plt.subplots(figsize=(max(6.5, 1.8 * len(points) + 2.0), 4.5))
     x = np.arange(len(points))
     means = np.array([100 * v.mean() if len(v) else np.nan for _, v in points])
     half = np.array([100 * stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
@@ -250,8 +249,8 @@ def path_plot(exp_id: str, steps: list[Step], metric: str) -> Figure:
                           ((x[i] + x[i + 1]) / 2, np.nanmean(means[i:i + 2])), ha="center", va="bottom", fontsize=8)
     names = [exp_id] + [f"+{s.kept}" for s in steps if s.kept]
     axes.set_xticks(x, names[:len(points)], rotation=15, ha="right")
-    axes.set_ylabel(f"{metric.replace('_', ' ')} % (mean over seeds, 95% t-interval)")
-    axes.set_title(f"Forward selection from {exp_id}: each step's paired effect and repeated interval", fontsize=10)
+    axes.set_ylabel(f"{metric.replace('_', ' ')} %\n(mean over seeds, 95% t-interval)", fontsize=9)
+    axes.set_title(f"Forward selection from {exp_id}\neach step: paired effect, pp [repeated interval]", fontsize=10)
     figure.tight_layout()
     return figure
 
@@ -412,7 +411,7 @@ def report_markdown(outcome: SelectionResult, study: str, min_effect_pp: float) 
         parts.append(f"Register: {outcome.registered}.")
     parts.append(f"Training time: {outcome.fit_minutes:.1f} CPU/GPU-minutes, the fit time each run logs "
                  f"(wall-clock on its CPU or GPU), summed over the {outcome.runs} distinct runs the steps used; "
-                 f"{outcome.trained} of them trained by this command, the others reused.")
+                 f"{outcome.trained} of them trained by this command, {outcome.runs - outcome.trained} reused.")
     parts.append(WHAT_IT_SHOWS)
     return "\n\n".join(parts)
 
