@@ -95,6 +95,8 @@ def resolve_members(config: EnsembleConfig) -> list[Member]:
 def build(config: EnsembleConfig, *, register: bool = True, splits: data.Splits | None = None) -> dict[str, float]:
     """Resolve, evaluate, track and (if `register`) register ensemble `config`; return its metrics."""
     check_kind(config, "ensemble")
+    if register:  # a user who may not register learns it before anything is loaded or tracked
+        registry.check_may_register(config.family, runs.ABLATION_EXPERIMENT)
     members = resolve_members(config)  # before the run: an unresolvable member leaves no run behind
     log(f"{config.exp_id}: members " + ", ".join(f"{m.version} (exp {m.version.exp_id})" for m in members))
     with runs.TrainingRun(config) as run:

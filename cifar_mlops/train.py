@@ -310,7 +310,7 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
         keras.backend.clear_session()
         keras.utils.set_random_seed(config.train.seed)
     if register:  # a user who may not register learns it before any run starts or epoch trains
-        registry.check_may_register(config.family)
+        registry.check_may_register(config.family, None if resume else context.experiment)
     # the devices first: a training that cannot have them starts no run
     with backend.data_parallel(config.train.devices, config.train.batch_size) as devices, \
             runs.TrainingRun(config, experiment=context.experiment, parent_run_id=context.parent_run_id,

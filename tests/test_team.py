@@ -450,6 +450,11 @@ def test_a_trainer_who_may_not_register_there_learns_it_before_training(team_ser
                     "EDIT on registered model cifar10-cnn, which the team's admin grants: `cifar-mlops team set-role`); "
                     "trainers register into cifar10-cnn-candidates (export CIFAR_MLOPS_REGISTER_INTO=candidates); "
                     "nothing was trained")
+    members = json.dumps([{"registered_model": "cifar10-cnn-candidates", "exp_id": e} for e in ("smoke", "smoke-wide")])
+    code, output = invoke("ensemble", "--exp", "smoke-ensemble", "--set", f"members={members}", *ENSEMBLE_TINY)
+    assert code == 3, output
+    [line] = output.strip().splitlines()
+    assert line.startswith("error: user 'trainer' may not register into cifar10-ensemble (it holds READ there"), line
     as_user("admin")
     assert everything(admin) == before  # no run started, none left RUNNING, nothing registered
 
@@ -466,8 +471,11 @@ def test_a_trainer_who_may_not_register_there_learns_it_before_training(team_ser
     registry.check_may_register("cnn")
     as_user("maintainer")
     registry.check_may_register("cnn")
+    # A reader, who may not create the run either, is refused that first (by the server, before training).
     as_user("reader", candidates=True)
-    with pytest.raises(registry.store.PermissionDenied, match="may not register into cifar10-cnn-candidates"):
+    registry.check_may_register("cnn", "cifar10-ablation")
+    with pytest.raises(registry.store.PermissionDenied, match="may not register into cifar10-cnn-candidates "
+                       r"\(it holds READ there; .*\); nothing was trained$"):  # no candidates hint: no use to it
         registry.check_may_register("cnn")
 
 

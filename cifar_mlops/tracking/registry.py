@@ -55,21 +55,32 @@ def registration_name(family: str) -> str:
 USER_PERMISSION_ROUTE = "/api/3.0/mlflow/users/permissions/get"
 
 
-def check_may_register(family: str) -> None:
-    """On a team server, refuse at once (one line, before anything is trained) when the user may not add
-    versions to the registered model a training of `family` goes to: that needs EDIT on it. It asks the
-    server for the user's own permission (what any user may read about itself); elsewhere (a local store,
-    a server without users, a model not made yet) there is nothing to ask, and registering decides."""
+def _own_permission(uri: str, user: str, resource_type: str, resource_id: str) -> str | None:
+    """The user's effective permission on a resource as the team server resolves it; None where the server has
+    no basic-auth app (no users, nothing to check)."""
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
+    response = http_request(get_default_host_creds(uri), USER_PERMISSION_ROUTE, "GET", max_retries=2, params={
+        "username": user, "resource_type": resource_type, "resource_id": resource_id})
+    return response.json().get("permission", "") if response.status_code == 200 else None
+
+
+def check_may_register(family: str, experiment: str | None = None) -> None:
+    """On a team server, refuse at once (one line, before anything is trained) when the user may not add
+    versions to the registered model a training of `family` goes to: that needs EDIT on it. It asks the
+    server for the user's own permissions (what any user may read about itself); elsewhere (a local store,
+    a server without users, a model not made yet) there is nothing to ask, and registering decides. A user
+    who may not create runs in `experiment` either (a reader) is left to the server's refusal of the run,
+    which comes before any training too."""
     uri = store.configure_store()
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if not store.is_server(uri) or not user:
         return
     name = registration_name(family)
+    client = MlflowClient()
     try:
-        MlflowClient().get_registered_model(name)
+        client.get_registered_model(name)
     except mlflow.exceptions.MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return
@@ -77,15 +88,16 @@ def check_may_register(family: str) -> None:
         if refused is None:
             raise
         raise refused from None
-    response = http_request(get_default_host_creds(uri), USER_PERMISSION_ROUTE, "GET", max_retries=2,
-                            params={"username": user, "resource_type": "registered_model", "resource_id": name})
-    if response.status_code != 200:  # no basic-auth app (404): no users, no permissions to check
+    permission = _own_permission(uri, user, "registered_model", name)
+    if permission is None or permission in ("EDIT", "MANAGE"):
         return
-    permission = response.json().get("permission", "")
-    if permission in ("EDIT", "MANAGE"):
+    found = client.get_experiment_by_name(experiment) if experiment else None
+    if found is not None and _own_permission(uri, user, "experiment", found.experiment_id) not in ("EDIT", "MANAGE"):
         return
-    hint = (f"; trainers register into {candidates_name(name)} (export {REGISTER_INTO}=candidates)"
-            if not is_candidates(name) else "")
+    candidates = candidates_name(name)
+    hint = (f"; trainers register into {candidates} (export {REGISTER_INTO}=candidates)"
+            if not is_candidates(name) and _own_permission(uri, user, "registered_model", candidates) in ("EDIT", "MANAGE")
+            else "")
     raise store.PermissionDenied(
         f"user {user!r} may not register into {name} (it holds {permission or 'no permission'} there; registering "
         f"needs EDIT on registered model {name}, which the team's admin grants: `cifar-mlops team set-role`)"
