@@ -12,7 +12,9 @@ what the seed does to both. The unit of evidence is the seed (a training run).
   simultaneous, so "excludes 0" and (issue 31, item 2) "inside +-min-effect" are decided at one level.
 - Every seed's difference equal (no spread): the t-test is undefined; the exact sign test and its
   order-statistic interval for the median are used instead, said in the row's note. 2 seeds can never
-  decide that way (p = 0.5), 7 seeds all on one side can (p = 2 / 2**7).
+  decide that way (p = 0.5), 7 seeds all on one side can (p = 2 / 2**7). Too few seeds for that interval: no
+  interval is printed (never an infinite one) and the verdict is "inconclusive". The sequential design's looks
+  do the same at each look's level; differences of 0 (within float noise) are never "helps" / "hurts".
 - Other metrics are descriptive: their plain 95 % interval, no verdict, no adjustment.
 - The detectable effect (`mde_seeds`) comes from the spread of the paired differences pooled across the
   ablation's comparisons of the primary metric, with a chi-square 95 % interval on that sd. The comparisons
@@ -147,7 +149,8 @@ def paired_intervals(diffs: np.ndarray, level: float | np.ndarray
     (scipy's `ttest_1samp`, recomputed here without its per-call overhead so that the simulation benchmark runs
     the same code over millions of ablations). Where every difference is equal (`degenerate`, sd <= ZERO_SPREAD):
     the exact two-sided sign test (p = 1 if they are 0, else 2 / 2**n) and its order-statistic interval for the
-    median, [d, d] when 2 / 2**n <= 1 - level and (-inf, inf) when the seeds are too few for that level.
+    median, [d, d] when 2 / 2**n <= 1 - level and (-inf, inf) when the seeds are too few for that level
+    (`sign_test_seeds`). Equal differences within ZERO_SPREAD of 0 are 0 (float noise): mean 0, p = 1, [0, 0].
     """
     diffs = np.asarray(diffs, dtype=float)
     n = diffs.shape[-1]
@@ -155,14 +158,37 @@ def paired_intervals(diffs: np.ndarray, level: float | np.ndarray
     mean = diffs.mean(axis=-1)
     sd = diffs.std(axis=-1, ddof=1)
     degenerate = sd <= ZERO_SPREAD
+    zero = degenerate & (np.abs(mean) <= ZERO_SPREAD)  # never "helps" / "hurts" from float noise around 0
+    mean = np.where(zero, 0.0, mean)
     se = np.where(degenerate, 1.0, sd) / np.sqrt(n)
     t = mean / se
-    p = np.where(degenerate, np.where(mean == 0, 1.0, min(1.0, 2 * 0.5**n)), 2 * stats.t.sf(np.abs(t), n - 1))
+    p = np.where(degenerate, np.where(zero, 1.0, min(1.0, 2 * 0.5**n)), 2 * stats.t.sf(np.abs(t), n - 1))
     half = stats.t.isf((1 - level) / 2, n - 1) * se
     sign_decides = 2 * 0.5**n <= 1 - level
     low = np.where(degenerate, np.where(sign_decides, mean, -np.inf), mean - half)
     high = np.where(degenerate, np.where(sign_decides, mean, np.inf), mean + half)
     return mean, low, high, p, degenerate
+
+
+def sign_test_seeds(level: float) -> int:
+    """Fewest seeds whose equal differences the sign test bounds at `level`: the smallest n >= 2 with
+    2 / 2**n <= 1 - level (`paired_intervals`' rule)."""
+    n = 2
+    while 2 * 0.5**n > 1 - level and n < 1075:  # 0.5**1075 is 0.0 in float64: every level < 1 stops before
+        n += 1
+    return n
+
+
+def degenerate_note(mean: float, n: int, level: float) -> str:
+    """The note of a comparison whose `n` differences are all `mean` (`paired_intervals`' degenerate case, the
+    interval at `level`): the t-test is undefined, the exact sign test's p, and when the seeds are too few for its
+    interval at that level, that there is none (no verdict but "inconclusive" can come of it)."""
+    p = 1.0 if mean == 0 else min(1.0, 2 * 0.5**n)
+    note = f"every seed's difference is {100 * mean:+.2f} pp: the t-test is undefined, exact sign test (p = {p:.3g})"
+    need = sign_test_seeds(level)
+    if n < need:
+        note += f", no interval at {100 * level:.4g}% below {need} seeds"
+    return note
 
 
 @dataclass(frozen=True)
@@ -415,8 +441,7 @@ def effects(runs: pd.DataFrame, comparisons: list[Comparison],
             mcnemar_text, cmh_p, mde_images = (
                 _image_level(comparison, paired["seed"].tolist(), predictions, y_test, alpha, power)
                 if name == IMAGE_LEVEL_METRIC and predictions is not None else (np.nan, np.nan, np.nan))
-            note = (f"every seed's difference is {100 * mean:+.2f} pp: the t-test is undefined, exact sign test"
-                    if degenerate else "")
+            note = degenerate_note(mean, len(diffs), level) if degenerate else ""
             rows.append({"effect": comparison.effect, "with": comparison.with_, "without": comparison.without,
                          "metric": name, "role": VERDICT if primary else DESCRIPTIVE, "n_seeds": len(paired),
                          "mean_diff": mean, "sd_diff": float(np.std(diffs, ddof=1)), "level": level,
@@ -447,12 +472,21 @@ def _p_text(p: float) -> str:
 
 
 def _pp(value: float) -> str:
-    return f"{100 * value:+.2f}" if np.isfinite(value) else ("-inf" if value < 0 else "+inf")
+    return f"{100 * value:+.2f}"
 
 
-def interval_text(mean: float, low: float, high: float) -> str:
-    """'+1.20 [-0.35, +2.75]' in percentage points."""
-    return f"{_pp(mean)} [{_pp(low)}, {_pp(high)}]"
+UNBOUNDED = "no interval: every seed equal, too few seeds"  # the sign test's, `paired_intervals`
+
+
+def interval_text(mean: float, low: float, high: float, unit: str = "") -> str:
+    """'+1.20 [-0.35, +2.75]' in percentage points (`unit` after the mean, e.g. " pp"). An unbounded interval
+    (every seed's difference equal, too few seeds for the sign test's: `paired_intervals`) is no interval:
+    '+0.00 [no interval: ...]', never an infinite one; no mean (no look yet): ""."""
+    if pd.isna(mean):
+        return ""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"{_pp(mean)}{unit} [{UNBOUNDED}]"
+    return f"{_pp(mean)}{unit} [{_pp(low)}, {_pp(high)}]"
 
 
 def effects_text(table: pd.DataFrame) -> pd.DataFrame:
@@ -675,15 +709,15 @@ def sequential_decisions(diffs: np.ndarray, design: SequentialDesign, n_comparis
 
 
 SEQUENTIAL_COLUMNS = ["effect", "with", "without", "metric", "n_seeds", "look", "level", "mean_diff", "ci_low",
-                      "ci_high", "verdict", "vs_min_effect", "status"]
+                      "ci_high", "verdict", "vs_min_effect", "status", "note"]
 DECIDED, OPEN, AT_CAP = "decided", "open", "at the cap"
 
 
 @dataclass
 class SequentialState:
     """Where a sequential ablation stands: one row per comparison (SEQUENTIAL_COLUMNS; status decided / open /
-    at the cap), the variants that need more seeds, and how many seeds each of them should have after the next
-    round (0 when nothing is open)."""
+    at the cap; note: `degenerate_note` when the look's differences are all equal, else ""), the variants that
+    need more seeds, and how many seeds each of them should have after the next round (0 when nothing is open)."""
 
     table: pd.DataFrame
     needs_seeds: list[str]
@@ -699,7 +733,10 @@ def sequential_step(runs: pd.DataFrame, comparisons: list[Comparison], design: S
     """Given the per-(variant, seed) metrics so far (as for `effects`), which comparisons are decided and which
     variants need more seeds. Each comparison uses its paired seeds in ascending seed order (the order they are
     run in: seeds 0, 1, 2, ...) and `sequential_decisions`; one still open below `design.max_seeds` asks for the
-    next look's seeds for both its variants, one open at the cap ends "inconclusive" there."""
+    next look's seeds for both its variants, one open at the cap ends "inconclusive" there. Every difference of
+    the look equal: the exact sign test at the look's level decides as in the fixed design (`paired_intervals`;
+    the look's alpha, 1 - level, is P(|T_k| >= c_k) with no effect: at most the alpha spent by then, up to the
+    boundaries' Monte Carlo error), said in the note."""
     check_metric(metric)
     check_min_effect(100 * min_effect)
     _check_runs(runs, ["variant", "seed", metric])
@@ -720,19 +757,22 @@ def sequential_step(runs: pd.DataFrame, comparisons: list[Comparison], design: S
             following = min(n for n in design.looks if n > len(diffs))
             next_seeds = max(next_seeds, following)
             needs += [v for v in (comparison.with_, comparison.without) if v not in needs]
+        seen = diffs[:used]
+        note = (degenerate_note(mean, int(used), levels[used])
+                if used and np.std(seen, ddof=1) <= ZERO_SPREAD else "")
         rows.append({"effect": comparison.effect, "with": comparison.with_, "without": comparison.without,
                      "metric": metric, "n_seeds": int(used), "look": design.looks.index(used) + 1 if used else 0,
                      "level": levels.get(used, np.nan), "mean_diff": mean, "ci_low": low, "ci_high": high,
                      "verdict": verdict, "vs_min_effect": versus_min_effect(verdict, low, high, min_effect),
-                     "status": status})
+                     "status": status, "note": note})
     return SequentialState(pd.DataFrame(rows, columns=SEQUENTIAL_COLUMNS), needs, next_seeds)
 
 
 def with_sequential_verdicts(table: pd.DataFrame, state: SequentialState, design: SequentialDesign) -> pd.DataFrame:
     """An `effects` table whose verdict rows say what the sequential procedure decided (`ablate --seeds auto`):
     seeds used, the look's level, its repeated interval and mean, verdict and vs_min_effect from `state`; t_p and
-    adj_p blank (the repeated interval, not a fixed-design p, decides); the note says at which look it ended.
-    Descriptive rows, the image-level tests and the pooled spread's columns stay those of all the seeds run."""
+    adj_p blank (the repeated interval, not a fixed-design p, decides); the note says at which look it ended, after
+    the look's own note (equal differences at that look) in place of the fixed design's. Descriptive rows, the image-level tests and the pooled spread's columns stay those of all the seeds run."""
     table = table.copy()
     decided = state.table.set_index("effect")
     looks = len(design.looks)
@@ -744,7 +784,7 @@ def with_sequential_verdicts(table: pd.DataFrame, state: SequentialState, design
         table.loc[index, ["t_p", "adj_p"]] = np.nan
         ended = {DECIDED: "decided", OPEN: "stopped by the budget", AT_CAP: "at --max-seeds"}[row["status"]]
         note = f"sequential: {ended} at look {row['look']} of {looks} ({row['n_seeds']} seeds), repeated interval"
-        table.loc[index, "note"] = "; ".join(n for n in (table.at[index, "note"], note) if n)
+        table.loc[index, "note"] = "; ".join(n for n in (row.get("note", ""), note) if isinstance(n, str) and n)
         if row["verdict"] != INCONCLUSIVE:
             table.loc[index, ["seeds_to_decide", "seeds_to_decide_low", "seeds_to_decide_high"]] = np.nan
     return table

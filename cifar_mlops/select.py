@@ -152,7 +152,8 @@ def _pp(value: float) -> str:
 
 def step_markdown(step: Step, min_effect_pp: float) -> str:
     """A step's table: candidate, effect and interval (pp), level, verdict, vs min-effect, seeds, kept."""
-    rows = [{"candidate": r.candidate, "effect, pp [interval]": f"{_pp(r.effect)} [{_pp(r.ci_low)}, {_pp(r.ci_high)}]",
+    rows = [{"candidate": r.candidate,
+             "effect, pp [interval]": ablation_stats.interval_text(r.effect, r.ci_low, r.ci_high),
              "level": f"{100 * r.level:.4g}%" if np.isfinite(r.level) else "", "verdict": r.verdict,
              f"vs min-effect {min_effect_pp:g} pp": r.vs_min_effect, "seeds": str(r.seeds),
              "kept": "kept" if r.candidate == step.kept else ("budget" if r.open else "")}

@@ -554,6 +554,98 @@ def test_the_effects_table_of_a_sequential_ablation_carries_its_sequential_verdi
     pd.testing.assert_frame_equal(table[descriptive], plain[descriptive])
 
 
+def _sign_test_look(design: ab.SequentialDesign, m: int) -> int:
+    """The first look (seeds) at which the exact sign test of equal differences is at most the look's alpha."""
+    return next(n for n, level in zip(design.looks, design.levels(m)) if 2 * 0.5**n <= 1 - level)
+
+
+def test_equal_differences_in_a_sequential_ablation_are_the_degenerate_case_of_the_fixed_design():
+    """Issue 31, item 1, point 1, in the sequential path: a change that changes nothing (every difference 0) and one
+    0.5 pp better at every seed. No spread: the repeated t-interval would be [d, d] (p = 0); the exact sign test at
+    the look's level decides instead, as in the fixed design, said in the note; no infinite interval is printed."""
+    design = ab.SequentialDesign(max_seeds=12)
+    diffs = {"noop": [0.0] * 12, "plus": [0.005] * 12, "noisy": [0.03, -0.02, 0.05, -0.01] * 3}
+    runs, comparisons = _frame({k: v[:3] for k, v in diffs.items()})
+    state = ab.sequential_step(runs, comparisons, design, min_effect=0.01)
+    rows = state.table.set_index("effect")
+    for effect in ("noop", "plus"):  # 3 seeds: the sign test's p (1, 0.25) is far above the look's alpha
+        assert rows.loc[effect, ["verdict", "status"]].tolist() == ["inconclusive", "open"]
+        assert "exact sign test" in rows.loc[effect, "note"] and "no interval" in rows.loc[effect, "note"]
+    assert rows.loc["noisy", "note"] == ""
+    table = ab.with_sequential_verdicts(_effects(runs, comparisons, min_effect=0.01), state, design)
+    text = ab.effects_text(table)
+    assert not text.apply(lambda column: column.str.contains("inf")).any().any()
+    verdict_rows = text[text["role"] == "verdict"].set_index("effect")
+    for effect, mean in (("noop", "+0.00"), ("plus", "+0.50")):
+        assert verdict_rows.loc[effect, "difference, pp [interval]"] == f"{mean} [{ab.UNBOUNDED}]"
+        assert "exact sign test" in verdict_rows.loc[effect, "note"] and "sequential:" in verdict_rows.loc[effect, "note"]
+    compared = ab.comparison_text(ab.comparison_summary(table, None, pd.DataFrame(
+        {"variant": runs["variant"], "seed": runs["seed"], "fit_seconds": 60.0})))
+    assert not compared["difference, pp [interval]"].str.contains("inf").any()
+    # all 12 seeds: the sign test decides at the first look whose alpha admits 2 / 2**n; 0 everywhere is equivalent
+    runs, comparisons = _frame(diffs)
+    rows = ab.sequential_step(runs, comparisons, design, min_effect=0.01).table.set_index("effect")
+    n = _sign_test_look(design, 3)
+    assert rows.loc["noop", ["verdict", "status", "n_seeds", "ci_low", "ci_high"]].tolist() == [
+        "equivalent", "decided", n, 0.0, 0.0]
+    assert rows.loc["plus", ["verdict", "status", "n_seeds"]].tolist() == ["helps", "decided", n]
+    assert rows.loc["plus", "ci_low"] == pytest.approx(0.005) and "p = 0.00195" in rows.loc["plus", "note"]
+
+
+@pytest.mark.parametrize("max_seeds", [3, 6, 12])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_zero_spread_alone_never_decides_below_the_sign_test_and_zero_never_helps_or_hurts(max_seeds, m):
+    """Equal differences at every seed, any design: "helps" / "hurts" only from the look whose alpha admits the
+    sign test's 2 / 2**n, never before; differences of 0 (also within float noise of it: accuracies added in
+    another order) never "helps" / "hurts" at any look."""
+    design = ab.SequentialDesign(max_seeds=max_seeds)
+    cases = np.array([[0.0] * max_seeds, [1e-13] * max_seeds, [-3e-17] * max_seeds, [0.004] * max_seeds,
+                      [-0.25] * max_seeds])
+    verdict, used, mean, low, high = ab.sequential_decisions(cases, design, m, 0.01)
+    zero = np.arange(len(cases)) < 3
+    assert not np.isin(verdict[zero], ["helps", "hurts"]).any() and np.all(mean[zero] == 0)
+    first = next((n for n, level in zip(design.looks, design.levels(m)) if 2 * 0.5**n <= 1 - level), None)
+    if first is None:  # no look's alpha admits the sign test: inconclusive at the cap
+        assert np.all(verdict == "inconclusive") and np.all(used == max_seeds) and np.all(np.isinf(low))
+    else:
+        assert verdict[~zero].tolist() == ["helps", "hurts"] and np.all(used == first)
+        assert verdict[zero].tolist() == ["equivalent"] * 3 and np.all(low[zero] == 0) and np.all(high[zero] == 0)
+
+
+def test_a_sequential_verdict_by_the_sign_test_says_so_even_when_later_seeds_spread():
+    """'plus' is decided by the sign test at a look of equal differences; seeds run later for the open 'noisy' (the
+    same reference variant) spread, so the fixed design over every seed has no degenerate note: the verdict's note
+    is the look's."""
+    design = ab.SequentialDesign(max_seeds=12)
+    n = _sign_test_look(design, 2)
+    assert n < 12
+    diffs = {"plus": ([0.005] * n + [0.03, -0.02, 0.04])[:12], "noisy": [0.03, -0.02, 0.05, -0.01] * 3}
+    runs, comparisons = _frame(diffs)
+    state = ab.sequential_step(runs, comparisons, design, min_effect=0.01)
+    plain = _effects(runs, comparisons, min_effect=0.01)
+    assert plain.loc[(plain["effect"] == "plus") & (plain["role"] == "verdict"), "note"].item() == ""
+    row = ab.with_sequential_verdicts(plain, state, design).set_index("effect").loc["plus"].iloc[0]
+    assert row["verdict"] == "helps" and row["n_seeds"] == n
+    assert row["note"].startswith("every seed's difference is +0.50 pp: the t-test is undefined, exact sign test")
+    assert f"decided at look {design.looks.index(n) + 1}" in row["note"]
+
+
+def test_the_parent_runs_interval_tag_and_the_select_step_table_print_no_infinite_interval():
+    from cifar_mlops import select
+    from cifar_mlops.tracking import ablations
+
+    runs, comparisons = _frame({"noop": [0.0] * 3, "adamw": [0.03, 0.02, 0.035]})
+    design = ab.SequentialDesign(max_seeds=12)
+    table = ab.with_sequential_verdicts(_effects(runs, comparisons, min_effect=0.01),
+                                        ab.sequential_step(runs, comparisons, design, min_effect=0.01), design)
+    summary = ab.comparison_summary(table, None, runs.assign(fit_seconds=60.0))
+    tags, metrics = ablations.comparison_record(summary, "description", 1.0, "minutes")
+    assert tags["noop/interval"].startswith(f"+0.00 pp [{ab.UNBOUNDED}] at ") and "inf" not in tags["noop/interval"]
+    assert "noop/ci_low_pp" not in metrics and "inf" not in tags["adamw/interval"]
+    step = select.Step(1, (), None, select.step_table(table, "test_accuracy"), None, [], runs)
+    assert "inf" not in select.step_markdown(step, 1.0) and ab.UNBOUNDED in select.step_markdown(step, 1.0)
+
+
 # ---------------------------------------------------------------------------
 # Issue 31, item 4: where the noise comes from, by simulation
 

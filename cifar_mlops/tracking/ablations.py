@@ -137,13 +137,15 @@ def comparison_record(summary: pd.DataFrame, description: str, minutes: float, m
     `/ci_high_pp`, `/seeds`, `/fit_minutes`; `fit_minutes` (every run of the ablation) with the tag
     `fit_minutes_measure` saying what they are; the run's description (`mlflow.note.content`, markdown): `description`
     cut to what a tag keeps."""
+    from cifar_mlops.ablation_stats import interval_text  # here: the statistics' imports (matplotlib) only when used
+
     tags: dict[str, str] = {"fit_minutes_measure": minutes_meaning}
     metrics: dict[str, float] = {"fit_minutes": minutes}
     for row in summary.itertuples(index=False):
         key = metric_name(str(row.effect))
         versus = "" if pd.isna(row.vs_min_effect) or not row.vs_min_effect else f" (vs min-effect: {row.vs_min_effect})"
         tags[f"{key}/verdict"] = f"{row.verdict}{versus}"
-        tags[f"{key}/interval"] = (f"{100 * row.mean_diff:+.2f} pp [{100 * row.ci_low:+.2f}, {100 * row.ci_high:+.2f}] "
+        tags[f"{key}/interval"] = (f"{interval_text(row.mean_diff, row.ci_low, row.ci_high, ' pp')} "
                                    f"at {100 * row.level:.4g}%, {row.n_seeds} seeds")
         if isinstance(row.noise, str) and row.noise:
             tags[f"{key}/noise"] = row.noise
