@@ -39,6 +39,12 @@ def trainable_batchnorms(model: keras.Model) -> list:
             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
 
 
+def seed_generators(model: keras.Model) -> list:
+    """The state variables of `model`'s random generators (its dropout layers' seed generators): what `recompute`
+    puts back after its forward passes, and what a checkpoint keeps (`train.random_state`)."""
+    return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+
+
 def recompute(model: keras.Model, batches: Batches, images: int, forward: Callable | None = None) -> int:
     """Set the moving statistics of `model`'s training BatchNorm layers to the mean of their batch statistics
     over the first batches of `batches` (training batches, augmented as in training) holding at least `images`
@@ -56,7 +62,7 @@ def recompute(model: keras.Model, batches: Batches, images: int, forward: Callab
     forward = forward or (lambda x: model(x, training=True))
     momentums = [layer.momentum for layer in layers]
     # the forward passes draw dropout masks: the generators are put back, so the training goes on as without them
-    generators = [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+    generators = seed_generators(model)
     generator_states = [keras.ops.convert_to_numpy(v) for v in generators]
     sums = [np.zeros((2, *layer.moving_mean.shape), np.float64) for layer in layers]
     count = batches_used = 0

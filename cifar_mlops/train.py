@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cifar_mlops import backend, data, evaluation
+from cifar_mlops.batchnorm import seed_generators
 from cifar_mlops.config import DataConfig, ExperimentConfig, TrainConfig, check_kind, flatten, with_overrides
 from cifar_mlops.errors import UserError, first_line
 from cifar_mlops.models import create_model, init_from_data
@@ -143,20 +144,16 @@ def follow_epochs(clock):
 
 def random_state(model) -> list[list[int]]:
     """The state of the model's own random generators (dropout): `model.save` does not keep it."""
-    return [[int(v) for v in variable.numpy()] for variable in _seed_states(model)]
+    return [[int(v) for v in variable.numpy()] for variable in seed_generators(model)]
 
 
 def restore_random_state(model, states: list[list[int]]) -> None:
-    variables = _seed_states(model)
+    variables = seed_generators(model)
     if len(variables) != len(states):
         raise TrainingFailed(f"the checkpoint holds {len(states)} random generator states, the model has "
                              f"{len(variables)}; it was written by another version of the model")
     for variable, state in zip(variables, states):
         variable.assign(state)
-
-
-def _seed_states(model) -> list:
-    return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
 
 
 def resumable(config: ExperimentConfig, parent_run_id: str | None) -> bool:

@@ -58,6 +58,24 @@ def test_recompute_sets_the_mean_of_the_batch_statistics_and_keeps_the_momentum(
                                rtol=1e-3, atol=1e-5)
 
 
+def test_the_generators_recompute_puts_back_are_the_ones_a_checkpoint_keeps() -> None:
+    """One helper finds the dropout generators for `recompute` (which puts them back) and for the checkpoints
+    (`train.random_state`): a generator one of them missed would make a resumed training draw other masks."""
+    from cifar_mlops.train import random_state
+
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(4, 3)(x))
+    x = keras.layers.Dropout(0.5, seed=1, name="drop")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    [generator] = batchnorm.seed_generators(model)
+    assert generator is model.get_layer("drop").seed_generator.state
+    before = random_state(model)
+    x, y = images(64)
+    assert batchnorm.recompute(model, Batches(x, y, batch_size=32, num_classes=10, training=True), 64) == 64
+    assert random_state(model) == before  # the two forward passes drew masks, and the state was put back
+
+
 def test_a_frozen_batchnorm_keeps_its_statistics() -> None:
     model = conv_bn_model()
     bn = model.get_layer("bn")
