@@ -519,7 +519,7 @@ def _finish(study: optuna.Study, result: TuneResult, status: str) -> None:
                                                 "params": as_overrides(best.params)}, indent=2)
     result.table = best_table(study)
     texts["best_trials.txt"] = result.table + "\n"
-    tags[studies.NOTE_TAG] = study_note(study, result)  # the run page's description, as markdown
+    tags[runs.DESCRIPTION_TAG] = study_note(study, result)  # the run page's description, as markdown
     if result.worker_failures:
         tags["failure_reason"] = "; ".join(result.worker_failures)
     figures = study_figures(study)

@@ -85,7 +85,7 @@ def test_four_trial_study_with_default_storage(store: str, tmp_path: Path, capsy
     assert_no_running_runs()
 
     # The run's page in the UI: its description (markdown) is the result table, every run id a link to its run
-    note = tags[studies.NOTE_TAG]
+    note = tags[runs.DESCRIPTION_TAG]
     assert note.startswith("**Optuna study `cifar10-smoke`**") and "4 trials (4 COMPLETE, 0 PRUNED, 0 FAIL)" in note
     header, rule, *rows = [line for line in note.splitlines() if line.startswith("|")]
     assert [c.strip() for c in header.strip("|").split("|")] == [
@@ -103,6 +103,18 @@ def test_four_trial_study_with_default_storage(store: str, tmp_path: Path, capsy
     lines = re.findall(r"^\[cifar-mlops tune\] (\d)/4 trials done \| elapsed \d\d:\d\d, left ~\S+ \| trial (\d) COMPLETE",
                        capsys.readouterr().err, re.MULTILINE)
     assert lines == [(str(n + 1), str(n)) for n in range(4)]
+
+
+def test_the_run_note_tag_is_one_constant_for_studies_ablations_and_selections() -> None:
+    """`mlflow.note.content` (a run's description) is named once, in `tracking.runs`, and used from there."""
+    from cifar_mlops.tracking import ablations, selections
+
+    package = Path(tune.__file__).parent
+    named = [p.relative_to(package).as_posix() for p in sorted(package.rglob("*.py"))
+             if '"mlflow.note.content"' in p.read_text()]
+    assert named == ["tracking/runs.py"] and runs.DESCRIPTION_TAG == "mlflow.note.content"
+    assert ablations.DESCRIPTION_TAG is selections.DESCRIPTION_TAG is runs.DESCRIPTION_TAG
+    assert not hasattr(studies, "NOTE_TAG")
 
 
 @pytest.mark.core

@@ -12,7 +12,13 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, TAG_LIMIT, open_parent_run, run_text_artifact
+from cifar_mlops.tracking.runs import (
+    ABLATION_EXPERIMENT,
+    DESCRIPTION_TAG,
+    TAG_LIMIT,
+    open_parent_run,
+    run_text_artifact,
+)
 
 ABLATION_TAG = "ablation"  # on the parent and on every (variant, seed) run: which ablation it belongs to
 ABLATION_KIND = "ablation"  # tag `kind` of a parent run: never a result row of the report
@@ -120,8 +126,6 @@ def finished_ablations(experiment: str) -> list[dict[str, Any]]:
                           "comparisons": csv_artifact(run.info.run_id, "ablation_comparisons.csv")})
     return ablations
 
-
-DESCRIPTION_TAG = "mlflow.note.content"  # the run's description: the UI renders it as markdown on the run's page
 
 
 def metric_name(effect: str) -> str:

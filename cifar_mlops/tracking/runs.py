@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ABLATION_EXPERIMENT = "cifar10-ablation"
 FAILURE_TAG = "failure_reason"
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description: the UI renders it as markdown on the run's page
 TAG_LIMIT, PARAM_LIMIT = 5000, 6000  # characters MLflow keeps of a tag / param value
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, TAG_LIMIT, log_batch, open_parent_run
+from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, DESCRIPTION_TAG, TAG_LIMIT, log_batch, open_parent_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -16,7 +16,6 @@ SELECTION_TAG = "selection"  # on the parent run and on each step's ablation par
 SELECTION_KIND = "selection"  # tag `kind` of a selection's parent run: never a result row of the report
 STEP_TAG = "selection_step"  # on each step's ablation parent run: its step number
 MODEL_TAG = "selection_model"  # on the training of the final iteration that `--register` registers
-DESCRIPTION_TAG = "mlflow.note.content"  # a run's description: the UI renders it as markdown on the run's page
 
 
 def selection_run(name: str, tags: dict[str, Any], *, agreed: Callable[[], str | None] = lambda: None,

@@ -11,7 +11,6 @@ from cifar_mlops.tracking import store
 from cifar_mlops.tracking.runs import FAILURE_TAG, is_active, log_batch, open_parent_run
 
 TUNING_EXPERIMENT = "cifar10-tuning"
-NOTE_TAG = "mlflow.note.content"  # a run's description: MLflow's UI renders it as markdown on the run's page
 # An Optuna trial state -> the status of the trial's run (PRUNED: stopped early on purpose, not a failure)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}
 
