@@ -13,8 +13,18 @@
 - `team`: users and roles on a team server (MLflow's auth API).
 """
 
-from cifar_mlops.tracking import (ablations, image_model, registry, results, runs, selections, served, store, studies,
-                                  team)
+from cifar_mlops.tracking import (
+    ablations,
+    image_model,
+    registry,
+    results,
+    runs,
+    selections,
+    served,
+    store,
+    studies,
+    team,
+)
 
 __all__ = ["ablations", "image_model", "registry", "results", "runs", "selections", "served", "store", "studies",
            "team"]
