@@ -197,6 +197,28 @@ def test_parse_overrides(pairs, expected) -> None:
     assert cfg.parse_overrides(pairs) == expected
 
 
+def test_catalogue_yaml_is_read_by_libyaml_when_pyyaml_has_it_and_reads_the_same(monkeypatch) -> None:
+    """enhancements.yaml is read on every resolve: the C parser (CSafeLoader) reads it, with SafeLoader's result;
+    invalid YAML still says what the pure parser says (see the bad-file cases above)."""
+    yaml = pytest.importorskip("yaml")
+    if not hasattr(yaml, "CSafeLoader"):
+        pytest.skip("PyYAML without libyaml: the pure-Python loader is all there is")
+    loaders, load = [], yaml.load
+
+    def spy(stream, Loader):  # yaml.load's own argument name
+        loaders.append(Loader)
+        return load(stream, Loader=Loader)
+
+    monkeypatch.setattr(yaml, "load", spy)
+    assert cfg.resolve("2.4").train.epochs > 0
+    assert loaders and set(loaders) == {yaml.CSafeLoader}
+    monkeypatch.undo()
+    for path in sorted(cfg.experiments_dir().rglob("*.yaml")):
+        assert cfg._read_yaml(path) == (yaml.load(path.read_text(), Loader=yaml.SafeLoader) or {}), path
+    config = cfg.resolve("2.4")
+    assert cfg.from_yaml(cfg.to_yaml(config), "x") == config
+
+
 def test_yaml_style_float_strings_are_accepted_as_numbers() -> None:
     assert cfg.resolve("2.4", cfg.parse_overrides(["train.learning_rate=1e-4"])).train.learning_rate == 1e-4
 
