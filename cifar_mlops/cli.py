@@ -67,12 +67,12 @@ class _Commands(click.Group):
 
 
 def _refused_by_server(err: Exception) -> UserError | None:
-    """A team server's 401/403 that no command turned into its own line yet."""
+    """A team server's 401/403 (or 5xx) that no command turned into its own line yet."""
     if "mlflow" not in sys.modules:
         return None
     from cifar_mlops.tracking import store
 
-    return store.refusal(err)
+    return store.refusal(err) or store.server_failure(err)
 
 
 class ChoiceOf(click.Choice):
