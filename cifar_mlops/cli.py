@@ -748,6 +748,7 @@ def list_users() -> None:
     store.quiet_mlflow()
     click.echo(text_table(team_roles.list_users()))
 
+
 @main.command(hidden=True)
 @click.option("--spec", required=True, help="JSON from the coordinating process (`execution.workers.worker_args`).")
 def worker(spec: str) -> None:
