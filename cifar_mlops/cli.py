@@ -179,6 +179,21 @@ def _experiment_options(exp_help: str, set_example: str, register_help: str, exp
     )
 
 
+# What `ablate` and `select` (whose steps are ablations) share: the verdicts' metric and how the runs are shared.
+_PRIMARY_METRIC = click.option(
+    "--metric", default="test_accuracy", show_default=True,
+    help="The primary metric, the one the verdicts are about (test_accuracy, test_f1_macro, val_accuracy, "
+         "val_f1_macro); the others are shown, descriptive.")
+_PAIRED_RUNS = _options(
+    click.option("--fixed-split/--seeded-split", default=False, show_default=True,
+                 help="--seeded-split: seed k also draws the train/validation split (data.seed = k); --fixed-split: "
+                      "every seed trains on the experiment's one split (the verdicts then hold for that split)."),
+    click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Worker processes on this machine sharing the runs (one GPU each when GPUs are visible)."),
+    click.option("--storage", default="", metavar="URL",
+                 help="The runs' queue, shared by every process and machine running the same command: "
+                      "postgresql://..., or a journal file (default: optuna.journal beside a SQLite MLflow store, "
+                      "else ./optuna.journal)."))
 _VERBOSE = click.option("--verbose", type=click.BOOL, is_flag=False, flag_value=True, default=False, metavar="[BOOL]",
                         help="Each run's own lines too, Keras's per epoch included (off under the command's "
                              "progress bar).")
@@ -494,20 +509,11 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
               help="With --design variants: the experiments compared with --exp.")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="Error rate of the verdicts: intervals at 1 - alpha / (number of changes), Bonferroni.")
-@click.option("--metric", default="test_accuracy", show_default=True,
-              help="The primary metric, the one the verdicts are about (test_accuracy, test_f1_macro, "
-                   "val_accuracy, val_f1_macro); the others are shown, descriptive.")
+@_PRIMARY_METRIC
 @click.option("--min-effect", default=1.0, show_default=True, type=float, metavar="PP",
               help="The smallest effect of interest, in percentage points of the primary metric: 'equivalent' "
                    "when the verdict's interval lies inside +-PP; 'helps'/'hurts' say whether they clear it.")
-@click.option("--fixed-split/--seeded-split", default=False, show_default=True,
-              help="--seeded-split: seed k also draws the train/validation split (data.seed = k); --fixed-split: "
-                   "every seed trains on the experiment's one split (the verdicts then hold for that split).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this machine sharing the runs (one GPU each when GPUs are visible).")
-@click.option("--storage", default="", metavar="URL",
-              help="The runs' queue, shared by every process and machine running this ablation: postgresql://..., "
-                   "or a journal file (default: optuna.journal beside a SQLite MLflow store, else ./optuna.journal).")
+@_PAIRED_RUNS
 @_override_options("train.epochs=5 (every variant)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Also register every variant's model (off: an ablation's runs are measurements).")
@@ -556,23 +562,17 @@ def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, 
                    "summed) reach this; empty: no budget.")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="Error rate of each step's verdicts (Bonferroni over the step's candidates).")
-@click.option("--metric", default="test_accuracy", show_default=True,
-              help="The metric the verdicts are about (test_accuracy, test_f1_macro, val_accuracy, val_f1_macro).")
+@_PRIMARY_METRIC
 @click.option("--min-effect", default=1.0, show_default=True, type=float, metavar="PP",
               help="A candidate is kept only when its whole interval lies at least PP percentage points above 0.")
-@click.option("--fixed-split/--seeded-split", default=False, show_default=True,
-              help="--seeded-split: seed k also draws the train/validation split; --fixed-split: one split.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this machine sharing each step's runs.")
-@click.option("--storage", default="", metavar="URL",
-              help="The steps' queues, shared by every process and machine running this selection "
-                   "(postgresql://... or a journal file; default as ablate's).")
+@_PAIRED_RUNS
 @_override_options("train.epochs=5 (every run of every step)")
 @click.option("--register/--no-register", default=False, show_default=True,
               help="Train the final iteration once more and register its model.")
+@_VERBOSE
 def select_command(exp_id: str, candidates: str, max_seeds: int, budget: float | None, alpha: float, metric: str,
                    min_effect: float, fixed_split: bool, workers: int, storage: str, set_pairs: tuple[str, ...],
-                   overrides: str, data_dir: str, register: bool) -> None:
+                   overrides: str, data_dir: str, register: bool, verbose: bool) -> None:
     """The next iteration, chosen by the paired test: greedy forward selection over the catalogue."""
     with heavy_imports():
         import keras  # noqa: F401  (the steps train here: imported here, to be frozen)
@@ -581,6 +581,7 @@ def select_command(exp_id: str, candidates: str, max_seeds: int, budget: float |
         from cifar_mlops.tracking import store
 
     values = _override_values(set_pairs, overrides, data_dir)
+    progress.set_verbose(verbose)
     result = selection.select(exp_id, candidates_named=[c.strip() for c in candidates.split(",") if c.strip()],
                               overrides=values, alpha=alpha, metric=metric, min_effect_pp=min_effect,
                               max_seeds=max_seeds, budget_minutes=budget, workers=workers,

@@ -9,15 +9,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 
 from cifar_mlops.tracking import store
 from cifar_mlops.tracking.runs import (
-    ABLATION_EXPERIMENT,
     DESCRIPTION_TAG,
     TAG_LIMIT,
-    open_parent_run,
     run_text_artifact,
+    tagged_parent_run,
 )
 
 ABLATION_TAG = "ablation"  # on the parent and on every (variant, seed) run: which ablation it belongs to
@@ -29,17 +27,7 @@ def ablation_run(name: str, tags: dict[str, Any], *, agreed: Callable[[], str | 
     """The ablation's parent run, RUNNING: `mlflow run`'s own run, else the one the processes running it
     `agreed()` on, else the one tagged `ablation=name` in `cifar10-ablation` (a rerun continues it), else a new
     one, kept if `claim(its id)` says so (see `runs.open_parent_run`). Returns (run id, experiment name)."""
-    def earlier(client: MlflowClient, experiment_id: str) -> str | None:
-        run_id = agreed()
-        if run_id:
-            return run_id
-        found = client.search_runs([experiment_id], filter_string=(
-            f"tags.{ABLATION_TAG} = '{name}' and tags.kind = '{ABLATION_KIND}'"),
-            order_by=["attributes.start_time DESC"], max_results=1)
-        return found[0].info.run_id if found else None
-
-    return open_parent_run(ABLATION_EXPERIMENT, f"ablation {name}", {**tags, "kind": ABLATION_KIND, ABLATION_TAG: name},
-                           earlier, claim)
+    return tagged_parent_run(ABLATION_TAG, ABLATION_KIND, name, f"ablation {name}", tags, agreed=agreed, claim=claim)
 
 
 def finished_children(parent_run_id: str) -> list[dict[str, Any]]:

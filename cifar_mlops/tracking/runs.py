@@ -137,6 +137,24 @@ def open_parent_run(experiment: str, name: str, tags: dict[str, Any],
     return run_id, experiment_of(run_id)
 
 
+def tagged_parent_run(tag: str, kind: str, name: str, run_name: str, tags: dict[str, Any], *,
+                      agreed: Callable[[], str | None] = lambda: None,
+                      claim: Callable[[str], str] | None = None) -> tuple[str, str]:
+    """The parent run of a command that reruns resume (an ablation, a selection), RUNNING, in ABLATION_EXPERIMENT:
+    `mlflow run`'s own run, else the one the processes running it `agreed()` on, else the latest tagged
+    `tag=name` and `kind=kind` (a rerun continues it), else a new one, kept if `claim(its id)` says so
+    (`open_parent_run`). Returns (run id, experiment name)."""
+    def earlier(client: MlflowClient, experiment_id: str) -> str | None:
+        run_id = agreed()
+        if run_id:
+            return run_id
+        found = client.search_runs([experiment_id], filter_string=f"tags.{tag} = '{name}' and tags.kind = '{kind}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0].info.run_id if found else None
+
+    return open_parent_run(ABLATION_EXPERIMENT, run_name, {**tags, "kind": kind, tag: name}, earlier, claim)
+
+
 def finish_run(run_id: str, status: str, *, tags: dict[str, Any], metrics: dict[str, float],
                figures: dict[str, Figure], texts: dict[str, str]) -> None:
     """Record a parent run's outcome (a tuning study's, an ablation's) and end it with `status`."""

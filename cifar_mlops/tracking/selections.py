@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import ABLATION_EXPERIMENT, DESCRIPTION_TAG, TAG_LIMIT, log_batch, open_parent_run
+from cifar_mlops.tracking.runs import DESCRIPTION_TAG, TAG_LIMIT, log_batch, tagged_parent_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -23,17 +23,7 @@ def selection_run(name: str, tags: dict[str, Any], *, agreed: Callable[[], str |
     """The selection's parent run, RUNNING: `mlflow run`'s own run, else the one the processes running it
     `agreed()` on, else the latest tagged `selection=name` (a rerun continues it), else a new one (kept if
     `claim(its id)` says so). Returns (run id, experiment name)."""
-    def earlier(client, experiment_id: str) -> str | None:
-        run_id = agreed()
-        if run_id:
-            return run_id
-        found = client.search_runs([experiment_id], filter_string=(
-            f"tags.{SELECTION_TAG} = '{name}' and tags.kind = '{SELECTION_KIND}'"),
-            order_by=["attributes.start_time DESC"], max_results=1)
-        return found[0].info.run_id if found else None
-
-    return open_parent_run(ABLATION_EXPERIMENT, f"select {name}",
-                           {**tags, "kind": SELECTION_KIND, SELECTION_TAG: name}, earlier, claim)
+    return tagged_parent_run(SELECTION_TAG, SELECTION_KIND, name, f"select {name}", tags, agreed=agreed, claim=claim)
 
 
 def tag_step(ablation_run_id: str, name: str, step: int) -> None:
