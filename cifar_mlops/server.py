@@ -1,7 +1,7 @@
 """`cifar-mlops server`: the team's MLflow tracking server, started the one way this project supports.
 
 MLflow's own `mlflow server` on PostgreSQL, with proxied artifacts (a folder or an s3:// bucket)
-and the basic-auth app, extended as MLflow allows (`--app-name cifar-team`, `cifar_mlops.team_app`:
+and the basic-auth app, extended as MLflow allows (`--app-name cifar-team`, `cifar_mlops.tracking.team_app`:
 readers create nothing). What this wrapper adds: it creates the databases that are missing (the
 runs', the users', the Optuna studies'), keeps every password off command lines and out of logs
 (the admin's comes from $MLFLOW_AUTH_ADMIN_PASSWORD or a file; a database password from the URL

@@ -294,8 +294,7 @@ def rest(team_server: dict, user: str, method: str, route: str, body: dict | Non
 
 def test_a_reader_creates_and_logs_nothing_while_trainers_and_maintainers_keep_their_rights(
         team_server: dict, users: dict, as_user) -> None:
-    from cifar_mlops import team_app
-    from cifar_mlops.tracking import team
+    from cifar_mlops.tracking import team, team_app
 
     assert team_app.ROLE_EXPERIMENTS == team.EXPERIMENTS
     as_user("admin")

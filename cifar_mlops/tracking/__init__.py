@@ -11,6 +11,7 @@
 - `ablations`: an ablation's parent run and its (variant, seed) runs; FINISHED runs by config digest;
 - `selections`: a forward selection's parent run, its steps, its description;
 - `team`: users and roles on a team server (MLflow's auth API).
+- `team_app`: the team server's auth app (`mlflow server --app-name cifar-team`), loaded by the server only.
 """
 
 from cifar_mlops.tracking import (
