@@ -21,6 +21,7 @@ beside it), one self-contained HTML file (plots embedded as data URIs) or CSV
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import io
 import tempfile
@@ -622,4 +623,12 @@ def log(report: Report) -> tuple[str, str]:
         return results.log_report_run(
             folder, tags={"report_of_experiment": report.experiment, "selection": report.selection,
                           "rows": sum(len(t.records) for t in report.tables)},
-            params={"experiment": report.experiment, "selection": report.selection})
+            params={"experiment": report.experiment, "selection": report.selection},
+            description=render_markdown(without_figures(report)) + "\n\nFigures: report.md (with its PNGs) and "
+                                                                    "report.html in this run's artifacts.")
+
+
+def without_figures(report: Report) -> Report:
+    """The report's text and tables alone (a run's description shows no images of its artifacts)."""
+    return dataclasses.replace(report, sections=[
+        Section(s.title, [b for b in s.blocks if not isinstance(b, Figure)]) for s in report.sections])

@@ -431,7 +431,7 @@ def _record(outcome: SelectionResult, study: str, min_effect_pp: float, metric: 
 
     document = report_markdown(outcome, study, min_effect_pp)
     figure = path_plot(outcome.exp_id, outcome.steps, metric) if outcome.steps else None
-    selections.describe(outcome.run_id, document, "(cut to fit the description: the whole is selection.md)")
+    selections.describe(outcome.run_id, document)
     try:
         selections.finish(outcome.run_id, "FINISHED", tags={
             "kept": ",".join(outcome.kept) or "none", "selected_iteration": outcome.final_id,

@@ -339,6 +339,12 @@ def test_cli_report_is_logged_as_a_report_run_that_is_never_a_result(filled, tmp
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "report.html", "report.csv"} <= names
     assert any(n.startswith("report_b5_accuracy") and n.endswith(".png") for n in names)
+    # The run's page shows the report's text and tables (its description), pointing to the figures
+    described = run.data.tags[runs.DESCRIPTION_TAG]
+    study_b = cfg.STUDY_TITLES["B"]
+    assert described.startswith(f"# {before.title}") and f"## {study_b}" in described and "![" not in described
+    assert "b5" in described.split(f"## {study_b}", 1)[1] and len(described) <= runs.TAG_LIMIT
+    assert described.endswith(("report.html in this run's artifacts.", "the whole is report.md)"))
 
     # `mlflow run -e report --experiment-name cifar10-ablation`: the adopted run lands among the results
     ablation = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT).experiment_id

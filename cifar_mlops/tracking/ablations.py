@@ -12,8 +12,7 @@ import pandas as pd
 
 from cifar_mlops.tracking import store
 from cifar_mlops.tracking.runs import (
-    DESCRIPTION_TAG,
-    TAG_LIMIT,
+    description_tag,
     run_text_artifact,
     tagged_parent_run,
 )
@@ -145,6 +144,5 @@ def comparison_record(summary: pd.DataFrame, description: str, minutes: float, m
                         f"{key}/ci_high_pp": 100 * row.ci_high, f"{key}/seeds": row.n_seeds,
                         f"{key}/fit_minutes": row.fit_minutes})
     metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}  # an unbounded interval end has no metric
-    tags[DESCRIPTION_TAG] = description if len(description) <= TAG_LIMIT else (
-        description[:TAG_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut to fit the description: the whole is ablation.md)")
+    tags.update(description_tag(description, "ablation.md"))
     return tags, metrics

@@ -9,7 +9,15 @@ from mlflow.entities import ViewType
 
 from cifar_mlops.errors import UserError
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import adopted_run_id, experiment_id, experiment_of, failure, git_commit, log_batch
+from cifar_mlops.tracking.runs import (
+    adopted_run_id,
+    description_tag,
+    experiment_id,
+    experiment_of,
+    failure,
+    git_commit,
+    log_batch,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -56,9 +64,11 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in store.client().get_metric_history(run_id, key))
 
 
-def log_report_run(folder: str | Path, tags: dict[str, Any], params: dict[str, Any]) -> tuple[str, str]:
-    """Log every file in `folder` as artifacts of a FINISHED report run (tag kind=report): the run
-    `mlflow run` created for us, else a new run in `cifar10-reports`. Returns (run id, experiment name)."""
+def log_report_run(folder: str | Path, tags: dict[str, Any], params: dict[str, Any],
+                   description: str = "") -> tuple[str, str]:
+    """Log every file in `folder` as artifacts of a FINISHED report run (tag kind=report), `description`
+    (markdown) on its page: the run `mlflow run` created for us, else a new run in `cifar10-reports`.
+    Returns (run id, experiment name)."""
     client = store.client()
     with store.permission_checked(f"create a report run in experiment {REPORT_EXPERIMENT!r}", "EDIT",
                                   f"experiment {REPORT_EXPERIMENT}"):
@@ -66,7 +76,8 @@ def log_report_run(folder: str | Path, tags: dict[str, Any], params: dict[str, A
                                                        run_name="report").info.run_id
     try:
         log_batch(run_id, tags={"kind": REPORT_KIND})  # first: a report run must never count as a result
-        log_batch(run_id, params=params, tags={**tags, "mlflow.runName": "report", "git_commit": git_commit()})
+        log_batch(run_id, params=params, tags={**tags, "mlflow.runName": "report", "git_commit": git_commit(),
+                                               **(description_tag(description, "report.md") if description else {})})
         client.log_artifacts(run_id, str(folder))
     except BaseException as err:
         status, reason = failure(err)

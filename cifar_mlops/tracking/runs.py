@@ -137,6 +137,15 @@ def open_parent_run(experiment: str, name: str, tags: dict[str, Any],
     return run_id, experiment_of(run_id)
 
 
+def description_tag(markdown: str, whole: str) -> dict[str, str]:
+    """A run's description (`mlflow.note.content`, rendered as markdown on the run's page) as a tag, cut at a
+    line to what a tag keeps and then saying where the whole text is (`whole`: an artifact of the run)."""
+    if len(markdown) <= TAG_LIMIT:
+        return {DESCRIPTION_TAG: markdown}
+    note = f"\n\n(cut to fit the description: the whole is {whole})"
+    return {DESCRIPTION_TAG: markdown[:TAG_LIMIT - len(note)].rsplit("\n", 1)[0] + note}
+
+
 def tagged_parent_run(tag: str, kind: str, name: str, run_name: str, tags: dict[str, Any], *,
                       agreed: Callable[[], str | None] = lambda: None,
                       claim: Callable[[str], str] | None = None) -> tuple[str, str]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from cifar_mlops.tracking import store
-from cifar_mlops.tracking.runs import DESCRIPTION_TAG, TAG_LIMIT, log_batch, tagged_parent_run
+from cifar_mlops.tracking.runs import description_tag, log_batch, tagged_parent_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -48,11 +48,9 @@ def model_training(selection_run_id: str, exp_id: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def describe(run_id: str, markdown: str, note: str) -> None:
-    """Set the run's description (markdown, cut with `note` to what a tag keeps)."""
-    text = markdown if len(markdown) <= TAG_LIMIT else markdown[:TAG_LIMIT - len(note) - 4].rsplit("\n", 1)[0] + \
-        f"\n\n{note}"
-    log_batch(run_id, tags={DESCRIPTION_TAG: text})
+def describe(run_id: str, markdown: str) -> None:
+    """Set the selection run's description (markdown; where cut, it points to selection.md)."""
+    log_batch(run_id, tags=description_tag(markdown, "selection.md"))
 
 
 def finish(run_id: str, status: str, *, tags: dict[str, Any], figure: Figure | None, texts: dict[str, str]) -> None:
