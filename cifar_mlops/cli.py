@@ -483,7 +483,7 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
     if result.registered:
         click.echo(f"registered the best configuration as a new version of {result.registered}")
     click.echo(f"parent run {result.parent_run_id} in MLflow experiment {result.experiment!r}; to see it, "
-               f"{store.where_to_look(result.tracking_uri)}")
+               f"{store.where_to_see_run(result.tracking_uri, result.parent_run_id)}")
     click.echo(f"every trial in optuna-dashboard (pip install 'cifar-mlops[dashboard]'): run {result.dashboard}")
     if result.worker_failures:
         lost = f"; trials {', '.join(map(str, result.failed_dead))} marked FAIL" if result.failed_dead else ""
@@ -547,7 +547,7 @@ def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, 
     for line in result.design.skipped:
         click.echo(line)
     click.echo(f"\nparent run {result.parent_run_id} in MLflow experiment {result.experiment!r} (forest plot, "
-               f"tables as markdown and CSV); to see it, {store.where_to_look(result.tracking_uri)}")
+               f"tables as markdown and CSV); to see it, {store.where_to_see_run(result.tracking_uri, result.parent_run_id)}")
 
 
 @main.command(name="select")
@@ -590,7 +590,7 @@ def select_command(exp_id: str, candidates: str, max_seeds: int, budget: float |
     body, _, last = document.rpartition("\n\n")
     click.echo("\n" + body + "\n")
     click.echo(f"parent run {result.run_id} in MLflow experiment {result.experiment!r} (path plot, tables); "
-               f"to see it, {store.where_to_look(result.tracking_uri)}\n")
+               f"to see it, {store.where_to_see_run(result.tracking_uri, result.run_id)}\n")
     click.echo(last)
 
 

@@ -119,6 +119,10 @@ def test_ablate_in_a_log_file_prints_one_line_per_run_and_no_keras_epochs(tmp_pa
     assert lines[0][4] != "?" and lines[-1][4] == "00:00"
     assert not KERAS_EPOCH.search(done.stdout + done.stderr)
     assert "evaluating on train, val and test" not in done.stderr  # each run's own steps: quiet under the bar
+    # the last line links to the ablation's parent run itself (its tables and plots), in the training view
+    parent = re.search(r"^parent run (\w+) in MLflow experiment 'cifar10-ablation'.*then open (\S+)$", done.stdout,
+                       re.MULTILINE)
+    assert parent and parent[2] == f"http://127.0.0.1:5000/#/experiments/1/runs/{parent[1]}?workflowType=machine_learning"
 
 
 @pytest.mark.slow

@@ -79,6 +79,11 @@ def where_to_look(uri: str, page: str = "experiments") -> str:
     return f"run `mlflow ui --backend-store-uri {shlex.quote(redact(uri))} --workers 1`, then open {ui_link(uri, page)}"
 
 
+def where_to_see_run(uri: str, run_id: str) -> str:
+    """How to open run `run_id`'s own page (a parent run: its description, tables and plots) in MLflow's UI."""
+    return where_to_look(uri, run_page(MlflowClient(uri).get_run(run_id).info.experiment_id, run_id))
+
+
 def quiet_mlflow() -> None:
     """Keep MLflow's info lines (registry chatter, emoji links) off the user's terminal."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
