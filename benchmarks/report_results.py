@@ -390,7 +390,7 @@ def section_batchnorm(bn: dict | None, cost: dict | None, study_b_bn: dict | Non
             spread = (f"{len(old)}, {100 * sum(old) / len(old):.1f}, {100 * min(old):.1f}-{100 * max(old):.1f}"
                       if old else "-")
             out.append(f"| {r['exp']} | {r['seed']} | {100 * r['test_accuracy']:.1f} | {spread} | {r['cpu_s'] / 60:.1f} |")
-        out += ["", load_line(study_b_bn), ""]
+        out += ["", *([study_b_bn["note"], ""] if study_b_bn.get("note") else []), load_line(study_b_bn), ""]
     return out
 
 
