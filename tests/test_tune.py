@@ -106,14 +106,19 @@ def test_four_trial_study_with_default_storage(store: str, tmp_path: Path, capsy
 
 
 def test_the_run_note_tag_is_one_constant_for_studies_ablations_and_selections() -> None:
-    """`mlflow.note.content` (a run's description) is named once, in `tracking.runs`, and used from there."""
-    from cifar_mlops.tracking import ablations, selections
+    """`mlflow.note.content` (a run's description) is named once, in `tracking.runs`, and set through its
+    `description_tag` by ablations, selections and reports (tune sets `runs.DESCRIPTION_TAG` itself)."""
+    from cifar_mlops.tracking import ablations, results, selections
 
     package = Path(tune.__file__).parent
     named = [p.relative_to(package).as_posix() for p in sorted(package.rglob("*.py"))
              if '"mlflow.note.content"' in p.read_text()]
     assert named == ["tracking/runs.py"] and runs.DESCRIPTION_TAG == "mlflow.note.content"
-    assert ablations.DESCRIPTION_TAG is selections.DESCRIPTION_TAG is runs.DESCRIPTION_TAG
+    assert ablations.description_tag is selections.description_tag is results.description_tag is runs.description_tag
+    assert runs.description_tag("# a table", "x.md") == {runs.DESCRIPTION_TAG: "# a table"}
+    cut = runs.description_tag("\n".join(f"| row {i} |" for i in range(2000)), "ablation.md")[runs.DESCRIPTION_TAG]
+    assert len(cut) <= runs.TAG_LIMIT and cut.endswith("\n\n(cut to fit the description: the whole is ablation.md)")
+    assert cut.split("\n\n(cut")[0].endswith("|")  # cut at the end of a line
     assert not hasattr(studies, "NOTE_TAG")
 
 
