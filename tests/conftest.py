@@ -279,6 +279,19 @@ def server_process(argv: list[str], env: dict[str, str], log: Path, ready_url: s
             server.wait()
 
 
+@contextmanager
+def serving(model_uri: str, store_uri: str, log: Path, **extra_env: str) -> Iterator[str]:
+    """`mlflow models serve -m model_uri --env-manager local` on a free port of 127.0.0.1; its URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=store_uri, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # it execs uvicorn
+               **extra_env)
+    url = f"http://127.0.0.1:{port}"
+    with server_process([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                         "-h", "127.0.0.1", "-p", str(port)], env, log, f"{url}/ping"):
+        yield url
+
+
 # The trained registry that the promotion, ensemble and serving tests share: trained once per test run (the
 # xdist workers take turns through a file lock), each module gets its own copy to change as it likes.
 # Versions, in order: 1 = `smoke` after 1 epoch ("weak"), 2 = `smoke` after 6 epochs at full width ("mid"),

@@ -18,8 +18,7 @@ import requests
 from cifar_mlops import tune
 from cifar_mlops.execution import queue
 from tests.conftest import BIN, free_port, run_command, server_process
-from tests.test_progress import KERAS_EPOCH, bar_lines
-from tests.test_tune import TINY, TINY_SET
+from tests.helpers import KERAS_EPOCH, TINY, TINY_SET, bar_lines
 
 PRINTED = r"every trial in optuna-dashboard \(pip install 'cifar-mlops\[dashboard\]'\): run `([^`]+)`, then open (\S+)"
 

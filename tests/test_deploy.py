@@ -11,7 +11,6 @@ import copy
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import click
@@ -22,6 +21,7 @@ from packaging.specifiers import SpecifierSet
 from cifar_mlops import cli
 from cifar_mlops import config as cfg
 from tests.conftest import REPO
+from tests.helpers import PROGRAM, PYPROJECT, parse
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -29,8 +29,6 @@ JOB = DEPLOY / "k8s" / "tune-workers.yaml"
 SECRET = DEPLOY / "k8s" / "secret.example.yaml"
 SBATCH = DEPLOY / "slurm" / "tune-workers.sbatch"
 WORKER_ENV = DEPLOY / "worker.env.example"
-PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-PROGRAM = "cifar-mlops"
 # What a worker needs (deploy/worker.env.example), from the Secret or the private env file: a literal value
 # of any of these in a recipe would be a leaked credential or one site's address.
 WORKER_KEYS = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "OPTUNA_STORAGE",
@@ -45,28 +43,6 @@ LAUNCHERS = {"srun", "exec"}
 
 # ---------------------------------------------------------------------------
 # Parsing a command line with the CLI's own parser
-
-
-def option_names(command: click.Command) -> set[str]:
-    return {name for p in command.params if isinstance(p, click.Option) for name in (*p.opts, *p.secondary_opts)}
-
-
-def parse(argv: list[str], group: click.Group = cli.main) -> tuple[click.Command, dict]:
-    """`cifar-mlops SUBCOMMAND ARGS...` parsed as click would before running it (types and choices
-    converted, required options checked); return the subcommand and its parameters' values. Fails, naming
-    it, on an option that the subcommand does not have."""
-    assert argv and argv[0] == PROGRAM, f"not a {PROGRAM} command: {argv}"
-    assert PROGRAM in PYPROJECT["project"]["scripts"], f"{PROGRAM} is no console script of pyproject.toml"
-    with group.make_context(PROGRAM, list(argv[1:]), resilient_parsing=False) as ctx:
-        rest = ctx.args  # what follows the subcommand's name
-        name = argv[len(argv) - len(rest) - 1]
-        _, command, args = group.resolve_command(ctx, [name, *rest])
-        assert command is not None and not command.hidden, f"`{PROGRAM} {name}` is no public command"
-        unknown = [a.partition("=")[0] for a in args if a.startswith("--")
-                   and a.partition("=")[0] not in option_names(command)]
-        assert not unknown, f"`{PROGRAM} {name}` has no option {', '.join(unknown)} (has {sorted(option_names(command))})"
-        with command.make_context(name, list(args), parent=ctx) as sub:
-            return command, dict(sub.params)
 
 
 def with_option_renamed(option: str, to: str, group: click.Group = cli.main) -> click.Group:

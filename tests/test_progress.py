@@ -19,21 +19,15 @@ import pytest
 
 from cifar_mlops import progress
 from tests.conftest import BIN, run_command
+from tests.helpers import KERAS_EPOCH, bar_lines
 
 TINY_SET = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
             "data.synthetic_test_pool=40", "--set", "train.epochs=1"]
-KERAS_EPOCH = re.compile(r"^Epoch \d+/\d+$|\d+/\d+ - \d+m?s - .*loss", re.MULTILINE)  # fit(verbose=2)'s lines
 
 
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-def bar_lines(stderr: str, command: str, unit: str = "runs") -> list[re.Match]:
-    """The bar's lines in a log: `[cifar-mlops COMMAND] DONE/TOTAL UNIT done | elapsed T, left ~T | WHAT`."""
-    return list(re.finditer(rf"^\[cifar-mlops {command}\] (\d+)/(\d+) {unit} done \| elapsed (\d\d:\d\d), "
-                            r"left ~(\d\d:\d\d|\?) \| (.+)$", stderr, re.MULTILINE))
 
 
 def test_in_a_log_a_bar_is_one_line_per_finished_run_and_its_estimate_leaves_out_reused_runs() -> None:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -27,7 +26,7 @@ from PIL import Image
 
 from cifar_mlops import cli, data, ensemble
 from cifar_mlops.tracking import image_model, served
-from tests.conftest import free_port, server_process, skip_or_fail, tiny_ensemble
+from tests.conftest import serving, skip_or_fail, tiny_ensemble
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("serve")
@@ -43,19 +42,6 @@ def registry(trained_registry: str) -> str:
     version 1 of its newest `smoke` and `smoke-wide`."""
     ensemble.build(tiny_ensemble(fit_weights=False))
     return trained_registry
-
-
-@contextmanager
-def serving(model_uri: str, store_uri: str, log: Path, **extra_env: str) -> Iterator[str]:
-    """`mlflow models serve -m model_uri --env-manager local` on a free port of 127.0.0.1; its URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=store_uri, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # it execs uvicorn
-               **extra_env)
-    url = f"http://127.0.0.1:{port}"
-    with server_process([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                         "-h", "127.0.0.1", "-p", str(port)], env, log, f"{url}/ping"):
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from cifar_mlops import cli
-from tests.conftest import PG_URL, _postgres, free_port, server_process, skip_or_fail
+from tests.conftest import PG_URL, _postgres, free_port, server_process, serving, skip_or_fail
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("team")
@@ -530,7 +530,7 @@ def test_the_tls_proxy_example_forwards_to_the_server_command_it_shows() -> None
 
     from cifar_mlops import server
     from tests.conftest import REPO
-    from tests.test_deploy import parse
+    from tests.helpers import parse
 
     text = (REPO / "deploy" / "team-server" / "Caddyfile").read_text()
     [line] = [line.lstrip("# ") for line in text.splitlines() if "cifar-mlops server" in line]
@@ -570,7 +570,6 @@ def test_artifacts_on_s3_train_register_ensemble_predict_and_serve_through_the_t
         s3: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    from tests.test_serve import serving
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_S3_ENDPOINT_URL"):

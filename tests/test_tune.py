@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -21,12 +20,10 @@ from optuna.trial import TrialState
 from cifar_mlops import cli, tune
 from cifar_mlops.execution import queue
 from cifar_mlops.tracking import runs, studies
+from tests.helpers import TINY, TINY_SET
 
 BIN = Path(sys.executable).parent
 # smoke shrunk: a trial takes ~1-3 s once TensorFlow is loaded
-TINY = {"data.synthetic_train_pool": 160, "data.val_size": 40, "data.synthetic_test_pool": 40,
-        "search.epochs.high": 1, "search.batch_size": [32]}
-TINY_SET = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 
 
 def journal_study(name: str, path: Path | None = None) -> optuna.Study:
