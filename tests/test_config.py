@@ -6,6 +6,7 @@ import pydantic
 import pytest
 
 from cifar_mlops import config as cfg
+from tests.conftest import skip_or_fail
 
 # Study A's enhancement table, copied from DESIGN.md (the source study).
 STUDY_A_TABLE = {
@@ -202,7 +203,7 @@ def test_catalogue_yaml_is_read_by_libyaml_when_pyyaml_has_it_and_reads_the_same
     invalid YAML still says what the pure parser says (see the bad-file cases above)."""
     yaml = pytest.importorskip("yaml")
     if not hasattr(yaml, "CSafeLoader"):
-        pytest.skip("PyYAML without libyaml: the pure-Python loader is all there is")
+        skip_or_fail("PyYAML without libyaml (PyPI's wheels include it): the pure-Python loader is all there is")
     loaders, load = [], yaml.load
 
     def spy(stream, Loader):  # yaml.load's own argument name

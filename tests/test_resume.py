@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -91,26 +92,37 @@ def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.slow
-def test_a_training_killed_after_its_second_of_four_epochs_resumes_to_the_uninterrupted_result(store, tmp_path):
-    command = ["cifar-mlops", "train", "--exp", "smoke", *(f"--set={pair}" for pair in KILLED)]
+def training_in_background(store: str, cwd: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """`cifar-mlops train --exp smoke` with the KILLED settings (and `extra`) started as a user's shell would,
+    on `store`, its output in `log`."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     environment.update(PATH=f"{BIN}{os.pathsep}{environment['PATH']}", MLFLOW_TRACKING_URI=store)
+    with open(log, "w") as output:
+        return subprocess.Popen(["cifar-mlops", "train", "--exp", "smoke", *extra, *(f"--set={p}" for p in KILLED)],
+                                cwd=cwd, env=environment, stdout=output, stderr=subprocess.STDOUT)
+
+
+def checkpoint_when(client: MlflowClient, child: subprocess.Popen, ready: Callable[[str], bool]) -> str:
+    """The training run's checkpoint tag once `ready(tag)`, or as it is when `child` ends (300 s at most)."""
+    deadline, checkpoint = time.monotonic() + 300, ""
+    while not ready(checkpoint) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT)
+        found = client.search_runs([experiment.experiment_id]) if experiment else []
+        checkpoint = found[0].data.tags.get(runs.CHECKPOINT_TAG, "") if found else ""
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_a_training_killed_after_its_second_of_four_epochs_resumes_to_the_uninterrupted_result(store, tmp_path):
     client = MlflowClient()
-    with open(tmp_path / "killed.log", "w") as output:
-        child = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            checkpoint = ""
-            while not checkpoint.startswith("2 ") and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-                experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT)
-                found = client.search_runs([experiment.experiment_id]) if experiment else []
-                checkpoint = found[0].data.tags.get(runs.CHECKPOINT_TAG, "") if found else ""
-            os.kill(child.pid, signal.SIGKILL)  # the machine is lost: nothing ends the run
-        finally:
-            child.kill()
-            child.wait()
+    child = training_in_background(store, tmp_path, tmp_path / "killed.log")
+    try:
+        checkpoint = checkpoint_when(client, child, lambda tag: tag.startswith("2 "))
+        os.kill(child.pid, signal.SIGKILL)  # the machine is lost: nothing ends the run
+    finally:
+        child.kill()
+        child.wait()
     assert checkpoint.startswith("2 "), (tmp_path / "killed.log").read_text()[-3000:]
     run_id = the_run()
     killed = client.get_run(run_id)
@@ -341,29 +353,19 @@ def test_an_interrupted_checkpoint_upload_leaves_the_checkpoint_before_it_usable
 
 @pytest.mark.slow
 def test_a_forced_resume_of_a_live_training_is_refused_and_it_trains_on_alone(store, tmp_path):
-    command = ["cifar-mlops", "train", "--exp", "smoke", "--no-register", *(f"--set={pair}" for pair in KILLED)]
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    environment.update(PATH=f"{BIN}{os.pathsep}{environment['PATH']}", MLFLOW_TRACKING_URI=store)
     client = MlflowClient()
-    with open(tmp_path / "live.log", "w") as output:
-        child = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline, checkpoint = time.monotonic() + 300, ""
-            while not checkpoint and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-                experiment = client.get_experiment_by_name(runs.ABLATION_EXPERIMENT)
-                found = client.search_runs([experiment.experiment_id]) if experiment else []
-                checkpoint = found[0].data.tags.get(runs.CHECKPOINT_TAG, "") if found else ""
-            assert checkpoint, (tmp_path / "live.log").read_text()[-3000:]
-            result = cli_train("--resume", the_run(), "--force")  # while it trains on
-            assert child.poll() is None, "the training ended before the forced resume was tried"
-            assert result.exit_code == 1, result.output
-            [line] = error_lines(result)
-            assert f"is RUNNING and it is still training on this machine as process {child.pid}" in line, line
-            assert child.wait(timeout=300) == 0, (tmp_path / "live.log").read_text()[-3000:]
-        finally:
-            child.kill()
-            child.wait()
+    child = training_in_background(store, tmp_path, tmp_path / "live.log", "--no-register")
+    try:
+        assert checkpoint_when(client, child, bool), (tmp_path / "live.log").read_text()[-3000:]
+        result = cli_train("--resume", the_run(), "--force")  # while it trains on
+        assert child.poll() is None, "the training ended before the forced resume was tried"
+        assert result.exit_code == 1, result.output
+        [line] = error_lines(result)
+        assert f"is RUNNING and it is still training on this machine as process {child.pid}" in line, line
+        assert child.wait(timeout=300) == 0, (tmp_path / "live.log").read_text()[-3000:]
+    finally:
+        child.kill()
+        child.wait()
     run = client.get_run(the_run())
     assert run.info.status == "FINISHED" and runs.RESUMED_TAG not in run.data.tags
     assert steps(run.info.run_id) == {key: [1, 2, 3, 4] for key in EPOCH_METRICS}  # one writer: each epoch once
