@@ -202,20 +202,24 @@ def refusal(err: BaseException, action: str = "", permission: str = "", resource
 
 
 def server_failure(err: BaseException) -> StoreUnavailable | None:
-    """A tracking server that failed a request (it answered 5xx, e.g. for artifacts it could not store) as one
-    line naming the request and where to look; None for any other error. Only the URL's path and the failure
-    are kept: a server's reply never carries the credentials of the store behind it into this line."""
+    """A tracking server that failed a request (it answered 5xx, or broke off an upload it could not store) as
+    one line naming the request and where to look; None for any other error. Only the URL's path and the
+    failure are kept: a server's reply never carries the credentials of the store behind it into this line."""
     if not isinstance(err, mlflow.exceptions.MlflowException):
         return None
     text = str(err)
     asked = re.search(r"API request to (?:endpoint )?(\S+) failed", text)
     failed = re.search(r"too many (5\d\d) error responses|failed with error code (5\d\d)", text)
-    if not asked or not failed:
+    # A server that fails an upload may answer before it has read the body and close the connection: the
+    # client then sees a reset, not the 500 (which one depends on timing and on MLflow's retries).
+    reset = re.search(r"failed with exception .*Connection (aborted|reset)", text)
+    if not asked or not (failed or reset):
         return None
     path = urlsplit(asked[1]).path or asked[1]
-    return StoreUnavailable(f"the tracking server {redact(mlflow.get_tracking_uri())} answered {failed[1] or failed[2]} "
-                            f"to {path}; its log says why (artifacts it cannot store: check its "
-                            "--artifacts-destination and that store's credentials, on the server)")
+    what = f"answered {failed[1] or failed[2]} to" if failed else "broke off (connection reset) the request to"
+    return StoreUnavailable(f"the tracking server {redact(mlflow.get_tracking_uri())} {what} {path}; its log says "
+                            "why (artifacts it cannot store: check its --artifacts-destination and that store's "
+                            "credentials, on the server)")
 
 
 @contextmanager
