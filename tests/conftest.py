@@ -55,7 +55,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """... and failed in CI, before any fixture is set up."""
+    """... and failed in CI, before any fixture is set up.
+
+    With `--dist loadgroup` xdist marks a grouped test by adding `@group` to its id; where it cannot (pytest
+    9.2, pytest-dev/pytest-xdist#1386) the groups are silently ignored and each worker builds the module
+    fixtures again: such a test fails instead."""
+    if getattr(item.config.option, "loadgroup", False) and any(item.iter_markers("xdist_group")) \
+            and "@" not in item.nodeid:
+        pytest.fail("--dist loadgroup ignored this test's xdist_group: install the pytest and pytest-xdist "
+                    "versions pinned in pyproject.toml", pytrace=False)
     for mark in item.iter_markers("requires_service"):
         if not mark.kwargs["available"]:
             skip_or_fail(mark.kwargs["reason"])

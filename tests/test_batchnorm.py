@@ -14,7 +14,7 @@ from cifar_mlops.pipeline import Batches
 from cifar_mlops.train import train
 from tests.conftest import tiny
 
-pytestmark = pytest.mark.core
+pytestmark = [pytest.mark.core, pytest.mark.xdist_group("batchnorm")]  # one worker: one module fixture
 
 
 def conv_bn_model(momentum: float = 0.999) -> keras.Model:
