@@ -15,7 +15,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROGRAM = "cifar-mlops"
 
 # `tune` on tiny data: one epoch per trial (test_tune, test_dashboard)
-TINY = {"data.synthetic_train_pool": 160, "data.val_size": 40, "data.synthetic_test_pool": 40,
+TINY = {"data.synthetic_train_pool": 168, "data.val_size": 40, "data.synthetic_test_pool": 40,
         "search.epochs.high": 1, "search.batch_size": [32]}
 TINY_SET = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 

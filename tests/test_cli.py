@@ -201,7 +201,7 @@ def test_every_other_entry_point_runs_through_mlflow_run_in_the_run_it_is_given(
     from cifar_mlops.train import train
     from tests.conftest import tiny
 
-    tiny_data = "data.synthetic_train_pool=160 data.val_size=40 data.synthetic_test_pool=40"
+    tiny_data = "data.synthetic_train_pool=168 data.val_size=40 data.synthetic_test_pool=40"
     train(tiny("smoke", train__epochs=2))
     train(tiny("smoke-wide", train__epochs=2))
     client = MlflowClient()
@@ -373,7 +373,7 @@ def test_a_missing_backend_is_one_line_naming_the_install_extra(tmp_path, name, 
 
 
 def test_train_seeds_trains_once_per_seed(store) -> None:
-    tiny = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+    tiny = ["--set", "data.synthetic_train_pool=168", "--set", "data.val_size=40", "--set",
             "data.synthetic_test_pool=40", "--set", "train.epochs=1"]
     result = CliRunner().invoke(cli.main, ["train", "--exp", "smoke", "--seeds", "0,5", "--no-register", *tiny])
     assert result.exit_code == 0, result.output

@@ -21,7 +21,7 @@ from cifar_mlops import progress
 from tests.conftest import BIN, run_command
 from tests.helpers import KERAS_EPOCH, bar_lines
 
-TINY_SET = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+TINY_SET = ["--set", "data.synthetic_train_pool=168", "--set", "data.val_size=40", "--set",
             "data.synthetic_test_pool=40", "--set", "train.epochs=1"]
 
 

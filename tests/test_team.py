@@ -30,11 +30,11 @@ pytestmark = pytest.mark.xdist_group("team")
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex[:12]}"
 PASSWORDS = {role: f"{role}-{uuid.uuid4().hex[:12]}" for role in ("reader", "trainer", "maintainer")}
-TUNE_TINY = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+TUNE_TINY = ["--set", "data.synthetic_train_pool=168", "--set", "data.val_size=40", "--set",
              "data.synthetic_test_pool=40", "--set", "search.epochs.high=1", "--set", "search.batch_size=[32]"]
-ENSEMBLE_TINY = ["--set", "data.synthetic_train_pool=160", "--set", "data.val_size=40", "--set",
+ENSEMBLE_TINY = ["--set", "data.synthetic_train_pool=168", "--set", "data.val_size=40", "--set",
                  "data.synthetic_test_pool=40", "--set", "batch_size=16", "--set", "fit_weights=false"]
-TINY = ["--set", "data.source=synthetic", "--set", "data.val_size=40", "--set", "data.synthetic_train_pool=160",
+TINY = ["--set", "data.source=synthetic", "--set", "data.val_size=40", "--set", "data.synthetic_train_pool=168",
         "--set", "data.synthetic_test_pool=40", "--set", "train.epochs=1", "--set", "model.width=0.25"]
 
 

@@ -76,9 +76,32 @@ class RecordTrainBegin(keras.callbacks.Callback):
         self.at_ms = time.time() * 1000
 
 
+class CountTrainingStepTraces(keras.callbacks.Callback):
+    """Counts the calls of the model's `train_step`: on TensorFlow, one per trace of the training function."""
+
+    traces = 0
+
+    def set_model(self, model):  # `fit` sets it before it makes the training function from `train_step`
+        super().set_model(model)
+        step = model.train_step
+
+        def counted(batch):
+            self.traces += 1
+            return step(batch)
+        model.train_step = counted
+
+
+def test_the_training_step_is_traced_once(store) -> None:
+    # Keras on TensorFlow makes the optimizer's and a string-named metric's variables inside the first trace,
+    # and TensorFlow then traces again: for MobileNetV2 ~10 s a training (compile_model makes them first)
+    counter = CountTrainingStepTraces()
+    train(tiny("smoke", train__epochs=2), register=False, callbacks=[counter])
+    assert counter.traces == 1
+
+
 @pytest.mark.core
 def test_run_holds_curves_reports_config_and_a_loadable_model(store) -> None:
-    # 360 training images: with the 120 of `tiny` whether three epochs beat chance hung on the shuffle drawn
+    # 360 training images: with the 128 of `tiny` whether three epochs beat chance hung on the shuffle drawn
     config = tiny("smoke", train__epochs=3, model__width=1.0, data__synthetic_train_pool=400)
     fit_began = RecordTrainBegin()
     metrics = train(config, callbacks=[fit_began])
