@@ -140,31 +140,26 @@ def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server:
     as_user("admin")
     assert state(admin) == before
 
-    # A trainer trains from another shell (its own working and home folders) into the candidates model;
-    # the artifacts go through the server.
-    home = tmp_path / "trainer-home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CIFAR_MLOPS_"))}
-    env.update(HOME=str(home), MLFLOW_TRACKING_URI=team_server["url"], MLFLOW_TRACKING_USERNAME="trainer",
-               MLFLOW_TRACKING_PASSWORD=PASSWORDS["trainer"], CIFAR_MLOPS_REGISTER_INTO="candidates")
-    trained = subprocess.run([str(BIN / "cifar-mlops"), "train", "--exp", "smoke", *TINY], cwd=home, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "registered cifar10-cnn-candidates version 1" in trained.stderr
+    # A trainer trains into the candidates model; the artifacts go through the server.
+    as_user("trainer", candidates=True)
+    code, trained = invoke("train", "--exp", "smoke", *TINY)
+    assert code == 0 and "registered cifar10-cnn-candidates version 1" in trained, trained
     [candidate] = admin.search_model_versions("name = 'cifar10-cnn-candidates'")
     run = admin.get_run(candidate.run_id)
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert (team_server["folder"] / "artifacts").is_dir() and any((team_server["folder"] / "artifacts").rglob("MLmodel"))
 
-    # ... tunes with two worker processes from a second shell, the study in the server's Optuna database ...
+    # ... tunes from another shell (its own environment, working and home folders), the study in the server's
+    # Optuna database (several worker processes on one PostgreSQL study: tests/test_tune.py) ...
     studies = sqlalchemy.engine.make_url(PG_URL).set(database=f"{team_server['database']}_optuna")
     second = tmp_path / "second-shell"
     second.mkdir()
-    tuned = subprocess.run([str(BIN / "cifar-mlops"), "tune", "--exp", "smoke", "--trials", "2", "--workers", "2",
-                            "--study", "team", "--pruner", "none", "--seed", "0", "--storage",
-                            studies.render_as_string(hide_password=False), *TUNE_TINY],
-                           cwd=second, env={**env, "HOME": str(second), "PATH": f"{BIN}{os.pathsep}{env['PATH']}"},
-                           capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CIFAR_MLOPS_"))}
+    env.update(HOME=str(second), MLFLOW_TRACKING_URI=team_server["url"], MLFLOW_TRACKING_USERNAME="trainer",
+               MLFLOW_TRACKING_PASSWORD=PASSWORDS["trainer"], PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    tuned = subprocess.run([str(BIN / "cifar-mlops"), "tune", "--exp", "smoke", "--trials", "2", "--study", "team",
+                            "--pruner", "none", "--seed", "0", "--storage", studies.render_as_string(hide_password=False),
+                            *TUNE_TINY], cwd=second, env=env, capture_output=True, text=True, timeout=300)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     import optuna
 
@@ -231,8 +226,7 @@ def test_roles_are_enforced_by_the_server_and_a_maintainer_promotes(team_server:
             assert not any(s in config for s in secrets)
     for version in admin.search_model_versions():
         assert not any(s in repr(version.tags) for s in secrets)
-    for text in (output, built, report, trained.stdout, trained.stderr, tuned.stdout, tuned.stderr,
-                 team_server["log"].read_text()):
+    for text in (output, built, report, trained, tuned.stdout, tuned.stderr, team_server["log"].read_text()):
         assert not any(s in text for s in secrets)
 
 
