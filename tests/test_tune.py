@@ -183,8 +183,8 @@ def test_a_replay_on_an_unpruned_study_is_what_the_pruned_study_does(store: str)
     settings = {**TINY, "search.epochs.low": 2, "search.epochs.high": 3, "data.synthetic_train_pool": 400,
                 "data.val_size": 100, "search.learning_rate.low": 1e-6, "search.learning_rate.high": 0.05,
                 "search.pruning_startup_trials": 1, "search.pruning_warmup_epochs": 0}
-    tune.tune("smoke", 5, overrides=settings, study_name="unpruned", pruner="none", seed=4, sampler="random")
-    tune.tune("smoke", 5, overrides=settings, study_name="pruned", pruner="median", seed=4, sampler="random")
+    tune.tune("smoke", 4, overrides=settings, study_name="unpruned", pruner="none", seed=4, sampler="random")
+    tune.tune("smoke", 4, overrides=settings, study_name="pruned", pruner="median", seed=4, sampler="random")
 
     unpruned, pruned = journal_study("unpruned").trials, journal_study("pruned").trials
     assert [t.params for t in unpruned] == [t.params for t in pruned]
