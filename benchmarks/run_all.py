@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/run_all.py                     # all: several CPU hours on 2 cores
     .venv/bin/python benchmarks/run_all.py startup memory tracking
 
-Names: startup, memory, tracking, system_metrics, throughput, study_b, tuning, ablation. Each script's own options are its defaults.
+Names: startup, memory, tracking, system_metrics, throughput, study_b, tuning, ablation, suite. Each script's own options are its defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 import common
 
-ORDER = ("startup", "memory", "tracking", "system_metrics", "throughput", "study_b", "tuning", "ablation")
+ORDER = ("startup", "memory", "tracking", "system_metrics", "throughput", "study_b", "tuning", "ablation", "suite")
 
 
 def main() -> int:
