@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import sys
 import xml.etree.ElementTree as ET
@@ -19,6 +20,7 @@ import xml.etree.ElementTree as ET
 import common
 
 TARGET_S = 8 * 60
+GROUP = re.compile(r"@[\w-]+$")  # xdist's loadgroup suffix on a grouped test's name
 
 
 def main() -> None:
@@ -37,11 +39,13 @@ def main() -> None:
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         after = common.load_snapshot()
         cases = ET.parse(report).getroot().iter("testcase")
-        tests = [{"test": f"{c.get('classname').replace('.', '/')}.py::{c.get('name')}", "seconds": float(c.get("time")),
+        tests = [{"test": c.get("classname").replace(".", "/") + ".py::" + GROUP.sub("", c.get("name")),
+                  "seconds": float(c.get("time")),
                   "outcome": next((child.tag for child in c if child.tag in ("failure", "error", "skipped")), "passed")}
                  for c in cases]
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    result = {"workers": args.workers or "pyproject", "exit_code": proc.returncode, "summary": summary,
+    workers = args.workers or int(re.search(r"-n (\d+)", common.ROOT.joinpath("pyproject.toml").read_text())[1])
+    result = {"workers": workers, "exit_code": proc.returncode, "summary": summary,
               "wall_s": round(elapsed, 1), "cpu_user_s": round(cpu.ru_utime - cpu_before.ru_utime, 1),
               "cpu_system_s": round(cpu.ru_stime - cpu_before.ru_stime, 1), "target_s": TARGET_S,
               "target_met": proc.returncode == 0 and elapsed <= TARGET_S, "cores": os.cpu_count(),

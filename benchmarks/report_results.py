@@ -863,7 +863,7 @@ def section_suite(r: dict | None) -> list[str]:
             f"Where the time goes: each test's own seconds (setup + call + teardown, as the JUnit report gives them; "
             f"{busy:.0f} s in all, the workers' busy time), summed by module, the largest first:", "",
             "| module | tests | seconds | share |", "|---|---|---|---|"]
-    out += [f"| {m} | {row['count']} | {row['sum']:.0f} | {row['sum'] / busy:.0%} |" for m, row in modules.iterrows()]
+    out += [f"| {m} | {row['count']:.0f} | {row['sum']:.0f} | {row['sum'] / busy:.0%} |" for m, row in modules.iterrows()]
     out += ["", "The ten slowest tests:", "", "| test | seconds |", "|---|---|"]
     out += [f"| `{t['test']}` | {t['seconds']:.1f} |" for t in r["tests"][:10]]
     out += ["", "CPU time is the machine's limit: with both cores busy most of the time, the wall time cannot fall "
