@@ -192,7 +192,6 @@ def test_mlflow_run_entry_point_adopts_its_run(tmp_path) -> None:
 def test_every_other_entry_point_runs_through_mlflow_run_in_the_run_it_is_given(trained_registry, tmp_path) -> None:
     # As the issues check them: `mlflow run . -e X ... --env-manager local`, no --experiment-name. The store
     # holds smoke (versions 1, 2) and smoke-wide (3) of cifar10-cnn, trained on `tiny` data, none promoted.
-    store = trained_registry
     tiny_data = "data.synthetic_train_pool=168 data.val_size=40 data.synthetic_test_pool=40"
     client = MlflowClient()
     default = client.get_experiment_by_name("Default").experiment_id  # where `mlflow run` puts its runs
@@ -201,7 +200,7 @@ def test_every_other_entry_point_runs_through_mlflow_run_in_the_run_it_is_given(
         args = ["mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
         for parameter in parameters:
             args += ["-P", parameter]
-        result = run_command(args, cwd=tmp_path, MLFLOW_TRACKING_URI=store)
+        result = run_command(args, cwd=tmp_path, MLFLOW_TRACKING_URI=trained_registry)
         assert result.returncode == 0, result.stderr[-3000:]
         run = client.get_run(re.search(r"=== Run \(ID '(\w+)'\) succeeded ===", result.stderr).group(1))
         assert run.info.status == "FINISHED" and run.info.experiment_id == default, run.data.tags
