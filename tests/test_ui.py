@@ -1,5 +1,6 @@
 """What a user sees in MLflow's UI: the links `train` prints open the run (and the registered version) in the
-UI's training view, on a local store (`mlflow ui`) and on a server; training runs carry system metrics."""
+UI's training view, on a local store (`mlflow ui`) and on a server; training runs carry system metrics; a parent
+run's description (tag `mlflow.note.content`, markdown) shows on its page as rendered markdown."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlops.tracking import runs
+from cifar_mlops.tracking import results, runs
 from cifar_mlops.tracking import store as tracking
 from cifar_mlops.train import train
 from tests.conftest import BIN, free_port, run_command, server_process, tiny, tiny_overrides
@@ -70,6 +71,13 @@ def test_printed_links_open_the_run_and_the_version_in_the_training_view_of_mlfl
     assert run_url == f"http://127.0.0.1:5000/#/experiments/1/runs/{run_id}?workflowType=machine_learning"
     assert version_url == "http://127.0.0.1:5000/#/models/cifar10-cnn/versions/1?workflowType=machine_learning"
     assert command == f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'} --workers 1"
+    # a parent run with a markdown description: `cifar-mlops report` logs one (no training) on the same store
+    report = run_command([str(BIN / "cifar-mlops"), "report"], tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    report_id = printed(report.stderr, rf"report run (\w+) in MLflow experiment '{results.REPORT_EXPERIMENT}'").group(1)
+    reports = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name(results.REPORT_EXPERIMENT)
+    report_url = tracking.ui_link(f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                  tracking.run_page(reports.experiment_id, report_id))
 
     port = free_port()  # the printed command as printed, on a free port instead of 5000
     with server_process([str(BIN / "mlflow"), *shlex.split(command)[1:], "--port", str(port)], ui_env(),
@@ -87,6 +95,17 @@ def test_printed_links_open_the_run_and_the_version_in_the_training_view_of_mlfl
         assert "cifar10-cnn v1 - MLflow" in version_page and TRAINING_VIEW in version_page
         assert "Experiment <strong>smoke</strong>" in version_page  # its description, rendered
         assert "test accuracy" in version_page and f"runs/{run_id}?workflowType=machine_learning" in version_page
+
+        # the report run's description, rendered as markdown (MLflow 3.17.2: the run page's "Description" section,
+        # collapsed behind "Show more" but whole in the DOM): its tables are HTML tables, not `| a | b |` text
+        report_page = page_text(report_url.replace("http://127.0.0.1:5000", local), tmp_path / "profile")
+        assert f"Run {report_id} - MLflow" in report_page and TRAINING_VIEW in report_page
+        _, found, described = report_page.partition('data-testid="note-editor-preview-content">')
+        assert found, "no description on the report run's page"
+        assert described.startswith("<h1>CIFAR-10 ablation report</h1>")
+        table = described[described.index("<table>"):described.index("</table>")]  # the catalogue's check marks
+        assert "<th>Enhancement</th>" in table and re.search(r"<td>Increased epochs</td>\s*<td>✔</td>", table)
+        assert "| Enhancement" not in report_page and "|:---" not in report_page
 
 
 @needs_chromium
