@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from cifar_mlops.config import Config, ConfigError, ExperimentConfig, from_yaml, to_yaml
 from cifar_mlops.errors import UserError, first_line
@@ -42,7 +43,9 @@ if TYPE_CHECKING:  # pragma: no cover
 ABLATION_EXPERIMENT = "cifar10-ablation"
 FAILURE_TAG = "failure_reason"
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description: the UI renders it as markdown on the run's page
-TAG_LIMIT, PARAM_LIMIT = 5000, 6000  # characters MLflow keeps of a tag / param value
+# The characters MLflow's stores accept in a tag / param value (8000 / 6000 in MLflow 3.17): MLflow's own limits,
+# so a description is cut where the store would refuse it, not earlier.
+TAG_LIMIT, PARAM_LIMIT = MAX_TAG_VAL_LENGTH, MAX_PARAM_VAL_LENGTH
 
 
 def log_batch(run_id: str, *, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
