@@ -16,6 +16,11 @@ Keras's as one line per epoch.
 
 Runs that other processes train (worker processes, other machines): `bar.set_done(n, running)` with what the
 queue reports, e.g. from `every(seconds, poll)`, a thread that polls while the workers run.
+
+A long command that runs another inside (`select` runs one `ablate` per step) still shows one bar: a bar opened
+while another is open in this process has no line of its own, it counts on the open one (`Nested`). The open
+bar's `section` (e.g. "step 2") names the part now running in its lines, so its total grows as the inner
+commands plan their runs and each line says which part a run belongs to.
 """
 
 from __future__ import annotations
@@ -83,11 +88,16 @@ class RunsBar:
     """The runs of one command: how many are done of how many, which one runs, how long it took so far and how
     long the rest should take (the mean time of the runs finished here, so reused runs do not speed it up)."""
 
+    def __new__(cls, *args: object, **kwargs: object) -> RunsBar:
+        """A bar opened while another is open in this process is a `Nested` one: one bar per command."""
+        return super().__new__(Nested if cls is RunsBar and _active else cls)
+
     def __init__(self, command: str, total: int, *, done: int = 0, unit: str = "runs", verbose: bool | None = None,
                  stream: TextIO | None = None, interactive: bool | None = None) -> None:
         """Open the bar (`close()` ends it): the runs are quiet meanwhile, in this process and the worker processes
         started meanwhile (they inherit the setting), unless `verbose` (None: as `set_verbose` said)."""
         self.command, self.total, self.done, self.initial, self.unit = command, total, done, done, unit
+        self.section = ""  # the part of the command now running (`set_section`), named in its lines
         self._output_before = os.environ.get(RUN_OUTPUT)
         if verbose is None:
             verbose = self._output_before == "verbose"
@@ -144,6 +154,13 @@ class RunsBar:
             else:
                 self._redraw()
 
+    def set_section(self, name: str) -> None:
+        """The part of the command that runs from now on (e.g. "step 2"; "": none): its lines and the current run
+        are named after it."""
+        with self._lock:
+            self.section = name
+            self._redraw()
+
     def add_total(self, more: int) -> None:
         """More runs than first planned (e.g. another round of seeds)."""
         with self._lock:
@@ -193,7 +210,8 @@ class RunsBar:
 
     def _line(self, what: str) -> None:
         if self._bar is None:  # a log file: one line per finished run
-            print(f"[cifar-mlops {self.command}] {self.status()} | {what}", file=self.stream, flush=True)
+            where = f"{self.section}: " if self.section else ""
+            print(f"[cifar-mlops {self.command}] {self.status()} | {where}{what}", file=self.stream, flush=True)
             return
         self._bar.n = self.done
         self._redraw()
@@ -202,7 +220,8 @@ class RunsBar:
         if self._bar is None:
             return
         self._bar.n = self.done
-        self._bar.set_postfix_str(f"now: {self.current}" if self.current else "", refresh=False)
+        where = f"{self.section}: " if self.section else ""
+        self._bar.set_postfix_str(f"now: {where}{self.current}" if self.current else self.section, refresh=False)
         left = self.remaining()
         # tqdm's own rate counts the runs reused at the start; the mean of the runs trained here replaces it
         self._bar.bar_format = ("{desc} {bar:20} {n_fmt}/{total_fmt} " + self.unit + " [{elapsed} elapsed, "
@@ -214,6 +233,62 @@ class RunsBar:
             with self._lock:
                 if self._bar is not None:
                     self._redraw()
+
+
+class Nested(RunsBar):
+    """A bar opened while another (`host`) is open in this process, e.g. each step's `ablate` inside `select`: it
+    draws and prints nothing and leaves the runs' output as the host set it; what it is told counts on the host
+    (runs planned, reused, started, finished), so the command shows one bar. Its own `done` and `total` are its
+    part's, as the command that opened it reads them back."""
+
+    def __init__(self, command: str, total: int, *, done: int = 0, unit: str = "runs", verbose: bool | None = None,
+                 stream: TextIO | None = None, interactive: bool | None = None) -> None:
+        self.host = _active[-1]
+        self.command, self.total, self.done, self.initial, self.unit = command, total, done, done, unit
+        self.section, self.current = "", ""
+        self.interactive, self.stream, self._lock = self.host.interactive, self.host.stream, self.host._lock
+        self._bar = None
+        self.host.add_total(total)
+        self.host.reused(done)
+
+    def start(self, name: str) -> None:
+        self.host.start(name)
+
+    def finished(self, name: str, outcome: str = "", count: int = 1) -> None:
+        with self._lock:
+            self.done += count
+            self.host.finished(name, outcome, count)
+
+    def reused(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            self.host.reused(count)
+
+    def set_done(self, done: int, running: Sequence[str] = ()) -> None:
+        with self._lock:
+            more = max(done - self.done, 0)
+            self.done += more
+            self.host.set_done(self.host.done + more, running)
+
+    def set_section(self, name: str) -> None:
+        self.host.set_section(name)
+
+    def add_total(self, more: int) -> None:
+        with self._lock:
+            self.total += more
+            self.host.add_total(more)
+
+    def write(self, line: str, file: TextIO | None = None) -> None:
+        self.host.write(line, file)
+
+    def close(self) -> None:
+        """Nothing to end: the host's bar stays open."""
+
+    def remaining(self) -> float | None:
+        return self.host.remaining()
+
+    def status(self) -> str:
+        return self.host.status()
 
 
 @contextlib.contextmanager

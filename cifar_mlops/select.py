@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from cifar_mlops import ablate as ablation
-from cifar_mlops import ablation_stats
+from cifar_mlops import ablation_stats, progress
 from cifar_mlops import config as cfg
 from cifar_mlops.errors import UserError
 from cifar_mlops.progress import log
@@ -316,6 +316,9 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
     files: list[Path] = []
     seconds: dict[str, float] = {}  # run id -> fit seconds, every run the steps used
     trained, stopped, registered = 0, "", ""
+    # one bar over the whole selection: each step's ablation counts on it (`progress.Nested`), so its total grows
+    # as the steps plan their runs and each line names the step
+    bar = progress.RunsBar("select", 0)
     try:
         remaining = list(pool)
         while True:
@@ -335,6 +338,7 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
                 allowance = budget_minutes - spent + sum(seconds.get(r, 0.0) for r in carried) / 60
             number = len(steps) + 1
             log(f"step {number}: {label(exp_id, kept)} against {len(remaining)} candidate(s)")
+            bar.set_section(f"step {number}")
             result = ablation.ablate(exp_id, "add-one", None, enhancements=remaining, overrides=overrides,
                                      alpha=alpha, workers=workers, storage=storage, metric=metric,
                                      fixed_split=fixed_split, min_effect_pp=min_effect_pp, max_seeds=max_seeds,
@@ -357,8 +361,11 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
             files.append(write_iteration(exp_id, config, len(kept), kept, steps, selected))
             log(f"step {number}: kept {step.kept}; wrote {files[-1].name}")
         if register:
-            registered = _register(exp_id, files, overrides, run_id, name)
+            bar.set_section("register")
+            registered = _register(exp_id, files, overrides, run_id, name, bar)
+        bar.close()
     except BaseException as err:
+        bar.close()
         status, reason = runs.failure(err)
         selections.finish(run_id, status, tags=reason, figure=None, texts={})
         if isinstance(err, (UserError, KeyboardInterrupt)):
@@ -372,8 +379,10 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
     return outcome
 
 
-def _register(exp_id: str, files: list[Path], overrides: dict[str, Any], run_id: str, name: str) -> str:
-    """Train the final iteration once (its own seed) nested under the selection and register its model."""
+def _register(exp_id: str, files: list[Path], overrides: dict[str, Any], run_id: str, name: str,
+              bar: progress.RunsBar) -> str:
+    """Train the final iteration once (its own seed) nested under the selection and register its model; one more
+    run on the selection's `bar`."""
     from cifar_mlops.tracking import selections
     from cifar_mlops.train import RunContext, train
 
@@ -383,8 +392,11 @@ def _register(exp_id: str, files: list[Path], overrides: dict[str, Any], run_id:
     done = selections.model_training(run_id, final)
     if done:
         return f"{final} was trained and registered by an earlier run of this selection (run {done})"
+    bar.add_total(1)
+    bar.start(final)
     metrics = train(cfg.resolve(final, overrides), RunContext(parent_run_id=run_id, tags={
         selections.MODEL_TAG: final, selections.SELECTION_TAG: name}), register=True)
+    bar.finished(final, metric_text(metrics))
     return f"{final} trained once and registered ({metric_text(metrics)})"
 
 

@@ -101,6 +101,54 @@ def test_the_runs_under_a_bar_are_quiet_and_verbose_brings_them_back(monkeypatch
     assert capsys.readouterr().err == "[cifar-mlops] model cnn_tiny\n"
 
 
+
+def test_a_bar_opened_inside_another_command_counts_on_its_bar_and_the_lines_name_the_section(monkeypatch) -> None:
+    """`select` runs one `ablate` per step: the steps' bars are the selection's one bar, whose total grows as the
+    steps plan their runs and whose lines name the step."""
+    monkeypatch.setenv(progress.RUN_OUTPUT, "")
+    log = io.StringIO()
+    with progress.runs_bar("select", 0, stream=log) as outer:
+        outer.set_section("step 1")
+        inner = progress.RunsBar("ablate", 0)  # as `ablate` opens its own
+        assert isinstance(inner, progress.Nested)
+        inner.add_total(3)
+        inner.reused(1)  # a killed selection's run
+        inner.start("a seed 0")
+        inner.finished("a seed 0", "test_accuracy=0.5000")
+        inner.set_done(inner.done + 1, [])  # one a worker process trained
+        inner.close()
+        assert (inner.done, inner.total) == (3, 3) and progress.keras_verbosity() == 0  # still under the outer bar
+        outer.set_section("step 2")
+        with progress.runs_bar("ablate", 2) as inner:
+            inner.reused(1)  # the base's run, the step before's
+            inner.start("a +b seed 0")
+            inner.finished("a +b seed 0")
+    assert "ablate" not in log.getvalue()
+    lines = bar_lines(log.getvalue(), "select")
+    assert [(m[1], m[2], m[5]) for m in lines] == [("2", "3", "step 1: a seed 0: test_accuracy=0.5000"),
+                                                   ("3", "3", "step 1: 1 more finished"),
+                                                   ("5", "5", "step 2: a +b seed 0")]
+    assert lines[-1][4] == "00:00"
+    assert progress.keras_verbosity() == 2  # both closed: the runs print as before
+    alone = progress.RunsBar("ablate", 1, stream=io.StringIO())  # with no bar open: a bar of its own again
+    assert type(alone) is progress.RunsBar
+    alone.close()
+
+
+def test_on_a_terminal_a_command_inside_another_draws_no_second_bar() -> None:
+    screen = Terminal()
+    with progress.runs_bar("select", 0, stream=screen) as outer:
+        outer.set_section("step 1")
+        with progress.runs_bar("ablate", 2) as inner:
+            inner.start("a seed 0")
+            progress.log("a log line")  # above the one bar
+            inner.finished("a seed 0")
+    shown = screen.getvalue()
+    assert "cifar-mlops ablate" not in shown and "[cifar-mlops] a log line\n" in shown
+    redraws = shown.split("\r")
+    assert any("[cifar-mlops select]" in r and "0/2 runs" in r and "now: step 1: a seed 0" in r for r in redraws)
+    assert any("1/2 runs" in r for r in redraws)
+
 @pytest.mark.slow
 def test_ablate_in_a_log_file_prints_one_line_per_run_and_no_keras_epochs(tmp_path: Path) -> None:
     done = run_command([str(BIN / "cifar-mlops"), "ablate", "--exp", "smoke", "--design", "variants",

@@ -27,6 +27,7 @@ from cifar_mlops import config as cfg
 from cifar_mlops import select as forward
 from cifar_mlops.tracking import runs
 from tests.conftest import BIN, REPO, use_store
+from tests.helpers import KERAS_EPOCH, bar_lines
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("select")
@@ -190,6 +191,29 @@ def test_every_configuration_and_seed_trains_once_across_steps_and_the_killed_ru
     assert int(first.data.tags["runs_reused"]) == killed
     assert f"{12 - killed} of them trained by this command" in result.stdout
 
+
+
+def test_one_bar_over_the_whole_selection_one_line_per_run_naming_its_step(selection, killed, store_dir) -> None:
+    """In a log (the rerun's stderr, the killed process's log file): the selection's one bar, not a bar per step;
+    its total grows as the steps plan their runs (step 2's base, step 1's runs, counts again, as found done)."""
+    result, _ = selection
+    assert result.exit_code == 0, result.output
+    assert "[cifar-mlops ablate]" not in result.stderr and not KERAS_EPOCH.search(result.output)
+    lines = bar_lines(result.stderr, "select")
+    assert len(lines) == 12 - killed  # one per run this command trained
+    done, totals = [int(m[1]) for m in lines], [int(m[2]) for m in lines]
+    steps = [m[5].partition(": ")[0] for m in lines]
+    assert steps == ["step 1"] * (len(lines) - 3) + ["step 2"] * 3
+    # step 1: its runs the killed process left, up to 9 of 9; step 2: its base's 3 runs found done, then 3 trained
+    assert done == [*range(killed + 1, 10), 13, 14, 15] and totals[:-3] == [9] * (len(lines) - 3)
+    assert totals[-3:] == [15] * 3
+    assert all(m[4] != "?" for m in lines) and lines[-1][4] == "00:00"
+    assert {m[5].partition(": ")[2].rpartition(": ")[0] for m in lines[-3:]} == {
+        f"sel-start +planted_working_lr +planted_too_low_lr seed {seed}" for seed in range(3)}
+    killed_log = (store_dir / "killed.log").read_text()
+    before_kill = bar_lines(killed_log, "select")
+    assert "[cifar-mlops ablate]" not in killed_log and killed - 1 <= len(before_kill) <= killed
+    assert all(m[5].startswith("step 1: ") for m in before_kill)
 
 def test_a_rerun_trains_nothing_and_decides_the_same(selection) -> None:
     rerun = forward.select("sel-start", overrides=cfg.parse_overrides(TINY.split()), max_seeds=3)
