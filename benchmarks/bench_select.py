@@ -39,7 +39,6 @@ import io
 import json
 import os
 import resource
-import shutil
 import sys
 from pathlib import Path
 
@@ -51,30 +50,6 @@ FORBIDDEN = ("horizontal_flip", "random_translation", "test_time_flip", "stratif
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def planted_catalogue(folder: Path, exp: str) -> Path:
-    """The project's catalogue copied into `folder`, with the two planted enhancements of study B."""
-    import yaml
-
-    from cifar_mlops import config as cfg
-
-    target = folder / "experiments"
-    shutil.copytree(cfg.experiments_dir(), target, ignore=shutil.ignore_patterns(cfg.GENERATED_DIR))
-    start_lr = cfg.resolve(exp).train.learning_rate
-    catalogue = yaml.safe_load((target / "enhancements.yaml").read_text())
-    rules = catalogue.pop(cfg.RULES_KEY)
-    planted = {
-        "planted_too_low_lr": {"label": "Planted: learning rate 1000x lower", "studies": ["B"], "kind": "training",
-                               "description": f"Harmful on purpose: {exp}'s learning rate {start_lr:g} / 1000.",
-                               "set": {"train.learning_rate": start_lr / 1000}},
-        "planted_noop": {"label": "Planted: changes nothing", "studies": ["B"], "kind": "training",
-                         "description": "SGD's momentum at its default; Adam and AdamW ignore it.",
-                         "set": {"train.momentum": 0.9}},
-    }
-    (target / "enhancements.yaml").write_text(yaml.safe_dump({**catalogue, **planted, cfg.RULES_KEY: rules},
-                                                             sort_keys=False))
-    return target
 
 
 def read_selection(tracking_uri: str, exp: str) -> dict:
@@ -141,7 +116,7 @@ def main() -> None:
     sets = {**common.SAMPLE_SPLIT, **({"train.epochs": args.epochs} if args.epochs else {})}
     before = common.load_snapshot()
     with common.tempdir("select") as tmp:
-        folder = planted_catalogue(Path(tmp), args.exp)
+        folder = common.planted_catalogue(Path(tmp), args.exp)
         catalogue_env = {"CIFAR_MLOPS_EXPERIMENTS": str(folder), "CIFAR_MLOPS_GENERATED": str(Path(tmp) / "generated")}
         env = common.temp_env(tmp, **catalogue_env)
         cmd = [common.CLI, "select", "--exp", args.exp, "--data-dir", args.data_dir, "--max-seeds", str(args.max_seeds),

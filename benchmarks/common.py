@@ -297,3 +297,33 @@ def sample_study_main(doc: str, name: str, exps: str, seeds: str, published: dic
     args = parser.parse_args()
     sample_study(args.results, args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
                  args.data_dir, args.merge, published, published_key)
+
+
+def planted_catalogue(folder: Path, exp: str) -> Path:
+    """The project's catalogue copied into `folder` (what `$CIFAR_MLOPS_EXPERIMENTS` then names), with two planted
+    enhancements of study B (`kind: training`, so the study's rules allow them): `planted_too_low_lr`, `exp`'s
+    learning rate / 1000 (harmful), and `planted_noop`, SGD's momentum at its default 0.9 (changes nothing for an
+    Adam/AdamW experiment: its resolved config differs from the experiment's only in the enhancement's name).
+    Returns the copy's folder."""
+    import shutil
+
+    import yaml
+
+    from cifar_mlops import config as cfg
+
+    target = folder / "experiments"
+    shutil.copytree(cfg.experiments_dir(), target, ignore=shutil.ignore_patterns(cfg.GENERATED_DIR))
+    start_lr = cfg.resolve(exp).train.learning_rate
+    catalogue = yaml.safe_load((target / "enhancements.yaml").read_text())
+    rules = catalogue.pop(cfg.RULES_KEY)
+    planted = {
+        "planted_too_low_lr": {"label": "Planted: learning rate 1000x lower", "studies": ["B"], "kind": "training",
+                               "description": f"Harmful on purpose: {exp}'s learning rate {start_lr:g} / 1000.",
+                               "set": {"train.learning_rate": start_lr / 1000}},
+        "planted_noop": {"label": "Planted: changes nothing", "studies": ["B"], "kind": "training",
+                         "description": "SGD's momentum at its default; Adam and AdamW ignore it.",
+                         "set": {"train.momentum": 0.9}},
+    }
+    (target / "enhancements.yaml").write_text(yaml.safe_dump({**catalogue, **planted, cfg.RULES_KEY: rules},
+                                                             sort_keys=False))
+    return target
