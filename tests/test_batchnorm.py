@@ -12,7 +12,7 @@ from cifar_mlops import batchnorm
 from cifar_mlops.models import create_model
 from cifar_mlops.pipeline import Batches
 from cifar_mlops.train import train
-from tests.conftest import tiny
+from tests.conftest import tiny, tiny_overrides
 
 pytestmark = [pytest.mark.core, pytest.mark.xdist_group("batchnorm")]  # one worker: one module fixture
 
@@ -161,3 +161,56 @@ def test_recomputing_changes_what_is_evaluated_not_what_is_trained(trained_both_
         # it (seen in CI: epoch 2's loss differs by 3%), so there only what is evaluated is checked.
         return
     assert [e["loss"] for e in precise] == pytest.approx([e["loss"] for e in kept], rel=1e-5)
+
+
+def test_a_tuning_trial_reports_to_optuna_the_accuracy_of_its_weights(store: str) -> None:
+    """Issue 29: a real one-trial tuning of 2.4 (in-process, one worker, one epoch, so the logged model holds the
+    weights the trial ended epoch 1 with). The val_accuracy its pruning callback reported to Optuna for epoch 1
+    (step 0, read back from the study's storage) is the run's, and it is the accuracy of those weights: the logged
+    model, its BatchNorm statistics put back to Keras's initial ones and then recomputed over the same 128 training
+    images, scores it on the same 200 validation images. With the statistics Keras's moving averages would have
+    (0.999 ** 4 = 99.6% the initial ones after 4 steps) the model scores chance, so a trial that skipped the
+    recomputation would report another value."""
+    import optuna
+
+    from cifar_mlops import config as cfg
+    from cifar_mlops import data, tune
+    from cifar_mlops.execution import queue
+
+    overrides = {**tiny_overrides("2.4"), "data.synthetic_train_pool": 328, "data.val_size": 200,  # 128 train
+                 "search.epochs.low": 1, "search.epochs.high": 1, "search.batch_size": [32],
+                 "search.learning_rate.low": 1e-2, "search.learning_rate.high": 1e-2}
+    tune.tune("2.4", 1, overrides=overrides, seed=0, pruner="none")
+
+    [trial] = optuna.load_study(study_name=tune.study_name_for("2.4"), storage=queue.open_storage(None)).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.params["epochs"] == 1
+    assert list(trial.intermediate_values) == [0]
+    reported = trial.intermediate_values[0]
+    client = mlflow.MlflowClient()
+    run_id = trial.user_attrs["mlflow_run_id"]
+    [curve] = client.get_metric_history(run_id, "epoch_val_accuracy")
+    assert curve.value == pytest.approx(reported, abs=1e-6)
+    assert client.get_run(run_id).data.metrics["val_accuracy"] == pytest.approx(reported, abs=1e-6)
+    assert trial.value == pytest.approx(reported, abs=1e-6)
+
+    config = cfg.resolve("2.4", {**overrides, **tune.as_overrides(trial.params)})
+    splits = data.load_splits(config.data)
+    assert (len(splits.y_train), len(splits.y_val)) == (128, 200)
+    assert config.train.bn_recompute_images >= 128  # the trial recomputed over every training image too
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model()
+    model = served.member_models[0].get_raw_model()
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    val = Batches(splits.x_val, splits.y_val, batch_size=32, num_classes=10, training=False)
+    layers = batchnorm.trainable_batchnorms(model)
+    assert layers
+    for layer in layers:  # what a training without the recomputation would have evaluated, to 0.4%
+        layer.moving_mean.assign(np.zeros(layer.moving_mean.shape, "float32"))
+        layer.moving_variance.assign(np.ones(layer.moving_variance.shape, "float32"))
+    moving = model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
+    train_batches = Batches(splits.x_train, splits.y_train, batch_size=32, num_classes=10, training=True,
+                            augment=config.augment, seed=config.train.seed)
+    assert batchnorm.recompute(model, train_batches, images=len(splits.y_train)) == 128
+    recomputed = model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
+
+    assert reported == pytest.approx(recomputed, abs=1e-6)
+    assert abs(moving - reported) >= 0.02, (moving, reported)  # the check above can tell the two apart
