@@ -16,6 +16,7 @@ import subprocess
 import time
 
 import mlflow
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from mlflow import MlflowClient
 from cifar_mlops import ablate, cli
 from cifar_mlops import config as cfg
 from cifar_mlops import select as forward
+from cifar_mlops.execution import queue
 from cifar_mlops.tracking import runs
 from tests.conftest import BIN, REPO, use_store
 from tests.helpers import KERAS_EPOCH, bar_lines
@@ -40,6 +42,9 @@ PLANTED = {
                            "description": "Harmful on purpose.", "set": {"train.learning_rate": 1.0e-5}},
     "planted_flip": {"label": "Planted: an augmentation", "studies": ["smoke"], "kind": "augmentation",
                      "description": "Forbidden by the test's rules for the smoke study.", "set": {"augment.flip": True}},
+    # in no study's rows, so only `--candidates` proposes it (the two-worker test)
+    "planted_noop": {"label": "Planted: changes nothing", "studies": [], "kind": "training",
+                     "description": "SGD's momentum at its default: Adam ignores it.", "set": {"train.momentum": 0.9}},
 }
 SMOKE_RULES = {"text": "A tiny CNN on synthetic images, with no data augmentation.",
                "forbids": {"augmentation": "no data augmentation"}}
@@ -53,6 +58,9 @@ EXPERIMENTS = {  # sel-start adds nothing of its own, so the planted enhancement
 TINY = ("data.synthetic_train_pool=400 data.val_size=100 data.synthetic_test_pool=100 train.epochs=6 "
         "train.batch_size=32 train.checkpoint_every=0")
 ARGS = ["select", "--exp", "sel-start", "--max-seeds", "3", "--overrides", TINY]
+# where no verdict is read, only that every run trains once: one epoch on 128 training images
+TINY_RUNS = ("data.synthetic_train_pool=168 data.val_size=40 data.synthetic_test_pool=40 train.epochs=1 "
+             "train.batch_size=32 train.checkpoint_every=0")
 # Study B's constraint as the project quotes the source study (../shared/DESIGN.md, docs/catalogue.md)
 STUDY_B_TEXT = ("a small CNN from scratch under a constraint: no known architecture (no VGG/ResNet/DenseNet blocks), "
                 "no data augmentation, 5,000 training and 5,000 validation images drawn from randomly shuffled "
@@ -278,6 +286,33 @@ def test_a_budget_stops_the_selection_and_register_registers_the_final_iteration
         [trained.info.experiment_id], filter_string=f"tags.selection = 'sel-start select {order}' and "
                                                     "tags.kind = 'selection'")[0].info.run_id
 
+
+
+def test_two_worker_processes_share_a_selection_and_it_decides_as_one_process(catalogue, store) -> None:
+    """`select --workers 2`: each step's ablation queue (in the journal file beside the store) is drained by two
+    worker processes. The cheapest selection: one candidate that changes nothing, 2 seeds, one epoch."""
+    args = ["select", "--exp", "sel-start", "--candidates", "planted_noop", "--max-seeds", "2", "--workers", "2",
+            "--overrides", TINY_RUNS]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    trained = ablation_runs()
+    seen = sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in trained)
+    assert seen == [(v, s) for v in ("sel-start", "sel-start +planted_noop") for s in (0, 1)]  # each exactly once
+    assert {r.info.status for r in trained} == {"FINISHED"} and len(set(finished_digests())) == 4
+    step = optuna.load_study(study_name="ablation sel-start add-one from sel-start planted_noop",
+                             storage=queue.open_storage(None))
+    complete = [t for t in step.trials if t.state == optuna.trial.TrialState.COMPLETE and "task" in t.user_attrs]
+    assert sorted(t.user_attrs["task"] for t in complete) == sorted(f"{v}|{s}" for v, s in seen)
+    assert os.getpid() not in {t.user_attrs["worker_pid"] for t in complete}  # the worker processes ran them
+    # a change that changes nothing never helps: nothing kept, the start stays the best iteration
+    assert "Stopped: no candidate helps by at least 1 pp." in result.stdout and "Path: nothing kept" in result.stdout
+    lines = bar_lines(result.stderr, "select")  # the one bar counts what the queue reports done
+    assert lines and (lines[-1][1], lines[-1][2]) == ("4", "4") and all(m[5].startswith("step 1: ") for m in lines)
+    again = forward.select("sel-start", candidates_named=["planted_noop"], max_seeds=2,
+                           overrides=cfg.parse_overrides(TINY_RUNS.split()))
+    assert again.trained == 0 and again.kept == [] and again.stopped == "no candidate helps by at least 1 pp"
+    assert [s.table["candidate"].tolist() for s in again.steps] == [["planted_noop"]]
+    assert "helps" not in again.steps[0].table["verdict"].tolist()
 
 def test_the_rules_are_data_that_quote_the_study() -> None:
     rules = cfg.load_study_rules()["B"]
