@@ -823,6 +823,84 @@ def section_verdicts_real(r: dict | None) -> list[str]:
     return out
 
 
+def _pp_cell(value: float | None, missing: str) -> str:
+    """A fraction as signed percentage points; `missing` where JSON holds null (pandas writes inf and NaN so)."""
+    return missing if value is None else f"{100 * value:+.2f}"
+
+
+SELECT_CHECKS = {
+    "patch_whitening_kept": "patch_whitening kept",
+    "harmful_never_kept": "the harmful plant (`planted_too_low_lr`) never kept",
+    "empty_never_kept": "the empty plant (`planted_noop`) never kept",
+    "no_augmentation_proposed": "no augmentation proposed",
+    "no_augmentation_trained": "no augmentation trained",
+    "verdicts_recomputed_agree": "every step's verdicts recomputed from its child runs agree with the logged ones",
+}
+
+
+def section_select(r: dict | None) -> list[str]:
+    """Issue 32's target on real images: `select --exp b5` with two planted enhancements (bench_select.py)."""
+    out = ["## Forward selection on real images: planted changes (issue 32)", ""]
+    if not r:
+        return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_select.py   # select --exp b5, then the "
+                      "generated iteration, b8 and the path b0 -> b8: hours here", ""]
+    epochs = r.get("epochs_override")
+    how = (f"SHORTENED: every training {epochs} epoch{'s' if epochs > 1 else ''} (every variant of every step, the "
+           "generated iteration, the comparison and the path alike; the effects are those of short trainings)"
+           if epochs else "each training at its iteration's own epochs")
+    selection, tags = r["selection"], r["selection"]["tags"]
+    budget = f", --budget {r['budget']} minutes" if r.get("budget") else ""
+    out += ["`benchmarks/bench_select.py`: in a copy of the catalogue, `planted_too_low_lr` sets the learning rate "
+            f"of {r['exp']} 1000x lower (harmful) and `planted_noop` sets SGD's momentum to its default (AdamW "
+            "ignores it: a change that changes nothing), both in study B's rows. Then `cifar-mlops select --exp "
+            f"{r['exp']}` as a user runs it, on the {r['data']} ({r['split']['data.train_size']:,} train / "
+            f"{r['split']['data.val_size']:,} validation images drawn by the seed, test = its 1,000-image test "
+            f"batch, NOT the official test set), --max-seeds {r['max_seeds']}{budget}; {how}.", "",
+            f"Proposed under study B's rules: {', '.join(f'`{c}`' for c in r['proposed'])}. Kept, in order: "
+            f"{', '.join(f'`{k}`' for k in r['kept']) or 'nothing'}; stopped: {tags.get('stopped', '?')}. "
+            f"The selected iteration: `{r['generated']}`.", "",
+            f"Each step (effect: {tags.get('metric', 'test_accuracy')} with the candidate minus without it, paired "
+            "by seed, pp; the repeated interval at the level its verdict used; budget: left open by --budget):", "",
+            "| step | base | candidate | effect pp [interval] | level | verdict | vs min-effect | seeds | kept |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for x in selection["steps"]:
+        level = f"{100 * x['level']:.4g}%" if x.get("level") is not None else ""
+        kept = "kept" if x["kept"] else ("budget" if x.get("open") else "")
+        out.append(f"| {x['step']} | {x['base']} | `{x['candidate']}` | {_pp_cell(x['effect'], 'n/a')} "
+                   f"[{_pp_cell(x['ci_low'], '-inf')}, {_pp_cell(x['ci_high'], '+inf')}] | {level} | {x['verdict']} | "
+                   f"{x.get('vs_min_effect') or ''} | {x['seeds']} | {kept} |")
+    differ = [x for x in r["verdicts_recomputed"] if not x["agree"]]
+    out += ["", f"Verdicts recomputed from each step's child runs (`ablation_stats.sequential_step`, same design): "
+            f"{len(r['verdicts_recomputed']) - len(differ)} of {len(r['verdicts_recomputed'])} agree"
+            + "".join(f"; step {x['step']} {x['candidate']}: logged {x['logged']}, recomputed {x['recomputed']}"
+                      for x in differ) + ".", ""]
+    seeds = sorted({x["seed"] for x in r["trained"]})
+    out += [f"The selected iteration trained with `cifar-mlops train --exp {r['generated']}` beside {r['compare']}, "
+            f"seeds {', '.join(map(str, seeds))}, same settings (test accuracy %, the sample's test batch):", "",
+            "| iteration | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |", "|---" * (len(seeds) + 2) + "|"]
+    for exp in dict.fromkeys(x["exp"] for x in r["trained"]):
+        by = {x["seed"]: x.get("test_accuracy") for x in r["trained"] if x["exp"] == exp}
+        mean, sd = common.mean_std(by.values())
+        spread = "" if mean is None else f"{100 * mean:.1f} ± {100 * (sd or 0):.1f}"
+        out.append(f"| {exp} | " + " | ".join(f"{100 * by[s]:.1f}" if by.get(s) is not None else "-" for s in seeds)
+                   + f" | {spread} |")
+    within = r["checks"].get("within_compare_spread")
+    out += ["", f"Within {r['compare']}'s mean ± 2 sd: **{'yes' if within else 'no'}**.", "",
+            f"Cost: the selection took {r['wall_min']} wall minutes and {r['cpu_min']} CPU minutes (user + sys of "
+            f"the process and its children, both cores count); its runs' fit time summed "
+            f"{tags.get('fit_minutes', '?')} minutes over {tags.get('runs_used', '?')} runs. The hand-written path "
+            f"{' -> '.join(r['path'])}, one run of each at seed 0 with the same settings (as the study was written: "
+            f"one change at a time, one run each): {r['path_cpu_min']} CPU minutes.", "",
+            "| path iteration | CPU min | test accuracy % |", "|---|---|---|"]
+    for x in r["path_runs"]:
+        accuracy = x.get("test_accuracy")
+        out.append(f"| {x['exp']} | {x['cpu_s'] / 60:.1f} | {'' if accuracy is None else f'{100 * accuracy:.1f}'} |")
+    out += ["", "Checks: " + "; ".join(f"{SELECT_CHECKS.get(k, k)}: **{'met' if ok else 'missed'}**"
+                                       for k, ok in r["checks"].items() if k != "within_compare_spread") + ".",
+            "", load_line(r), ""]
+    return out
+
+
 def section_serving(r: dict | None) -> list[str]:
     out = ["## Serving latency and throughput (issue 16)", ""]
     if not r:
@@ -931,7 +1009,7 @@ def section_gpu_check() -> list[str]:
 def main() -> None:
     results = {n: load(n) for n in ("startup", "memory", "tracking", "throughput", "study_b", "study_b_screening",
                                     "study_b_unconstrained_screening", "tuning", "pruning", "precision", "ablation", "serving", "backends",
-                                    "batchnorm", "batchnorm_cost", "study_b_precise_bn", "study_a", "verdicts", "verdicts_real", "system_metrics",
+                                    "batchnorm", "batchnorm_cost", "study_b_precise_bn", "study_a", "verdicts", "verdicts_real", "select", "system_metrics",
                                     "suite")}
     lines = ["# Benchmarks: results", "",
              "Generated by `.venv/bin/python benchmarks/report_results.py` from `benchmarks/results/*.json`; "
@@ -953,6 +1031,7 @@ def main() -> None:
     lines += section_tuning(results["tuning"]) + section_pruning(results["pruning"])
     lines += section_ablation(results["ablation"]) + section_verdicts(results["verdicts"])
     lines += section_verdicts_real(results["verdicts_real"])
+    lines += section_select(results["select"])
     lines += section_serving(results["serving"])
     lines += section_backends(results["backends"]) + section_gpu_check() + section_suite(results["suite"])
     (common.BENCH / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")
