@@ -5,8 +5,8 @@
 
 NOT RUN YET: on two shared CPU cores it takes hours (a b5 training is about 4.6 CPU-minutes on the sample, and a
 selection from b5 trains 5 variants per step, at least 3 seeds each, up to --max-seeds where a comparison is open).
-Run it where there is time or a GPU, then render RESULTS.md (`benchmarks/report_results.py` has no section for
-results/select.json yet: add one when the numbers exist).
+Run it where there is time or a GPU, then render RESULTS.md (`benchmarks/report_results.py`, section
+"Forward selection on real images", reads results/select.json).
 
 What it does, as a user would, each command in a fresh subprocess with a throwaway MLflow store:
 
