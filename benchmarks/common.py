@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,11 +131,19 @@ def mean_std(values) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def machine_facts() -> dict:
+    """The machine a result is measured on (RESULTS.md names it per section, not the machine that renders it)."""
+    peak = peak_fp32_gflops()
+    memory = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    return {"cpu": peak["cpu"], "cores": peak["cores"], "memory_gib": round(int(memory.split()[1]) / 2**20, 1),
+            "gpu": bool(shutil.which("nvidia-smi")) and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0}
+
+
 def write_result(name: str, payload: dict, quiet: bool = False) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip(),
-               **payload}
+               "machine": machine_facts(), **payload}
     payload = portable(payload)  # --data-dir arguments, other processes' command lines: no absolute paths
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -245,7 +254,7 @@ def sample_study(name: str, exps: list[str], seeds: list[int], epochs: int, data
     for exp in exps:
         for seed in seeds:
             run = train_on_sample(exp, seed, {"train.epochs": epochs} if epochs else None, data_dir=data_dir)
-            runs.append(run)
+            runs.append({**run, "machine": machine_facts()})
             print(f"{exp} seed {seed}: test {run['test_accuracy']:.4f}, val {run['val_accuracy']:.4f}, "
                   f"{run['cpu_s'] / 60:.1f} CPU min, {run['wall_s'] / 60:.1f} wall min", file=sys.stderr)
     after = load_snapshot()
@@ -274,7 +283,10 @@ def sample_study(name: str, exps: list[str], seeds: list[int], epochs: int, data
                      f"{100 * published[exp]:.2f}" if exp in published else ""])
     print_table(["exp", "seeds", "train acc %", "val acc %", "test acc % (sample)", "CPU min/run", "wall min/run",
                  published_key.replace("_", " ") + " %"], rows)
-    write_result(name, {"data": f"CIFAR-10 sample {repo_relative(data_dir)}", "split": SAMPLE_SPLIT,
+    # runs merged from earlier goes may come from other machines: then each run names its own
+    seen = {json.dumps(r.get("machine"), sort_keys=True) for r in runs}
+    where = {"machine": json.loads(seen.pop())} if len(seen) == 1 else {"machine": {"several": True}}
+    write_result(name, {**where, "data": f"CIFAR-10 sample {repo_relative(data_dir)}", "split": SAMPLE_SPLIT,
                         "epochs_override": epochs or None, "exps": exps, "runs": runs, "summary": summary,
                         "load_before": before, "load_after": after})
 
@@ -305,7 +317,6 @@ def planted_catalogue(folder: Path, exp: str) -> Path:
     learning rate / 1000 (harmful), and `planted_noop`, SGD's momentum at its default 0.9 (changes nothing for an
     Adam/AdamW experiment: its resolved config differs from the experiment's only in the enhancement's name).
     Returns the copy's folder."""
-    import shutil
 
     import yaml
 

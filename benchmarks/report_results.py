@@ -17,6 +17,8 @@ import sys
 from importlib import metadata
 
 import common
+import numpy as np
+from scipy import stats
 
 GB = 1e9
 PACKAGES = ("tensorflow-cpu", "keras", "mlflow", "optuna", "optuna-integration", "scikit-learn", "numpy", "pandas")
@@ -32,14 +34,32 @@ def sh(cmd: list[str]) -> str:
     return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
 
 
+def machine_name(facts: dict | None) -> str:
+    if facts and facts.get("several"):
+        return "several machines (each run names its own `machine` in the JSON; older runs none)"
+    if not facts:
+        return "a machine not recorded (measured before results named their machine)"
+    memory = f", {facts['memory_gib']:g} GiB" if "memory_gib" in facts else ""  # older results: cpu and nproc only
+    return f"{facts['cpu']}, {facts.get('cores', facts.get('nproc'))} cores{memory}" + (", a GPU" if facts.get("gpu") else "")
+
+
 def load_line(r: dict) -> str:
     b, a = r.get("load_before", {}), r.get("load_after", {})
     busy = sorted(set(b.get("busy_processes", []) + a.get("busy_processes", [])))
-    text = (f"Measured {r['finished']}; load average (1/5/15 min) {b.get('loadavg_1_5_15')} before, "
+    text = (f"Measured {r['finished']} on {machine_name(r.get('machine'))}; load average (1/5/15 min) {b.get('loadavg_1_5_15')} before, "
             f"{a.get('loadavg_1_5_15')} after")
     if busy:
         text += "; other busy processes seen: " + "; ".join(f"`{p}`" for p in busy[:4])
     return text + f". Command: `{r['command']}`."
+
+
+def machines(results: dict[str, dict | None]) -> list[str]:
+    """The machines the results were measured on, each with the results it holds (from each result's own record)."""
+    seen: dict[str, list[str]] = {}
+    for name, r in results.items():
+        if r:
+            seen.setdefault(machine_name(r.get("machine")), []).append(name)
+    return [f"- {machine}: {', '.join(f'`{n}`' for n in sorted(names))}." for machine, names in seen.items()]
 
 
 def machine() -> list[str]:
@@ -224,17 +244,43 @@ def section_system_metrics(r: dict | None) -> list[str]:
     if not r:
         return out + [NOT_RUN, "", "    .venv/bin/python benchmarks/bench_system_metrics.py", ""]
     on, off = r["medians"]["system metrics on"], r["medians"]["system metrics off"]
-    verdict = "below" if r["ratio_throughput"] >= r["target_ratio"] else "NOT below"
-    return out + [
+    # the rounds' spread: a 95% t-interval of the mean log ratio says whether they can see 1% at all
+    logs = np.log(r["round_ratios"])
+    half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+    low, high = np.exp(logs.mean() - half), np.exp(logs.mean() + half)
+    resolved = high - low < 1 - r["target_ratio"]
+    sampler = r.get("sampler")
+    lines = out + [
         f"`{r['exp']}`, {r['epochs']} epochs on the {r['data']}, float32, {r['rounds']} interleaved rounds of a fresh "
         f"`cifar-mlops train` with MLflow's system metrics sampled every {r['interval_s']:g} s "
         f"(`track.system_metrics_interval`) and without (0); throughput = training images / `fit_seconds`.", "",
         "| arm (median) | images/s | fit s | wall s | system-metric samples |", "|---|---|---|---|---|",
         *(f"| {name} | {m['images_per_s']:.1f} | {m['fit_s']:.1f} | {m['wall_s']:.1f} | "
           f"{m['system_metric_samples']:.0f} |" for name, m in (("on", on), ("off", off))), "",
-        f"**Throughput with / without: {r['ratio_throughput']:.4f}** (per round: "
-        f"{', '.join(f'{x:.3f}' for x in r['round_ratios'])}; sd {r['round_ratio_stdev']:.3f}): the cost is "
-        f"{verdict} the 1% target.", "", load_line(r), ""]
+        f"Throughput with / without: {r['ratio_throughput']:.4f} (per round: "
+        f"{', '.join(f'{x:.3f}' for x in r['round_ratios'])}; sd {r['round_ratio_stdev']:.3f}; 95% interval of the "
+        f"ratio {low:.3f}-{high:.3f}). " + (
+            "The rounds resolve 1%." if resolved else
+            f"**The rounds cannot resolve 1% on this machine**: the same training's fit time varies by far more "
+            f"between runs of either arm than the {100 * (1 - r['target_ratio']):.0f}% to be seen, so the interval "
+            "is wider than the target and the median ratio is noise, not the sampler's cost."), ""]
+    if r.get("ab_finished"):
+        lines += [f"These rounds ran {r['ab_finished']} (`{r['ab_command']}`)."]
+    if r.get("earlier_ab"):
+        e = r["earlier_ab"]
+        lines += [f"An earlier run of the same rounds ({e['finished']}, beside a niced training) gave "
+                  f"{e['ratio_throughput']:.4f} (per round {min(e['round_ratios']):.3f}-{max(e['round_ratios']):.3f}).", ""]
+    if sampler:
+        share = sampler["share_of_one_core"]
+        lines += [
+            f"The sampler's own cost, measured directly: {sampler['seconds']:g} s of an idle process with the "
+            f"sampler every {sampler['every_s']:g} s ({sampler['samples']} samples, each taken and logged to a SQLite "
+            f"store) against {sampler['seconds']:g} s without: {1000 * sampler['cpu_s_per_sample']:.1f} ms of CPU per "
+            f"sample, so **{100 * share:.3f}% of one core** at the default {sampler['interval_s']:g} s, "
+            f"{'below' if share < 1 - r['target_ratio'] else 'NOT below'} the 1% target (a training uses at least "
+            "one core, so its throughput loses at most that share). `bench_system_metrics.py --sampler-only` "
+            "repeats this alone.", ""]
+    return lines + [load_line(r), ""]
 
 
 def _rounds(row: dict) -> list[float]:
@@ -887,8 +933,9 @@ def section_select(r: dict | None) -> list[str]:
     within = r["checks"].get("within_compare_spread")
     out += ["", f"Within {r['compare']}'s mean ± 2 sd: **{'yes' if within else 'no'}**.", "",
             f"Cost: the selection took {r['wall_min']} wall minutes and {r['cpu_min']} CPU minutes (user + sys of "
-            f"the process and its children, both cores count); its runs' fit time summed "
-            f"{tags.get('fit_minutes', '?')} minutes over {tags.get('runs_used', '?')} runs. The hand-written path "
+            f"the process and its children, both cores count); its runs summed {tags.get('fit_minutes', '?')} "
+            f"{tags.get('fit_minutes_measure', 'minutes of wall-clock fit time')} over "
+            f"{tags.get('runs_used', '?')} runs (each run's fit as it measures it). The hand-written path "
             f"{' -> '.join(r['path'])}, one run of each at seed 0 with the same settings (as the study was written: "
             f"one change at a time, one run each): {r['path_cpu_min']} CPU minutes.", "",
             "| path iteration | CPU min | test accuracy % |", "|---|---|---|"]
@@ -1015,7 +1062,8 @@ def main() -> None:
              "Generated by `.venv/bin/python benchmarks/report_results.py` from `benchmarks/results/*.json`; "
              "do not edit by hand. Rerun everything with `.venv/bin/python benchmarks/run_all.py` "
              "(or one script at a time, each prints its own table).", "",
-             "## Machine", "", *machine(), "",
+             "## Machines", "", "Each section names the machine it was measured on; by results file:", "",
+             *machines(results), "", "The machine that rendered this file:", "", *machine(), "",
              "**Load:** these numbers were taken on a shared 2-core VM while other work (test suites of other "
              "sessions) was running on the same CPU; absolute times are noisy and are not comparable across "
              "runs. Comparisons are therefore ratios of medians of interleaved runs, and every section states "
