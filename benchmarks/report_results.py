@@ -471,8 +471,21 @@ def section_study_a(r: dict | None) -> list[str]:
                    f"{s['cpu_s'][0] / 60:.1f} | {published} |")
     missing = [e for e in ("1.0", "1.1", "2.0", "2.1", "2.2", "2.3", "2.4", "3.0") if e not in r["exps"]]
     if missing:
-        out += ["", f"Not run for lack of time in the session that wrote this: {', '.join(missing)} "
-                f"(`.venv/bin/python benchmarks/bench_study_a.py --exps {','.join(missing)} --merge`)."]
+        # what each would cost, scaled from a measured row with the same schedule: 96x96 inputs are 9x the pixels
+        # of 32x32; DenseNet-121 is about 10x MobileNetV2's multiply-adds at the same size
+        cpu = {s["exp"]: s["cpu_s"][0] / 60 for s in r["summary"]}
+        scale = {"1.1": ("1.0", 9, "96x96 inputs"), "2.2": ("2.1", 9, "96x96 inputs"),
+                 "3.0": ("2.1", 10, "DenseNet-121 from scratch")}
+
+        def why(e: str) -> str:
+            if e not in scale:
+                return e
+            like, factor, what = scale[e]
+            guess = f", about {factor * cpu[like]:.0f} CPU-minutes per run" if like in cpu else ""
+            return f"{e} ({what}: about {factor}x the work of {like}{guess})"
+
+        out += ["", f"Not run yet: {'; '.join(why(e) for e in missing)}. "
+                f"`.venv/bin/python benchmarks/bench_study_a.py --exps {','.join(missing)} --merge` adds them."]
     return out + ["", "Mean ± sd over seeds where there are several. " + load_line(r)
                   + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
