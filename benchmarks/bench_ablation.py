@@ -1,7 +1,7 @@
 """Issue 14's benchmark: ablations on the real CIFAR-10 sample, effects with intervals and verdicts, and their cost.
 
     .venv/bin/python benchmarks/bench_ablation.py [--ablations b5:leave-one-out,b5:path] [--seeds 3] [--epochs N]
-        [--enhancements A,B] [--merge]
+        [--enhancements A,B] [--merge] [--max-seeds 12] [--results ablation]
 
 Each ablation is `cifar-mlops ablate --exp EXP --design DESIGN --seeds SEEDS --data-dir SAMPLE --set
 data.train_size=3336 --set data.val_size=834 [--set train.epochs=N] [--enhancements A,B]` in a fresh
@@ -11,6 +11,9 @@ back from the store, every run's metrics (variant, seed, run id, test/val accura
 effects table as the parent run logged it, so that every printed figure can be recomputed from the JSON.
 `--epochs` shortens every variant's training (the full ablations at their own epochs take about two CPU hours
 here); a shortened run measures the machinery and the order of the effects, not the studies' final numbers.
+`--seeds auto` (with `--max-seeds`) adds seeds in rounds where a comparison is still open (issue 31); the parent
+run's verdicts table (`ablation_comparisons.csv`: verdict, seeds used, interval, minutes) is recorded too. Write
+such a run under its own `--results NAME` (results/NAME.json), not over the fixed-seed ablations.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def logged_ablations(tracking_uri: str) -> dict[str, dict[str, list[dict]]]:
         frame = ablations.csv_artifact(ablation["run_id"], "ablation_runs.csv")
         found[ablation["name"]] = {
             "runs": [] if frame is None else json.loads(frame.to_json(orient="records")),
-            "effects": json.loads(ablation["effects"].to_json(orient="records"))}  # NaN, inf: null
+            "effects": json.loads(ablation["effects"].to_json(orient="records")),  # NaN, inf: null
+            "comparisons": None if (table := ablations.csv_artifact(ablation["run_id"], "ablation_comparisons.csv"))
+            is None else json.loads(table.to_json(orient="records"))}  # --seeds auto: each verdict, its seeds
     return found
 
 
@@ -65,13 +70,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
     parser.add_argument("--enhancements", default="", help="passed to every ablation (only these enhancements)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the ablations of results/ablation.json that are not rerun (same seeds)")
+                        help="keep the ablations of results/NAME.json that are not rerun (same seeds)")
+    parser.add_argument("--max-seeds", type=int, default=0, help="with --seeds auto: the cap (0: the command's default)")
+    parser.add_argument("--results", default="ablation", help="results/NAME.json to write")
     args = parser.parse_args()
 
-    previous = common.RESULTS / "ablation.json"
+    previous = common.RESULTS / f"{args.results}.json"
     kept = json.loads(previous.read_text()) if args.merge and previous.exists() else None
     if kept is not None and kept.get("seeds") != args.seeds:  # checked before hours of training, not after
-        raise SystemExit(f"--merge: results/ablation.json has seeds {kept.get('seeds')}; rerun without --merge")
+        raise SystemExit(f"--merge: results/{args.results}.json has seeds {kept.get('seeds')}; rerun without --merge")
     before = common.load_snapshot()
     results = []
     with common.tempdir("ablation") as tmp:
@@ -81,7 +88,8 @@ def main() -> None:
             sets = {**common.SAMPLE_SPLIT, **({"train.epochs": args.epochs} if args.epochs else {})}
             cmd = [common.CLI, "ablate", "--exp", exp, "--design", design, "--seeds", args.seeds,
                    "--data-dir", args.data_dir, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
-                   *(["--enhancements", args.enhancements] if args.enhancements else [])]
+                   *(["--enhancements", args.enhancements] if args.enhancements else []),
+                   *(["--max-seeds", str(args.max_seeds)] if args.max_seeds else [])]
             cpu0 = cpu_seconds()
             wall, proc = common.timed_run(cmd, env=env, cwd=tmp)
             cpu = cpu_seconds() - cpu0
@@ -96,7 +104,8 @@ def main() -> None:
                             "wall_min": round(wall / 60, 1), "cpu_min": round(cpu / 60, 1),
                             "variants_table": found[0] if found else [], "effects_table": found[1] if len(found) > 1 else [],
                             "runs": logged[-1]["runs"] if logged else [],
-                            "effects": logged[-1]["effects"] if logged else []})
+                            "effects": logged[-1]["effects"] if logged else [],
+                            "comparisons": logged[-1]["comparisons"] if logged else None})
             print(f"{exp} {design}: {wall / 60:.1f} wall min, {cpu / 60:.1f} CPU min", file=sys.stderr)
             print("\n".join(results[-1]["variants_table"] + [""] + results[-1]["effects_table"]))
     if kept is not None:
@@ -104,7 +113,7 @@ def main() -> None:
         # ablations written before each kept its own epochs took the file's
         results = [{"epochs_override": kept.get("epochs_override"), **r} for r in kept["ablations"]
                    if (r["exp"], r["design"]) not in rerun] + results
-    common.write_result("ablation", {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
+    common.write_result(args.results, {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
                                      "split": common.SAMPLE_SPLIT, "seeds": args.seeds,
                                      "ablations": results,
                                      "load_before": before, "load_after": common.load_snapshot()})
