@@ -29,6 +29,10 @@ class TrainingFailed(UserError):
     """Training could not go on (e.g. the loss diverged, or the experiment is not a training); the message says what to change."""
 
 
+# the fit's times a training logs (`FitClock`); `ablation_stats.compute_seconds` chooses what counts of them
+FIT_TIMES = ("fit_seconds", "fit_cpu_seconds", "fit_gpu_seconds")
+
+
 def build_optimizer(cfg: TrainConfig, learning_rate: float, total_steps: int):
     import keras
 
@@ -167,11 +171,37 @@ def resumable(config: ExperimentConfig, parent_run_id: str | None) -> bool:
     return parent_run_id is None and cfg.checkpoint_every > 0 and cfg.early_stopping_patience is None
 
 
+class FitClock:
+    """The fit's times (FIT_TIMES) from its start, added to those of the epochs a resumed run trained before:
+    `fit_seconds` wall-clock; `fit_cpu_seconds` the CPU time of this process (user + system, every thread: Keras's,
+    the input pipeline's, the tracking's; in a worker process, that worker's own), `time.process_time`;
+    `fit_gpu_seconds` the wall-clock x `gpus`, the GPUs the training runs on (0 on a CPU)."""
+
+    def __init__(self, gpus: int, before: Mapping[str, Any] | None = None) -> None:
+        # before: a resumed run's checkpoint state. One written before CPU and GPU time were measured lacks them:
+        # the run then logs fit_seconds alone (what its whole fit took is not known), as the ones before it did.
+        self.gpus = gpus
+        self.before = ({name: 0.0 for name in FIT_TIMES} if before is None else
+                       {name: float(before[name]) for name in FIT_TIMES if name in before})
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def state(self) -> dict[str, float]:
+        """The times so far, for a checkpoint: every one known (fit_gpu_seconds 0.0 on a CPU)."""
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        spent = {"fit_seconds": wall, "fit_cpu_seconds": cpu, "fit_gpu_seconds": wall * self.gpus}
+        return {name: self.before[name] + spent[name] for name in FIT_TIMES if name in self.before}
+
+    def metrics(self) -> dict[str, float]:
+        """The times so far, as the run logs them: fit_gpu_seconds only where a GPU trained."""
+        return {name: value for name, value in self.state().items() if name != "fit_gpu_seconds" or value > 0}
+
+
 def checkpointing(run: runs.TrainingRun, config: ExperimentConfig, history: dict[str, list[float]],
-                  fit_seconds: float):
+                  clock: FitClock):
     """Writes the run's checkpoint at the end of every `train.checkpoint_every` epochs: the model with its
-    optimizer state, the epochs done, the model's random state and the history so far (the data order of
-    every epoch follows from train.seed and the epoch). It collects the history of the epochs it sees."""
+    optimizer state, the epochs done, the model's random state, the history so far (the data order of
+    every epoch follows from train.seed and the epoch) and the fit's times (`clock`). It collects the history
+    of the epochs it sees."""
     import keras
 
     every = config.train.checkpoint_every
@@ -180,7 +210,6 @@ def checkpointing(run: runs.TrainingRun, config: ExperimentConfig, history: dict
         def __init__(self) -> None:
             super().__init__()
             self.history = {key: list(values) for key, values in history.items()}
-            self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             for key, value in (logs or {}).items():
@@ -188,7 +217,7 @@ def checkpointing(run: runs.TrainingRun, config: ExperimentConfig, history: dict
             if (epoch + 1) % every == 0:
                 run.log_checkpoint(self.model, {
                     "format": 1, "epoch": epoch + 1, "seed": config.train.seed, "history": self.history,
-                    "fit_seconds": fit_seconds + time.perf_counter() - self.started,
+                    **clock.state(),
                     "random_state": random_state(self.model), "keras": keras.__version__})
 
     return Checkpointing()
@@ -330,18 +359,18 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
                    f"on {keras.backend.backend()}" + (f", {devices} devices" if devices > 1 else ""))
             for name in init_from_data(model, splits.x_train, seed=config.train.seed):
                 detail(f"layer {name} set from the training images")
-            start, history, fit_before = 0, {}, 0.0
+            start, history, fit_before = 0, {}, None
         else:
             model, state = resume.model, resume.point.state
-            start, history, fit_before = resume.point.epoch, state["history"], float(state["fit_seconds"])
+            start, history, fit_before = resume.point.epoch, state["history"], state
             log(f"resuming after epoch {start} of {config.train.epochs}, from the run's checkpoint")
 
         fit_callbacks = [run.epoch_callback(), *callbacks]
+        clock = FitClock(devices if backend.gpu_count() else 0, fit_before)
         if checkpoints:  # after the epoch's metrics are logged: a checkpoint never runs ahead of them
-            fit_callbacks.append(checkpointing(run, config, history, fit_before))
-        started = time.perf_counter()
+            fit_callbacks.append(checkpointing(run, config, history, clock))
         trained = fit(model, config, splits, callbacks=fit_callbacks, start=start, devices=devices)
-        fit_seconds = fit_before + time.perf_counter() - started
+        fit_times = clock.metrics()
         history = {key: [*history.get(key, []), *trained.get(key, [])] for key in {*history, *trained}}
 
         detail("evaluating on train, val and test" + (", with test-time flips" if config.model.test_time_flip else ""))
@@ -351,7 +380,7 @@ def train(config: ExperimentConfig, context: RunContext | None = None, *, splits
         probabilities = {split: predict_in_batches(predict, x, config.train.batch_size)
                          for split, (x, _) in splits.by_split().items()}
         metrics, texts, figures = evaluation.evaluate(splits, probabilities, config.exp_id)
-        metrics["fit_seconds"] = fit_seconds
+        metrics.update(fit_times)
         metrics["epochs_run"] = float(len(history.get("loss", [])))
         figures["learning_curves"] = evaluation.learning_curves_figure(history, config.exp_id)
         run.log_results(metrics, texts, figures)

@@ -383,13 +383,13 @@ def test_a_training_stopped_after_some_final_metrics_resumes_without_logging_the
     client = MlflowClient()
     stopped = client.get_run(run_id)
     assert stopped.info.status == "KILLED" and stopped.data.tags[runs.CHECKPOINT_TAG].startswith("2 ")
-    assert {"test_accuracy", "fit_seconds", "epochs_run"} <= set(stopped.data.metrics)
+    assert {"test_accuracy", "fit_seconds", "fit_cpu_seconds", "epochs_run"} <= set(stopped.data.metrics)
 
     result = cli_train("--resume", run_id)
     assert result.exit_code == 0, result.output
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    for name in (*FINAL, "fit_seconds", "epochs_run"):
+    for name in (*FINAL, "fit_seconds", "fit_cpu_seconds", "epochs_run"):
         history = client.get_metric_history(run_id, name)
         assert [(m.step, m.value) for m in history] == [(0, stopped.data.metrics[name])], name
     assert steps(run_id) == {key: [1, 2] for key in EPOCH_METRICS}

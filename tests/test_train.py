@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import keras
@@ -14,7 +15,7 @@ from mlflow import MlflowClient
 from cifar_mlops import backend, data, evaluation
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
-from cifar_mlops.train import TrainingFailed, dtype_policy, train
+from cifar_mlops.train import FitClock, TrainingFailed, dtype_policy, train
 from tests.conftest import SAMPLE_DIR, TRAINABLE, covering_experiments, needs_sample, tiny
 
 FINAL_METRICS = [f"{split}_{name}" for split in ("train", "val", "test") for name in ("accuracy", "f1_macro", "loss")]
@@ -135,6 +136,38 @@ def test_run_holds_curves_reports_config_and_a_loadable_model(store) -> None:
     assert list(table["label"]) == [data.SYNTHETIC_CLASS_NAMES[i] for i in probabilities.argmax(axis=1)]
     np.testing.assert_array_equal(table["probability"], probabilities.max(axis=1))
     assert metrics["test_accuracy"] > 0.2, "three epochs on learnable synthetic data should beat chance"
+
+
+def test_the_fit_logs_its_cpu_seconds_beside_its_wall_clock_seconds(store) -> None:
+    """fit_cpu_seconds: the CPU time (user + system, every thread) the training process spent in the span fit_seconds
+    measures: more than nothing, at most every core busy all that time (x1.5, and a second for the clocks' grain);
+    fit_gpu_seconds only where a GPU trained: the same span x the GPUs (one here)."""
+    metrics = train(tiny("smoke"), register=False)
+    [run] = ablation_runs()
+    logged = run.data.metrics
+    for name in ("fit_seconds", "fit_cpu_seconds"):
+        assert logged[name] == pytest.approx(metrics[name]), name
+    assert 0 < logged["fit_cpu_seconds"] <= logged["fit_seconds"] * (os.cpu_count() or 1) * 1.5 + 1.0
+    if backend.gpu_count():
+        assert logged["fit_gpu_seconds"] == pytest.approx(logged["fit_seconds"])
+    else:
+        assert "fit_gpu_seconds" not in logged and "fit_gpu_seconds" not in metrics
+
+
+def test_a_resumed_fit_adds_its_seconds_to_the_checkpoints_and_an_older_checkpoint_keeps_fit_seconds_alone() -> None:
+    """FitClock across a resume: each time goes on from the checkpoint's; a checkpoint written before CPU time was
+    measured has none to go on from, so the run logs fit_seconds alone (`ablation_stats.compute_seconds` then counts
+    it), as runs before did. A CPU's fit_gpu_seconds (0) is kept in the checkpoint, never logged."""
+    clock = FitClock(2, {"fit_seconds": 10.0, "fit_cpu_seconds": 30.0, "fit_gpu_seconds": 20.0, "epoch": 2})
+    sum(range(1_000_000))  # some CPU time
+    state = clock.state()
+    assert state["fit_seconds"] > 10.0 and state["fit_cpu_seconds"] > 30.0
+    assert state["fit_gpu_seconds"] == pytest.approx(20.0 + 2 * (state["fit_seconds"] - 10.0))
+    assert set(clock.metrics()) == {"fit_seconds", "fit_cpu_seconds", "fit_gpu_seconds"}
+    on_cpu = FitClock(0)
+    assert on_cpu.state()["fit_gpu_seconds"] == 0.0 and set(on_cpu.metrics()) == {"fit_seconds", "fit_cpu_seconds"}
+    older = FitClock(0, {"fit_seconds": 10.0, "epoch": 2})
+    assert set(older.state()) == set(older.metrics()) == {"fit_seconds"} and older.metrics()["fit_seconds"] > 10.0
 
 
 def test_transfer_learning_warms_up_with_a_frozen_backbone_then_fine_tunes(store, tmp_path) -> None:
