@@ -243,14 +243,16 @@ class Ablation:
             f"test_accuracy={metrics['test_accuracy']:.4f}; {left} run{'s' if left != 1 else ''} left")
 
     def metrics(self) -> pd.DataFrame:
-        """The FINISHED tasks' metrics so far, one row each (variant, seed, run_id, COMPARED_METRICS,
-        fit_seconds), in task order: what a round of `--seeds auto` is decided on."""
+        """The FINISHED tasks' metrics so far, one row each (variant, seed, run_id, COMPARED_METRICS and the fit
+        times, `ablation_stats.FIT_METRICS`, NaN where a run did not log one), in task order: what a round of
+        `--seeds auto` is decided on."""
         finished = self.finished()
+        fit_times = ablation_stats.FIT_METRICS
         return pd.DataFrame([{"variant": variant.id, "seed": seed, "run_id": finished[task]["run_id"],
                               **{key: float(finished[task]["metrics"][key]) for key in COMPARED_METRICS},
-                              "fit_seconds": float(finished[task]["metrics"].get("fit_seconds", np.nan))}
+                              **{key: float(finished[task]["metrics"].get(key, np.nan)) for key in fit_times}}
                              for task, (variant, seed) in self.tasks.items() if task in finished],
-                            columns=["variant", "seed", "run_id", *COMPARED_METRICS, "fit_seconds"])
+                            columns=["variant", "seed", "run_id", *COMPARED_METRICS, *fit_times])
 
     def results(self, tasks: Sequence[str] | None = None
                 ) -> tuple[pd.DataFrame, dict[tuple[str, int], np.ndarray], dict[int, np.ndarray]]:
@@ -295,8 +297,9 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
 
     seeds None (`--seeds auto`): seeds in rounds (`ablation_stats.sequential_step`): every variant gets the first
     look's seeds, then only the variants of comparisons still open get the next look's, until every comparison is
-    decided or at `max_seeds`, or the runs' training time (the fit_seconds each run logs, wall-clock on its CPU or
-    GPU, summed over the ablation's runs, wherever they ran) passes `budget_minutes` (0: no budget). A rerun replays the rounds on the finished runs.
+    decided or at `max_seeds`, or what the runs' training consumed passes `budget_minutes` (0: no budget): their CPU-
+    or GPU-minutes as each run measures them (`ablation_stats.compute_seconds`), summed over the ablation's runs,
+    wherever they ran. A rerun replays the rounds on the finished runs.
     The runs go through the ablation's queue (`execution.queue.run_queue`, in `storage`), shared by `workers`
     processes on this machine and by the same command started anywhere else on the same storage.
     `base`: see `build_design`; `nested_in`: a run the ablation's parent run is nested under (a `select` step's)."""
@@ -372,15 +375,15 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
                 so_far = ablation.metrics()
                 state = ablation_stats.sequential_step(so_far, plan.comparisons, sequential, metric=metric,
                                                        min_effect=min_effect_pp / 100)
-                minutes = float(np.nansum(so_far["fit_seconds"])) / 60
+                minutes, unit = ablation_stats.compute_minutes(so_far), ablation_stats.compute_unit(so_far)
                 decided = ", ".join(f"{r.effect}: {r.verdict} ({r.status}, {r.n_seeds} seeds)"
                                     for r in state.table.itertuples())
                 log(f"round at {max(so_far.groupby('variant')['seed'].nunique())} seeds: {decided}; "
-                    f"{minutes:.1f} training minutes")
+                    f"{minutes:.1f} {unit}")
                 if state.done:
                     break
                 if budget_minutes and minutes >= budget_minutes:
-                    log(f"--budget {budget_minutes:g} minutes spent ({minutes:.1f}): the open comparisons stay "
+                    log(f"--budget {budget_minutes:g} minutes spent ({minutes:.1f} {unit}): the open comparisons stay "
                         "inconclusive; rerun with a larger --budget to go on")
                     break
                 wanted = [f"{v}|{seed}" for seed in range(state.next_seeds) for v in state.needs_seeds]
@@ -411,10 +414,10 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
                                  ablation_stats.noise_markdown(noise)])
         document = "\n\n".join([verdicts, variants_markdown(summary), ablation_stats.effects_markdown(effects),
                                  ablation_stats.image_level_markdown(effects), *plan.skipped])
-        minutes = float(np.nansum(fit.loc[fit["run_id"].isin(frame["run_id"]), "fit_seconds"])) / 60
+        used = fit[fit["run_id"].isin(frame["run_id"])]
         tags, metrics = ablations.comparison_record(
-            compared, verdicts + "\n\nThe whole tables: `ablation.md`.", minutes,
-            f"{ablation_stats.FIT_TIME}, summed over the ablation's runs")
+            compared, verdicts + "\n\nThe whole tables: `ablation.md`.", ablation_stats.compute_minutes(used),
+            ablation_stats.compute_measure(used, "the ablation's runs"))
         runs.finish_run(spec.parent_run_id, "FINISHED", tags={"runs_trained": trained, "runs_reused": reused, **tags},
                         metrics=metrics, figures={"forest_plot": figure},
                         texts={"ablation.md": document + "\n", "ablation_effects.csv": effects.to_csv(index=False),

@@ -937,32 +937,95 @@ def noise_markdown(noise: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------
+# What a run's training consumed (issue 31: `--budget` and the minutes are CPU- or GPU-minutes as the run measures
+# them): the one place that decides which of a run's fit times counts
+
+# the fit times `train` logs, in the order `compute_seconds` prefers them
+FIT_METRICS = ("fit_gpu_seconds", "fit_cpu_seconds", "fit_seconds")
+_KINDS = {"fit_gpu_seconds": "GPU", "fit_cpu_seconds": "CPU", "fit_seconds": "wall-clock"}
+COMPUTE_TIME = ("CPU-minutes are the CPU time the training process spent in its fit (user + system, every thread), "
+                "GPU-minutes the fit's wall time x the GPUs it trained on; a run logged before these were measured "
+                "counts its wall-clock fit time")
+
+
+def _measured(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(seconds, the FIT_METRICS column each came from) per row of `runs`; NaN / None where none is logged."""
+    seconds, source = np.full(len(runs), np.nan), np.full(len(runs), None, dtype=object)
+    for column in reversed(FIT_METRICS):  # the preferred last: it overwrites
+        if column in runs:
+            values = pd.to_numeric(runs[column], errors="coerce").to_numpy(dtype=float)
+            logged = ~np.isnan(values)
+            seconds[logged], source[logged] = values[logged], column
+    return pd.Series(seconds, index=runs.index), pd.Series(source, index=runs.index)
+
+
+def compute_seconds(runs: pd.DataFrame) -> pd.Series:
+    """Per run (row of `runs`), the seconds its training consumed: `fit_gpu_seconds` (the fit's wall time x the
+    GPUs it trained on) where it logged that, else `fit_cpu_seconds` (its process's CPU time in the fit, user +
+    system, every thread), else `fit_seconds` (the fit's wall-clock time: a run logged before the others were
+    measured, reused from the store); NaN where it logged none. A missing column counts as not logged."""
+    return _measured(runs)[0]
+
+
+def compute_unit(runs: pd.DataFrame) -> str:
+    """What `compute_seconds(runs)` sums, as a unit of minutes: "CPU-minutes", "GPU-minutes", "CPU- and
+    GPU-minutes"; with "wall-clock minutes" where some runs count their wall-clock fit time (all of them: only
+    that); "minutes" for no run."""
+    kinds = {_KINDS[column] for column in _measured(runs)[1].dropna()}
+    measured = [kind for kind in ("CPU", "GPU") if kind in kinds]
+    unit = "CPU- and GPU-minutes" if len(measured) == 2 else "".join(f"{kind}-minutes" for kind in measured)
+    if "wall-clock" in kinds:
+        return f"{unit} and wall-clock minutes" if unit else "wall-clock minutes"
+    return unit or "minutes"
+
+
+def compute_minutes(runs: pd.DataFrame) -> float:
+    """`compute_seconds` summed over `runs` (runs that logged none count 0), in minutes."""
+    return float(np.nansum(compute_seconds(runs))) / 60
+
+
+def compute_measure(runs: pd.DataFrame, over: str) -> str:
+    """What `compute_minutes(runs)` is, in words: its unit, what it sums over (`over`) and what the units mean."""
+    return f"{compute_unit(runs)}, summed over {over}: {COMPUTE_TIME}"
+
+
+# ---------------------------------------------------------------------------
 # Per comparison, what the ablation's parent run shows (issue 31, item 5)
 
 COMPARISON_COLUMNS = ["effect", "metric", "verdict", "vs_min_effect", "n_seeds", "level", "mean_diff", "ci_low",
-                      "ci_high", "fit_minutes", "advice", "noise"]
-FIT_TIME = "the fit time each run logs (wall-clock, on the CPU or GPU it trained on)"
-MINUTES_MEANING = (f"training minutes: {FIT_TIME}, summed over the runs of the comparison's two variants at the seeds "
-                   "its verdict used; a variant shared by several comparisons counts in each")
+                      "ci_high", "fit_minutes", "fit_unit", "advice", "noise"]
+MINUTES_MEANING = (f"{COMPUTE_TIME}; summed over the runs of the comparison's two variants at the seeds its verdict "
+                   "used; a variant shared by several comparisons counts in each")
+# an ablation logged before its runs' CPU and GPU time counted (its comparisons CSV has no fit_unit)
+WALL_MINUTES_MEANING = ("training minutes: the fit time each run logs (wall-clock, on the CPU or GPU it trained on), "
+                        "summed over the runs of the comparison's two variants at the seeds its verdict used; a "
+                        "variant shared by several comparisons counts in each")
+
+
+def minutes_meaning(summary: pd.DataFrame) -> str:
+    """What the minutes of a `comparison_summary` (this one's, or one an ablation logged earlier) are."""
+    return MINUTES_MEANING if "fit_unit" in summary else WALL_MINUTES_MEANING
 
 
 def comparison_summary(effects: pd.DataFrame, noise: pd.DataFrame | None, fit: pd.DataFrame) -> pd.DataFrame:
     """One row per verdict row of `effects` (COMPARISON_COLUMNS): its verdict, seeds, interval and level, the training
-    minutes its verdict cost and the noise split's advice and line (blank without a `noise_table`).
-    fit: one row per (variant, seed) run with columns variant, seed, fit_seconds. The seeds a verdict used are the
+    minutes its verdict cost (`compute_seconds` of its runs, in `fit_unit`) and the noise split's advice and line
+    (blank without a `noise_table`).
+    fit: one row per (variant, seed) run with columns variant, seed and the FIT_METRICS it logged (at least one of
+    them). The seeds a verdict used are the
     first n_seeds of those both variants ran, in ascending order (all of them in a fixed design, the look's in a
     sequential one)."""
     lines = {} if noise is None or noise.empty else {row["effect"]: row for _, row in noise.iterrows()}
     rows = []
     for _, row in effects[effects["role"] == VERDICT].iterrows():
-        sides = [fit.loc[fit["variant"] == variant, ["seed", "fit_seconds"]].set_index("seed")["fit_seconds"]
-                 for variant in (row["with"], row["without"])]
-        seeds = sorted(set(sides[0].index) & set(sides[1].index))[:int(row["n_seeds"])]
-        minutes = float(sum(side.loc[seeds].sum() for side in sides)) / 60
+        sides = [fit[fit["variant"] == variant] for variant in (row["with"], row["without"])]
+        seeds = sorted(set(sides[0]["seed"]) & set(sides[1]["seed"]))[:int(row["n_seeds"])]
+        used = pd.concat([side[side["seed"].isin(seeds)] for side in sides])
         found = lines.get(row["effect"])
         rows.append({**{key: row[key] for key in ("effect", "metric", "verdict", "vs_min_effect", "level",
                                                   "mean_diff", "ci_low", "ci_high")},
-                     "n_seeds": int(row["n_seeds"]), "fit_minutes": minutes,
+                     "n_seeds": int(row["n_seeds"]), "fit_minutes": compute_minutes(used),
+                     "fit_unit": compute_unit(used),
                      "advice": "" if found is None else found["advice"],
                      "noise": "" if found is None else noise_line(found)})
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
@@ -971,9 +1034,26 @@ def comparison_summary(effects: pd.DataFrame, noise: pd.DataFrame | None, fit: p
 _VERSUS = {"clears": "clears min-effect", "below": "below min-effect", "not known": "min-effect not known"}
 
 
+MIXED_UNITS = "CPU/GPU-minutes"  # the minutes column's header where comparisons differ in unit
+
+
+def minutes_header(summary: pd.DataFrame) -> str:
+    """The minutes column's header: the unit every comparison's minutes share ("CPU-minutes", ...), else
+    "CPU/GPU-minutes" (each cell names its own); "training minutes (wall-clock)" for an ablation logged before."""
+    if "fit_unit" not in summary:
+        return "training minutes (wall-clock)"
+    units = summary["fit_unit"].dropna().unique()
+    return str(units[0]) if len(units) == 1 else MIXED_UNITS
+
+
 def comparison_text(summary: pd.DataFrame) -> pd.DataFrame:
     """`comparison_summary` as text cells: effect, verdict (with vs min-effect), seeds, the difference and its
-    interval in pp with the interval's level, training minutes, and what narrows the interval more."""
+    interval in pp with the interval's level, the CPU- or GPU-minutes its verdict cost (`minutes_header`), and
+    what narrows the interval more."""
+    header = minutes_header(summary)
+    minutes = summary["fit_minutes"].map(lambda m: f"{m:.1f}")
+    if header == MIXED_UNITS:
+        minutes = minutes + " " + summary["fit_unit"].astype(str)
     return pd.DataFrame({
         "effect": summary["effect"],
         "verdict": [f"{v} ({_VERSUS[m]})" if m in _VERSUS else str(v)
@@ -981,11 +1061,11 @@ def comparison_text(summary: pd.DataFrame) -> pd.DataFrame:
         "seeds": summary["n_seeds"].astype(str),
         "difference, pp [interval]": [f"{interval_text(*r)} at {100 * lv:.4g}%" for *r, lv in
                                       zip(summary["mean_diff"], summary["ci_low"], summary["ci_high"], summary["level"])],
-        "training minutes": summary["fit_minutes"].map(lambda m: f"{m:.1f}"),
+        header: minutes,
         "narrows more": summary["advice"].fillna("")})
 
 
 def comparison_markdown(summary: pd.DataFrame) -> str:
     """`comparison_text` as a markdown table, with what the minutes are under it."""
     return (comparison_text(summary).to_markdown(index=False, disable_numparse=True)
-            + f"\n\nMinutes are {MINUTES_MEANING}.")
+            + f"\n\nMinutes: {minutes_meaning(summary)}.")

@@ -501,8 +501,9 @@ def tune(exp_id: str, trials: int, study_name: str, storage: str, workers: int, 
 @click.option("--max-seeds", default=12, show_default=True, type=int,
               help="With --seeds auto: the most seeds a comparison gets; open at this many, it ends inconclusive.")
 @click.option("--budget", default=0.0, show_default=True, type=float, metavar="MINUTES",
-              help="With --seeds auto: no new round once the runs' training minutes (the fit time each run logs, "
-                   "wall-clock on its CPU or GPU, summed over the runs) reach this; 0: no budget.")
+              help="With --seeds auto: no new round once the runs' CPU- or GPU-minutes (each run's fit as it "
+                   "measures it: its process's CPU time, or wall time x GPUs on GPUs; summed over the runs) reach "
+                   "this; 0: no budget.")
 @click.option("--enhancements", default="", metavar="A,B",
               help="Only these enhancements (leave-one-out: to remove; add-one: to add). Default: all.")
 @click.option("--variants", default="", metavar="ID,ID",
@@ -558,8 +559,8 @@ def ablate(exp_id: str, design: str, seeds: str, max_seeds: int, budget: float, 
 @click.option("--max-seeds", default=12, show_default=True, type=int,
               help="The most seeds a comparison of a step gets (seeds in rounds, as ablate --seeds auto).")
 @click.option("--budget", default="", callback=_optional_number(float), metavar="MINUTES",
-              help="Start no step or round once the steps' runs' training minutes (each run's logged fit time, "
-                   "summed) reach this; empty: no budget.")
+              help="Start no step or round once the steps' runs' CPU- or GPU-minutes (each run's fit as it measures "
+                   "it, summed, as ablate --budget) reach this; empty: no budget.")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="Error rate of each step's verdicts (Bonferroni over the step's candidates).")
 @_PRIMARY_METRIC

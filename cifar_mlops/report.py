@@ -458,9 +458,10 @@ def _ablations(experiment: str) -> Section:
         section.blocks.append(Table(f"{found['name']}: effects", ablation_stats.effects_text(found["effects"]), empty))
         if found.get("comparisons") is not None:  # logged since issue 31's item 5
             compared = found["comparisons"]
-            section.blocks.append(Table(f"{found['name']}: verdicts, seeds and training minutes",
+            unit = ablation_stats.minutes_header(compared)  # CPU- or GPU-minutes; wall-clock minutes before them
+            section.blocks.append(Table(f"{found['name']}: verdicts, seeds and {unit}",
                                         ablation_stats.comparison_text(compared), empty,
-                                        note=f"Minutes are {ablation_stats.MINUTES_MEANING}."))
+                                        note=f"Minutes: {ablation_stats.minutes_meaning(compared)}."))
             section.blocks += [f"Where the noise comes from: {line}" for line in compared["noise"].dropna() if line]
         if found["forest_png"]:
             section.blocks.append(Figure(f"ablation_{i}_forest", f"{found['name']}: each change's effect on test "

@@ -5,8 +5,8 @@ it lacks (or `--candidates`), less those the study's rules forbid (`config.load_
 the catalogue). Each step is an add-one ablation (`ablate.ablate(..., base=...)`) of the current best against
 each remaining candidate, with `--seeds auto`; the candidate with the largest effect whose verdict is `helps`
 and whose interval clears `--min-effect` is kept and becomes the next step's base. Selection stops when no
-candidate helps, when none is left, or when `--budget` minutes of training are spent (it says what was left
-undecided).
+candidate helps, when none is left, or when `--budget` CPU- or GPU-minutes of training are spent (it says
+what was left undecided).
 
 Every variant of every step is the start experiment with a list of enhancements, so a (configuration, seed)
 has one config digest wherever it comes up: a run FINISHED in the store (an earlier step's, an earlier
@@ -74,10 +74,11 @@ class SelectionResult:
     files: list[Path]  # the generated iterations, one per kept step
     stopped: str  # why the selection ended
     left_out: list[str]  # candidates the study's rules ruled out, with the reason
-    fit_minutes: float  # training time of every run the steps used (each run's logged fit time)
+    fit_minutes: float  # what every run the steps used consumed (`ablation_stats.compute_seconds`), in minutes
     runs: int  # how many distinct runs the steps used
     trained: int  # ... trained by this command
     registered: str = ""  # what --register did
+    fit_unit: str = "CPU-minutes"  # the unit of fit_minutes (`ablation_stats.compute_unit`)
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -272,8 +273,9 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
            workers: int = 1, storage: str | None = None, fixed_split: bool = False,
            register: bool = False) -> SelectionResult:
     """Greedy forward selection from experiment `exp_id` (see the module's docstring). Everything asked is
-    checked before anything is tracked or trained. `budget_minutes` (None: none): the training minutes (each
-    run's logged fit time, summed over the distinct runs the steps used) after which no step or round starts."""
+    checked before anything is tracked or trained. `budget_minutes` (None: none): the CPU- or GPU-minutes of training
+    (as each run measures them, `ablation_stats.compute_seconds`, summed over the distinct runs the steps used) after
+    which no step or round starts."""
     from cifar_mlops.execution import queue
     from cifar_mlops.tracking import ablations, runs, selections, store
 
@@ -314,7 +316,12 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
     steps: list[Step] = []
     kept: list[str] = []
     files: list[Path] = []
-    seconds: dict[str, float] = {}  # run id -> fit seconds, every run the steps used
+    fits: dict[str, dict[str, float]] = {}  # run id -> its fit times (ablation_stats.FIT_METRICS), every run used
+
+    def used(run_ids=None) -> pd.DataFrame:  # the fit times of `run_ids` (default: every run the steps used)
+        return pd.DataFrame([fits[r] for r in (fits if run_ids is None else run_ids) if r in fits],
+                            columns=list(ablation_stats.FIT_METRICS))
+
     trained, stopped, registered = 0, "", ""
     # one bar over the whole selection: each step's ablation counts on it (`progress.Nested`), so its total grows
     # as the steps plan their runs and each line names the step
@@ -322,12 +329,13 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
     try:
         remaining = list(pool)
         while True:
-            spent = sum(v for v in seconds.values() if np.isfinite(v)) / 60
+            spent = ablation_stats.compute_minutes(used())
             if not remaining:
                 stopped = "no candidates left"
                 break
             if budget_minutes is not None and spent >= budget_minutes:
-                stopped = (f"the budget of {budget_minutes:g} training minutes is spent ({spent:.1f}); left "
+                stopped = (f"the budget of {budget_minutes:g} minutes is spent ({spent:.1f} "
+                           f"{ablation_stats.compute_unit(used())}); left "
                            f"undecided: {', '.join(remaining)}")
                 break
             base = (*config.enhancements, *kept)
@@ -335,7 +343,7 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
             if budget_minutes is not None:  # the step's ablation counts its base's runs, counted here already
                 carried = steps[-1].runs.loc[steps[-1].runs["variant"] == label(exp_id, kept), "run_id"] \
                     if steps else []
-                allowance = budget_minutes - spent + sum(seconds.get(r, 0.0) for r in carried) / 60
+                allowance = budget_minutes - spent + ablation_stats.compute_minutes(used(carried))
             number = len(steps) + 1
             log(f"step {number}: {label(exp_id, kept)} against {len(remaining)} candidate(s)")
             bar.set_section(f"step {number}")
@@ -345,7 +353,7 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
                                      budget_minutes=allowance, base=base, nested_in=run_id)
             selections.tag_step(result.parent_run_id, name, number)
             frame = ablations.csv_artifact(result.parent_run_id, "ablation_runs.csv")
-            seconds.update(selections.fit_seconds(frame["run_id"]))
+            fits.update(selections.run_metrics(frame["run_id"], ablation_stats.FIT_METRICS))
             trained += result.trained
             table = step_table(result.effects, metric)
             step = Step(number, tuple(kept), result, table, kept_candidate(table),
@@ -353,7 +361,7 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
             steps.append(step)
             if step.kept is None:
                 stopped = (f"no candidate helps by at least {min_effect_pp:g} pp" if not step.undecided else
-                           f"the budget of {budget_minutes:g} training minutes is spent; left undecided: "
+                           f"the budget of {budget_minutes:g} minutes is spent; left undecided: "
                            f"{', '.join(step.undecided)}")
                 break
             kept.append(step.kept)
@@ -372,9 +380,9 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
             err.add_note(f"selection {name!r}: rerun the same command to resume it (finished runs are reused)")
         raise
 
-    minutes = sum(v for v in seconds.values() if np.isfinite(v)) / 60
     outcome = SelectionResult(name, exp_id, run_id, experiment, store.configure_store(), steps, kept, files,
-                              stopped, left_out, minutes, len(seconds), trained, registered, settings)
+                              stopped, left_out, ablation_stats.compute_minutes(used()), len(fits), trained,
+                              registered, settings=settings, fit_unit=ablation_stats.compute_unit(used()))
     _record(outcome, config.study, min_effect_pp, metric)
     return outcome
 
@@ -422,8 +430,8 @@ def report_markdown(outcome: SelectionResult, study: str, min_effect_pp: float) 
         parts.append(f"Path: nothing kept; {outcome.exp_id} stays the best iteration found.")
     if outcome.registered:
         parts.append(f"Register: {outcome.registered}.")
-    parts.append(f"Training time: {outcome.fit_minutes:.1f} CPU/GPU-minutes, the fit time each run logs "
-                 f"(wall-clock on its CPU or GPU), summed over the {outcome.runs} distinct runs the steps used; "
+    parts.append(f"Training time: {outcome.fit_minutes:.1f} {outcome.fit_unit}, summed over the {outcome.runs} "
+                 f"distinct runs the steps used ({ablation_stats.COMPUTE_TIME}); "
                  f"{outcome.trained} of them trained by this command, {outcome.runs - outcome.trained} reused.")
     parts.append(WHAT_IT_SHOWS)
     return "\n\n".join(parts)
@@ -447,7 +455,8 @@ def _record(outcome: SelectionResult, study: str, min_effect_pp: float, metric: 
     try:
         selections.finish(outcome.run_id, "FINISHED", tags={
             "kept": ",".join(outcome.kept) or "none", "selected_iteration": outcome.final_id,
-            "stopped": outcome.stopped, "fit_minutes": f"{outcome.fit_minutes:.2f}", "runs_used": outcome.runs,
+            "stopped": outcome.stopped, "fit_minutes": f"{outcome.fit_minutes:.2f}",
+            "fit_minutes_measure": outcome.fit_unit, "runs_used": outcome.runs,
             "runs_trained": outcome.trained}, figure=figure,
             texts={"selection.md": document + "\n", "selection_steps.csv": steps_frame(outcome).to_csv(index=False)})
     finally:

@@ -52,3 +52,11 @@ def parse(argv: list[str], group: click.Group = cli.main) -> tuple[click.Command
         assert not unknown, f"`{PROGRAM} {name}` has no option {', '.join(unknown)} (has {sorted(option_names(command))})"
         with command.make_context(name, list(args), parent=ctx) as sub:
             return command, dict(sub.params)
+
+
+def compute_measure() -> tuple[str, str]:
+    """(the fit time that counts for --budget and the minutes, its unit) of a run trained here: GPU seconds where the
+    backend sees a GPU (the runs train on it), else CPU seconds."""
+    from cifar_mlops import backend
+
+    return ("fit_gpu_seconds", "GPU-minutes") if backend.gpu_count() else ("fit_cpu_seconds", "CPU-minutes")

@@ -23,6 +23,7 @@ from cifar_mlops import ablate, cli
 from cifar_mlops import config as cfg
 from cifar_mlops.tracking import runs
 from tests.conftest import use_store
+from tests.helpers import compute_measure
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("ablate")
@@ -172,11 +173,12 @@ def test_reported_statistics_are_scipys_and_statsmodels_on_the_logged_runs(ablat
 
 
 def test_the_parent_run_shows_each_verdict_its_minutes_and_where_its_noise_comes_from(ablation) -> None:
-    """Per comparison on the parent run, where the UI shows them: the verdict, seeds, interval, the training minutes
-    (the children's fit_seconds) and the noise split, recomputed here from the children's predictions (synthetic
-    images, drawn anew by each seed: each seed's McNemar-style variance of the paired difference); the description
-    is the verdicts' table."""
+    """Per comparison on the parent run, where the UI shows them: the verdict, seeds, interval, the CPU-minutes
+    (the children's fit_cpu_seconds, not their wall-clock fit_seconds) and the noise split, recomputed here from
+    the children's predictions (synthetic images, drawn anew by each seed: each seed's McNemar-style variance of
+    the paired difference); the description is the verdicts' table."""
     result, _ = ablation
+    measured, unit = compute_measure()  # fit_cpu_seconds, CPU-minutes on a CPU
     parent = parent_run()
     tags, metrics = parent.data.tags, parent.data.metrics
     verdicts = logged_effects(parent).xs("test_accuracy", level="metric")
@@ -194,7 +196,7 @@ def test_the_parent_run_shows_each_verdict_its_minutes_and_where_its_noise_comes
         assert tags[f"{effect}/verdict"].split(" (")[0] == row["verdict"] and metrics[f"{effect}/seeds"] == 3
         assert metrics[f"{effect}/difference_pp"] == pytest.approx(100 * row["mean_diff"])
         assert f"{100 * row['mean_diff']:+.2f} pp" in tags[f"{effect}/interval"]
-        seconds = [finished[(v, s)].data.metrics["fit_seconds"] for v in ("planted", without) for s in SEEDS]
+        seconds = [finished[(v, s)].data.metrics[measured] for v in ("planted", without) for s in SEEDS]
         assert metrics[f"{effect}/fit_minutes"] == pytest.approx(sum(seconds) / 60)
         diffs = [right("planted", s).astype(int) - right(without, s).astype(int) for s in SEEDS]
         split = noise.set_index("effect").loc[effect]
@@ -204,12 +206,13 @@ def test_the_parent_run_shows_each_verdict_its_minutes_and_where_its_noise_comes
         assert split["var_test"] == pytest.approx(np.mean([np.var(d, ddof=1) / d.size for d in diffs]))
         assert split["var_train"] == pytest.approx(max(0.0, split["var_diff"] - split["var_test"]), abs=1e-15)
         assert tags[f"{effect}/noise"].startswith(f"{effect}: ") and split["advice"] in tags[f"{effect}/noise"]
-    assert metrics["fit_minutes"] == pytest.approx(sum(r.data.metrics["fit_seconds"] for r in finished.values()) / 60)
-    assert "wall-clock" in tags["fit_minutes_measure"]
+    assert metrics["fit_minutes"] == pytest.approx(sum(r.data.metrics[measured] for r in finished.values()) / 60)
+    assert tags["fit_minutes_measure"].startswith(f"{unit}, summed over the ablation's runs: ")
     description = tags["mlflow.note.content"]
     assert description.startswith("# Ablation planted leave-one-out") and "| planted_too_low_lr | hurts (" in description
     assert "Where the noise comes from" in description and "- planted_noop: " in description
-    assert "Where the noise comes from" in result.stdout and "| training minutes " in result.stdout
+    assert "Where the noise comes from" in result.stdout and f"| {unit} " in result.stdout
+    assert "Minutes: CPU-minutes are the CPU time the training process spent in its fit" in result.stdout
 
 
 def test_a_rerun_trains_nothing_and_a_killed_run_is_rerun_alone(ablation) -> None:
@@ -236,8 +239,10 @@ def test_the_report_shows_each_ablation_but_never_its_runs_as_results(ablation) 
     effects = next(b for b in section.blocks if isinstance(b, report.Table) and b.title.endswith("effects"))
     verdicts = dict(zip(effects.frame["effect"] + " " + effects.frame["metric"], effects.frame["verdict"]))
     assert verdicts["planted_too_low_lr test_accuracy"] == "hurts"
-    compared = next(b for b in section.blocks if isinstance(b, report.Table) and "training minutes" in b.title)
-    assert list(compared.frame["effect"]) == ["planted_noop", "planted_too_low_lr"] and "wall-clock" in compared.note
+    unit = compute_measure()[1]
+    compared = next(b for b in section.blocks if isinstance(b, report.Table) and b.title.endswith(f"seeds and {unit}"))
+    assert list(compared.frame["effect"]) == ["planted_noop", "planted_too_low_lr"] and unit in compared.frame
+    assert compared.note.startswith("Minutes: CPU-minutes are the CPU time")
     assert compared.frame.set_index("effect").loc["planted_too_low_lr", "verdict"].startswith("hurts")
     assert sum(isinstance(b, str) and b.startswith("Where the noise comes from: planted_") for b in section.blocks) == 2
     assert any(isinstance(b, report.Figure) and b.png.startswith(b"\x89PNG") for b in section.blocks)
@@ -371,6 +376,8 @@ def test_seeds_auto_adds_seeds_only_where_the_answer_is_open_and_a_rerun_trains_
     assert result.exit_code == 0, result.output
     parent = parent_run()
     assert parent.info.status == "FINISHED" and parent.data.tags["seeds"] == "auto (at most 4)"
+    rounds = [line for line in result.stderr.splitlines() if "] round at " in line]  # what --budget is checked on
+    assert rounds and all(line.endswith(f" {compute_measure()[1]}") for line in rounds), rounds
     verdicts = logged_effects(parent).xs("test_accuracy", level="metric")
     assert verdicts.loc["planted_too_low_lr", "verdict"] == "hurts"
     assert verdicts.loc["planted_noop", "verdict"] != "helps"

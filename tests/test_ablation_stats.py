@@ -771,14 +771,17 @@ def test_different_test_images_per_seed_are_not_the_same_images(ablation):
     assert len(ab.noise_table(runs, COMPARISONS, moved, labels, same_images=False)) == len(COMPARISONS)
 
 
-def test_each_comparison_says_its_verdict_seeds_interval_and_training_minutes(ablation, table):
+def test_each_comparison_says_its_verdict_seeds_interval_and_cpu_minutes(ablation, table):
     runs, predictions, y_test = ablation
-    fit = runs[["variant", "seed"]].assign(fit_seconds=[60.0 * (1 + i) for i in range(len(runs))])
+    # the CPU seconds count, not the wall-clock (two cores busy: twice the wall time)
+    fit = runs[["variant", "seed"]].assign(fit_seconds=[60.0 * (1 + i) for i in range(len(runs))],
+                                            fit_cpu_seconds=[120.0 * (1 + i) for i in range(len(runs))])
     noise = ab.noise_table(runs, COMPARISONS, predictions, y_test, same_images=True)
     summary = ab.comparison_summary(table, noise, fit)
     assert list(summary.columns) == ab.COMPARISON_COLUMNS and list(summary["effect"]) == [c.effect for c in COMPARISONS]
     by_effect = summary.set_index("effect")
-    seconds = fit.set_index(["variant", "seed"])["fit_seconds"]
+    assert (summary["fit_unit"] == "CPU-minutes").all()
+    seconds = fit.set_index(["variant", "seed"])["fit_cpu_seconds"]
     expected = sum(seconds[(v, s)] for v in ("full", "no_adamw") for s in SEEDS) / 60
     assert by_effect.loc["adamw", "fit_minutes"] == pytest.approx(expected)
     verdicts = table[table["role"] == "verdict"].set_index("effect")
@@ -795,8 +798,34 @@ def test_each_comparison_says_its_verdict_seeds_interval_and_training_minutes(ab
     assert cut.loc["adamw", "noise"] == "" and cut.loc["adamw", "advice"] == ""
     text = ab.comparison_markdown(summary)
     lr = by_effect.loc["lr_x1000"]
-    assert f"{lr['verdict']} (clears min-effect)" in text and "wall-clock" in text
+    assert f"{lr['verdict']} (clears min-effect)" in text and "| CPU-minutes " in text
     assert ab.interval_text(lr["mean_diff"], lr["ci_low"], lr["ci_high"]) + " at 99%" in text
+    assert "Minutes: CPU-minutes are the CPU time the training process spent in its fit" in text
+    # an ablation logged before CPU time was counted (its comparisons CSV has no fit_unit): wall-clock, said so
+    before = ab.comparison_text(summary.drop(columns="fit_unit"))
+    assert "training minutes (wall-clock)" in before.columns and ab.minutes_meaning(summary.drop(columns="fit_unit")) \
+        == ab.WALL_MINUTES_MEANING
+    mixed = ab.comparison_text(summary.assign(fit_unit=["GPU-minutes"] + ["CPU-minutes"] * (len(summary) - 1)))
+    cells = mixed[ab.MIXED_UNITS]  # comparisons in different units: each cell names its own
+    assert cells.iloc[0].endswith(" GPU-minutes") and cells.iloc[1].endswith(" CPU-minutes")
+
+
+def test_a_runs_compute_seconds_are_its_gpu_else_cpu_else_its_wall_clock_fit_seconds():
+    """What --budget and the minutes count: GPU seconds where a run logged them, else CPU seconds, else (a run
+    logged before either was measured) its wall-clock fit_seconds; the unit says which were summed."""
+    runs = pd.DataFrame({"fit_seconds": [10.0, 10.0, 10.0, np.nan],
+                         "fit_cpu_seconds": [35.0, 20.0, np.nan, np.nan],
+                         "fit_gpu_seconds": [np.nan, 40.0, np.nan, np.nan]})
+    assert ab.compute_seconds(runs).tolist()[:3] == [35.0, 40.0, 10.0] and np.isnan(ab.compute_seconds(runs).iloc[3])
+    assert ab.compute_minutes(runs) == pytest.approx((35 + 40 + 10) / 60)
+    assert ab.compute_unit(runs.iloc[[0]]) == "CPU-minutes" and ab.compute_unit(runs.iloc[[1]]) == "GPU-minutes"
+    assert ab.compute_unit(runs.iloc[:2]) == "CPU- and GPU-minutes"
+    assert ab.compute_unit(runs) == "CPU- and GPU-minutes and wall-clock minutes"
+    old = pd.DataFrame({"fit_seconds": [30.0, 90.0]})  # no fit_cpu_seconds column at all: runs reused from the store
+    assert ab.compute_seconds(old).tolist() == [30.0, 90.0] and ab.compute_minutes(old) == pytest.approx(2.0)
+    assert ab.compute_unit(old) == "wall-clock minutes" and ab.compute_unit(old.iloc[:0]) == "minutes"
+    assert ab.compute_measure(runs.iloc[[0]], "the ablation's runs").startswith(
+        "CPU-minutes, summed over the ablation's runs: CPU-minutes are")
 
 
 def test_blank_cells_read_back_from_the_logged_csv_stay_blank(table):

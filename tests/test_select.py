@@ -29,7 +29,7 @@ from cifar_mlops import select as forward
 from cifar_mlops.execution import queue
 from cifar_mlops.tracking import runs
 from tests.conftest import BIN, REPO, use_store
-from tests.helpers import KERAS_EPOCH, bar_lines
+from tests.helpers import KERAS_EPOCH, bar_lines, compute_measure
 
 # One worker runs this module: its module fixtures are made once, not once per worker.
 pytestmark = pytest.mark.xdist_group("select")
@@ -180,7 +180,15 @@ def test_the_helpful_plant_is_kept_and_the_harmful_one_never(selection) -> None:
     assert "Stopped: no candidate helps by at least 1 pp." in result.stdout
     assert "Left out by study smoke's rules: planted_flip is augmentation: the study says 'no data augmentation'" \
         in result.stdout
-    assert "| candidate" in result.stdout and "CPU/GPU-minutes" in result.stdout
+    assert "| candidate" in result.stdout
+    # the total: each distinct run the steps used counts its CPU seconds (GPU seconds on a GPU), not its wall-clock
+    measured, unit = compute_measure()
+    used = {run_id for step in (first, second) for run_id in pd.read_csv(io.StringIO(mlflow.artifacts.load_text(
+        f"runs:/{step.info.run_id}/ablation_runs.csv")))["run_id"]}
+    minutes = sum(MlflowClient().get_run(run_id).data.metrics[measured] for run_id in used) / 60
+    assert float(parent.data.tags["fit_minutes"]) == pytest.approx(minutes, abs=0.006)
+    assert parent.data.tags["fit_minutes_measure"] == unit and parent.data.tags["runs_used"] == str(len(used))
+    assert f"Training time: {minutes:.1f} {unit}, summed over the {len(used)} distinct runs" in result.stdout
 
 
 def test_every_configuration_and_seed_trains_once_across_steps_and_the_killed_run(selection, killed) -> None:

@@ -125,9 +125,9 @@ def comparison_record(summary: pd.DataFrame, description: str, minutes: float, m
     """(tags, metrics) that put each comparison of `summary` (`ablation_stats.comparison_summary`) where the UI shows
     them on the ablation's parent run: tags `<effect>/verdict` (with vs min-effect), `<effect>/interval` (pp, its
     level) and `<effect>/noise` (the noise split's line); metrics `<effect>/difference_pp`, `/ci_low_pp`,
-    `/ci_high_pp`, `/seeds`, `/fit_minutes`; `fit_minutes` (every run of the ablation) with the tag
-    `fit_minutes_measure` saying what they are; the run's description (`mlflow.note.content`, markdown): `description`
-    cut to what a tag keeps."""
+    `/ci_high_pp`, `/seeds`, `/fit_minutes` (its runs' CPU- or GPU-minutes, its unit in the summary's `fit_unit`);
+    `fit_minutes` (every run of the ablation) with the tag `fit_minutes_measure` saying what they are; the run's
+    description (`mlflow.note.content`, markdown): `description` cut to what a tag keeps."""
     from cifar_mlops.ablation_stats import interval_text  # here: the statistics' imports (matplotlib) only when used
 
     tags: dict[str, str] = {"fit_minutes_measure": minutes_meaning}

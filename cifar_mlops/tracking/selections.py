@@ -31,11 +31,12 @@ def tag_step(ablation_run_id: str, name: str, step: int) -> None:
     log_batch(ablation_run_id, tags={SELECTION_TAG: name, STEP_TAG: step})
 
 
-def fit_seconds(run_ids: Iterable[str]) -> dict[str, float]:
-    """run id -> the `fit_seconds` metric it logged (the training's wall-clock on its CPU or GPU)."""
+def run_metrics(run_ids: Iterable[str], names: Iterable[str]) -> dict[str, dict[str, float]]:
+    """run id -> those of the metrics `names` it logged (a name it did not log is left out), each run once."""
     client = store.client()
-    return {run_id: float(client.get_run(run_id).data.metrics.get("fit_seconds", float("nan")))
-            for run_id in dict.fromkeys(run_ids)}
+    names = list(names)
+    found = {run_id: client.get_run(run_id).data.metrics for run_id in dict.fromkeys(run_ids)}
+    return {run_id: {name: float(metrics[name]) for name in names if name in metrics} for run_id, metrics in found.items()}
 
 
 def model_training(selection_run_id: str, exp_id: str) -> str | None:
