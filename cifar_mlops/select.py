@@ -185,19 +185,35 @@ def label(exp_id: str, added: Sequence[str]) -> str:
 # The generated iterations
 
 
-def write_iteration(exp_id: str, config: cfg.ExperimentConfig, n: int, kept: list[str], steps: list[Step],
-                    selected: dict[str, Any]) -> Path:
-    """Write `<exp_id>-select-<n>.yaml` (the start plus the first n kept enhancements) in `cfg.generated_dir()`,
-    checked to resolve; return its path."""
+def iteration_id(exp_id: str, n: int, run_id: str) -> str:
+    """The id of the iteration with the first n kept enhancements: `<exp_id>-select-<n>`, unless that file already
+    holds another selection's iteration (another `select` from the same start, or a file of the user's): then
+    `<exp_id>-select-<n>-<the selection run's id, 8 characters>`, so that one selection never overwrites another's.
+    A rerun of the same selection (the same run) writes its own files again."""
+    plain = f"{exp_id}-select-{n}"
+    path = cfg.generated_dir() / f"{plain}.yaml"
+    if not path.exists():
+        return plain
+    try:
+        owner = ((yaml.safe_load(path.read_text()) or {}).get("selected") or {}).get("run_id")
+    except (OSError, yaml.YAMLError, AttributeError):
+        owner = None
+    return plain if owner == run_id else f"{plain}-{run_id[:8]}"
+
+
+def write_iteration(exp_id: str, config: cfg.ExperimentConfig, kept: list[str], steps: list[Step],
+                    selected: dict[str, Any], parent: str) -> Path:
+    """Write the iteration of the start plus the `kept` enhancements (`iteration_id`) in `cfg.generated_dir()`,
+    `parent` the iteration before it; checked to resolve; return its path."""
     folder = cfg.generated_dir()
-    new_id = f"{exp_id}-select-{n}"
+    n = len(kept)
+    new_id = iteration_id(exp_id, n, selected["run_id"])
     kept_steps = [s for s in steps if s.kept][:n]
     block = {**selected, "steps": [
         {"step": s.number, "added": s.kept, **_evidence(s)} for s in kept_steps]}
     document = {
-        "description": f"{exp_id} plus what forward selection kept: {', '.join(kept[:n])} (cifar-mlops select)",
-        "study": config.study, "extends": exp_id, "parent": exp_id if n == 1 else f"{exp_id}-select-{n - 1}",
-        "enhancements": list(kept[:n]), "selected": block}
+        "description": f"{exp_id} plus what forward selection kept: {', '.join(kept)} (cifar-mlops select)",
+        "study": config.study, "extends": exp_id, "parent": parent, "enhancements": list(kept), "selected": block}
     header = (f"# Written by `cifar-mlops select --exp {exp_id}` (MLflow run {selected['run_id']}): iteration {n} of "
               f"its forward selection.\n# Train it with `cifar-mlops train --exp {new_id}`; a rerun of the selection "
               "writes it again.\n")
@@ -366,7 +382,8 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
                 break
             kept.append(step.kept)
             remaining.remove(step.kept)
-            files.append(write_iteration(exp_id, config, len(kept), kept, steps, selected))
+            files.append(write_iteration(exp_id, config, kept, steps, selected,
+                                         parent=files[-1].stem if files else exp_id))
             log(f"step {number}: kept {step.kept}; wrote {files[-1].name}")
         if register:
             bar.set_section("register")

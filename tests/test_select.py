@@ -231,11 +231,30 @@ def test_one_bar_over_the_whole_selection_one_line_per_run_naming_its_step(selec
     assert "[cifar-mlops ablate]" not in killed_log and killed - 1 <= len(before_kill) <= killed
     assert all(m[5].startswith("step 1: ") for m in before_kill)
 
+
 def test_a_rerun_trains_nothing_and_decides_the_same(selection) -> None:
     rerun = forward.select("sel-start", overrides=cfg.parse_overrides(TINY.split()), max_seeds=3)
     assert rerun.trained == 0 and rerun.runs == 12
     assert rerun.kept == ["planted_working_lr"] and [s.ablation.trained for s in rerun.steps] == [0, 0]
     assert rerun.run_id == selection_run().info.run_id  # the same parent run, continued
+
+
+def test_a_second_selection_from_the_same_start_never_overwrites_the_first(selection) -> None:
+    # Another selection from sel-start (only one candidate: a selection of its own, every run reused) keeps the
+    # same first enhancement: its iteration is written beside the first selection's, which stays as it was.
+    first = cfg.generated_dir() / "sel-start-select-1.yaml"
+    before = first.read_text()
+    other = forward.select("sel-start", candidates_named=["planted_working_lr"],
+                           overrides=cfg.parse_overrides(TINY.split()), max_seeds=3)
+    assert other.trained == 0 and other.run_id != selection_run().info.run_id and other.kept == ["planted_working_lr"]
+    assert first.read_text() == before
+    [written] = other.files
+    assert written.stem == f"sel-start-select-1-{other.run_id[:8]}"
+    assert cfg.selected_block(written.stem).run_id == other.run_id
+    assert cfg.resolve(written.stem).enhancements == cfg.resolve("sel-start-select-1").enhancements
+    again = forward.select("sel-start", candidates_named=["planted_working_lr"],
+                           overrides=cfg.parse_overrides(TINY.split()), max_seeds=3)
+    assert again.run_id == other.run_id and again.files == [written]  # its rerun writes its own file again
 
 
 def test_the_parent_run_holds_the_path_its_steps_and_a_plot(selection) -> None:
@@ -286,14 +305,14 @@ def test_a_budget_stops_the_selection_and_register_registers_the_final_iteration
     assert "left undecided: planted_too_low_lr" in result.stdout
     assert "0 of them trained by this command" in result.stdout  # every run found in the store by its digest
     [version] = MlflowClient().search_model_versions()
-    assert version.tags["exp_id"] == "sel-start-select-1"
     client = MlflowClient()
     trained = client.get_run(version.run_id)
-    assert trained.data.tags["selection_model"] == "sel-start-select-1"
-    assert trained.data.tags["mlflow.parentRunId"] == client.search_runs(
-        [trained.info.experiment_id], filter_string=f"tags.selection = 'sel-start select {order}' and "
-                                                    "tags.kind = 'selection'")[0].info.run_id
-
+    [parent] = client.search_runs([trained.info.experiment_id], filter_string=(
+        f"tags.selection = 'sel-start select {order}' and tags.kind = 'selection'"))
+    # its iteration is written beside the first selection's sel-start-select-1, never over it
+    final = f"sel-start-select-1-{parent.info.run_id[:8]}"
+    assert version.tags["exp_id"] == final and trained.data.tags["selection_model"] == final
+    assert trained.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
 def test_two_worker_processes_share_a_selection_and_it_decides_as_one_process(catalogue, store) -> None:
