@@ -62,13 +62,15 @@ def loadavg() -> tuple[float, float, float]:
 
 
 def other_processes(top: int = 5) -> list[str]:
-    """The busiest processes right now that are not this benchmark (to describe the load honestly)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    """The busiest processes right now that are not this benchmark (to describe the load honestly). ps's %cpu is
+    the process's average over its life; a stopped process (state T: paused for a quiet measurement) uses none."""
+    out = subprocess.run(["ps", "-eo", "pid,stat,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
     mine = {os.getpid(), os.getppid()}
     rows = []
     for line in out.splitlines()[1:]:
         parts = line.split(None, 4)
         if len(parts) < 5 or int(parts[0]) in mine or float(parts[2]) < 5.0 or parts[4].startswith("ps ") \
+                or parts[1].startswith("T") \
                 or "<defunct>" in parts[4] or "benchmarks/" in parts[4] or "cifar-mlops-bench-" in parts[4]:
             continue
         rows.append(f"{parts[2]}% cpu: {parts[4][:90]}")

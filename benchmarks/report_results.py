@@ -1073,6 +1073,11 @@ def section_suite(r: dict | None) -> list[str]:
     out += [f"| {m} | {row['count']:.0f} | {row['sum']:.0f} | {row['sum'] / busy:.0%} |" for m, row in modules.iterrows()]
     out += ["", "The ten slowest tests:", "", "| test | seconds |", "|---|---|"]
     out += [f"| `{t['test']}` | {t['seconds']:.1f} |" for t in r["tests"][:10]]
+    if r.get("baseline"):
+        b = r["baseline"]
+        out += ["", f"For comparison, {b['what']} (commit {b['commit']}): {b['summary']}, "
+                f"{b['wall_s']:.0f} s wall, {b['cpu_user_s'] + b['cpu_system_s']:.0f} CPU s; {b['skipped']}. "
+                f"Command: `{b['command']}`."]
     out += ["", "CPU time is the machine's limit: with both cores busy most of the time, the wall time cannot fall "
             "below CPU / 2 by adding workers; only less work does that.",
             "", load_line(r), ""]
