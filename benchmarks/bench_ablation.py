@@ -20,27 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 
 import common
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def tables(stdout: str) -> list[list[str]]:
-    """The markdown tables the command printed, each as its lines."""
-    found, current = [], []
-    for line in stdout.splitlines():
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            found.append(current)
-            current = []
-    return found + ([current] if current else [])
 
 
 def logged_ablations(tracking_uri: str) -> dict[str, dict[str, list[dict]]]:
@@ -90,13 +72,8 @@ def main() -> None:
                    "--data-dir", args.data_dir, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
                    *(["--enhancements", args.enhancements] if args.enhancements else []),
                    *(["--max-seeds", str(args.max_seeds)] if args.max_seeds else [])]
-            cpu0 = cpu_seconds()
-            wall, proc = common.timed_run(cmd, env=env, cwd=tmp)
-            cpu = cpu_seconds() - cpu0
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{exp} {design} failed (exit {proc.returncode})")
-            found = tables(proc.stdout)
+            wall, cpu, proc = common.measured_run(cmd, env=env, cwd=tmp, what=f"{exp} {design}")
+            found = common.printed_tables(proc.stdout)
             logged = [a for name, a in logged_ablations(env["MLFLOW_TRACKING_URI"]).items()
                       if name.startswith(f"{exp} {design}")]
             results.append({"exp": exp, "design": design, "enhancements": args.enhancements or "all",

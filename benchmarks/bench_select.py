@@ -38,18 +38,12 @@ import argparse
 import io
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
 import common
 
 FORBIDDEN = ("horizontal_flip", "random_translation", "test_time_flip", "stratified_split")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def read_selection(tracking_uri: str, exp: str) -> dict:
@@ -122,13 +116,7 @@ def main() -> None:
         cmd = [common.CLI, "select", "--exp", args.exp, "--data-dir", args.data_dir, "--max-seeds", str(args.max_seeds),
                *(["--budget", args.budget] if args.budget else []),
                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
-        cpu0 = cpu_seconds()
-        wall, proc = common.timed_run(cmd, env=env, cwd=tmp, check=False)
-        cpu = cpu_seconds() - cpu0
-        print(proc.stdout, file=sys.stderr)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"select --exp {args.exp} failed (exit {proc.returncode})")
+        wall, cpu, proc = common.measured_run(cmd, env=env, cwd=tmp, what=f"select --exp {args.exp}")
         selection = read_selection(env["MLFLOW_TRACKING_URI"], args.exp)
         kept = [k for k in selection["tags"].get("kept", "").split(",") if k and k != "none"]
         proposed = selection["tags"].get("candidates", "").split(",")

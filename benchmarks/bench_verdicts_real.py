@@ -39,7 +39,6 @@ import io
 import json
 import os
 import re
-import resource
 import shlex
 import sys
 from pathlib import Path
@@ -50,23 +49,6 @@ import numpy as np
 METRIC = "test_accuracy"
 NOOP, LOW_LR = "planted_noop", "planted_too_low_lr"
 PARAMS = ("train.optimizer", "train.learning_rate", "train.momentum", "train.epochs", "train.seed", "data.seed")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def tables(stdout: str) -> list[list[str]]:
-    """The markdown tables the command printed, each as its lines."""
-    found, current = [], []
-    for line in stdout.splitlines():
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            found.append(current)
-            current = []
-    return found + ([current] if current else [])
 
 
 def noop_config_diff(start: str) -> list[str]:
@@ -166,13 +148,7 @@ def main() -> None:
         cmd = [common.CLI, "ablate", "--exp", args.exp, "--design", "add-one", "--enhancements", f"{NOOP},{LOW_LR}",
                "--seeds", "auto", "--max-seeds", str(args.max_seeds), "--data-dir", args.data_dir,
                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
-        cpu0 = cpu_seconds()
-        wall, proc = common.timed_run(cmd, env=env, cwd=tmp, check=False)
-        cpu = cpu_seconds() - cpu0
-        print(proc.stdout, file=sys.stderr)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"ablate --exp {args.exp} failed (exit {proc.returncode})")
+        wall, cpu, proc = common.measured_run(cmd, env=env, cwd=tmp, what=f"ablate --exp {args.exp}")
         os.environ["CIFAR_MLOPS_EXPERIMENTS"] = str(folder)  # resolve the planted enhancement here too
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         diff = noop_config_diff(start)
@@ -206,8 +182,8 @@ def main() -> None:
         "exp": args.exp, "start": start, "epochs_override": args.epochs or None, "max_seeds": args.max_seeds,
         "first_look": first_look, "ablate_command": shlex.join(["cifar-mlops", *cmd[1:]]),
         "wall_min": round(wall / 60, 2), "cpu_min": round(cpu / 60, 2), "command_output": proc.stdout,
-        "verdict_table": next((t for t in tables(proc.stdout) if "narrows more" in t[0]), []),
-        "effects_table": next((t for t in tables(proc.stdout) if "adj_p" in t[0]), []),
+        "verdict_table": next((t for t in common.printed_tables(proc.stdout) if "narrows more" in t[0]), []),
+        "effects_table": next((t for t in common.printed_tables(proc.stdout) if "adj_p" in t[0]), []),
         "rounds": rounds, "noop_config_diff": diff, "noop_identical_predictions": identical,
         "ablation": ablation, "recomputed": recomputed, "targets": targets,
         "load_before": before, "load_after": common.load_snapshot()})

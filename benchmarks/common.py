@@ -217,10 +217,37 @@ def synthetic_splits(x_train, y_train, x_val, y_val):
 
 
 def cpu_seconds_of_children() -> float:
+    """User + system CPU seconds of this process's finished children and theirs (both cores count)."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def measured_run(cmd: list[str], *, env: dict, cwd: str | Path, what: str
+                 ) -> tuple[float, float, subprocess.CompletedProcess]:
+    """A command run as a user would: its wall and CPU seconds (`cpu_seconds_of_children`) and the finished process
+    (its stdout echoed to stderr); a failure ends the benchmark with its stderr's tail, naming `what`."""
+    cpu0 = cpu_seconds_of_children()
+    wall, proc = timed_run(cmd, env=env, cwd=cwd, check=False)
+    cpu = cpu_seconds_of_children() - cpu0
+    print(proc.stdout, file=sys.stderr)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+    return wall, cpu, proc
+
+
+def printed_tables(stdout: str) -> list[list[str]]:
+    """The markdown tables a command printed, each as its lines."""
+    found, current = [], []
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found.append(current)
+            current = []
+    return found + ([current] if current else [])
 
 
 def train_on_sample(exp: str, seed: int, sets: dict | None = None, data_dir: str | Path = SAMPLE_DIR) -> dict:
