@@ -101,7 +101,6 @@ def test_the_runs_under_a_bar_are_quiet_and_verbose_brings_them_back(monkeypatch
     assert capsys.readouterr().err == "[cifar-mlops] model cnn_tiny\n"
 
 
-
 def test_a_bar_opened_inside_another_command_counts_on_its_bar_and_the_lines_name_the_section(monkeypatch) -> None:
     """`select` runs one `ablate` per step: the steps' bars are the selection's one bar, whose total grows as the
     steps plan their runs and whose lines name the step."""
@@ -148,6 +147,7 @@ def test_on_a_terminal_a_command_inside_another_draws_no_second_bar() -> None:
     redraws = shown.split("\r")
     assert any("[cifar-mlops select]" in r and "0/2 runs" in r and "now: step 1: a seed 0" in r for r in redraws)
     assert any("1/2 runs" in r for r in redraws)
+
 
 @pytest.mark.slow
 def test_ablate_in_a_log_file_prints_one_line_per_run_and_no_keras_epochs(tmp_path: Path) -> None:

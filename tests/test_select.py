@@ -208,7 +208,6 @@ def test_every_configuration_and_seed_trains_once_across_steps_and_the_killed_ru
     assert f"{12 - killed} of them trained by this command" in result.stdout
 
 
-
 def test_one_bar_over_the_whole_selection_one_line_per_run_naming_its_step(selection, killed, store_dir) -> None:
     """In a log (the rerun's stderr, the killed process's log file): the selection's one bar, not a bar per step;
     its total grows as the steps plan their runs (step 2's base, step 1's runs, counts again, as found done)."""
@@ -340,6 +339,7 @@ def test_two_worker_processes_share_a_selection_and_it_decides_as_one_process(ca
     assert again.trained == 0 and again.kept == [] and again.stopped == "no candidate helps by at least 1 pp"
     assert [s.table["candidate"].tolist() for s in again.steps] == [["planted_noop"]]
     assert "helps" not in again.steps[0].table["verdict"].tolist()
+
 
 def test_the_rules_are_data_that_quote_the_study() -> None:
     rules = cfg.load_study_rules()["B"]
