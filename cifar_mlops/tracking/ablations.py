@@ -114,7 +114,6 @@ def finished_ablations(experiment: str) -> list[dict[str, Any]]:
     return ablations
 
 
-
 def metric_name(effect: str) -> str:
     """An effect's name as MLflow takes it in a metric or tag key ("b3 -> b4" -> "b3 to b4")."""
     return re.sub(r"[^\w.\- ]", "_", effect.replace("->", "to")).strip() or "_"
