@@ -430,12 +430,19 @@ def section_batchnorm(bn: dict | None, cost: dict | None, study_b_bn: dict | Non
         out += ["Study B with precise BN (the default now), `benchmarks/bench_study_b.py --exps b5,b8 --seeds 0 "
                 "--results study_b_precise_bn`, against the same iteration's test accuracy over seeds before it "
                 "(b5: results/study_b.json; b8: its float32 runs in results/precision.json):", "",
-                "| exp | seed | test acc % now | before: seeds, mean, range % | CPU min |", "|---|---|---|---|---|"]
+                "| exp | seed | precision | test acc % now | before: seeds, mean, range % | CPU min |",
+                "|---|---|---|---|---|---|"]
         for r in study_b_bn["runs"]:
             old = before.get(r["exp"], [])
             spread = (f"{len(old)}, {100 * sum(old) / len(old):.1f}, {100 * min(old):.1f}-{100 * max(old):.1f}"
                       if old else "-")
-            out.append(f"| {r['exp']} | {r['seed']} | {100 * r['test_accuracy']:.1f} | {spread} | {r['cpu_s'] / 60:.1f} |")
+            out.append(f"| {r['exp']} | {r['seed']} | {r.get('dtype_policy') or 'not recorded'} | "
+                       f"{100 * r['test_accuracy']:.1f} | {spread} | {r['cpu_s'] / 60:.1f} |")
+        if any(r.get("dtype_policy") == "mixed_bfloat16" for r in study_b_bn["runs"]):
+            out += ["", "The runs in mixed_bfloat16 (`train.precision: auto` picks it for b5 on a CPU with bfloat16) "
+                    "differ from those before in precision too, whose precision was not recorded: on the sample, "
+                    "b8 in bfloat16 scored 1.0 pp under its float32 runs (\"bfloat16 on this CPU\" below), as "
+                    "much as these b5 runs lie under b5's before."]
         out += ["", *([study_b_bn["note"], ""] if study_b_bn.get("note") else []), load_line(study_b_bn), ""]
     return out
 
