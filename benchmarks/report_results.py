@@ -441,8 +441,8 @@ def section_batchnorm(bn: dict | None, cost: dict | None, study_b_bn: dict | Non
         if any(r.get("dtype_policy") == "mixed_bfloat16" for r in study_b_bn["runs"]):
             out += ["", "The runs in mixed_bfloat16 (`train.precision: auto` picks it for b5 on a CPU with bfloat16) "
                     "differ from those before in precision too, whose precision was not recorded: on the sample, "
-                    "b8 in bfloat16 scored 1.0 pp under its float32 runs (\"bfloat16 on this CPU\" below), as "
-                    "much as these b5 runs lie under b5's before."]
+                    "b8 in bfloat16 scored 1.0 pp under its float32 runs (\"bfloat16 on this CPU\" below), more "
+                    "than these b5 runs lie under the mean of b5's before (0.4-0.8 pp)."]
         out += ["", *([study_b_bn["note"], ""] if study_b_bn.get("note") else []), load_line(study_b_bn), ""]
     return out
 
