@@ -273,7 +273,7 @@ def train_on_sample(exp: str, seed: int, sets: dict | None = None, data_dir: str
 
 
 def sample_study(name: str, exps: list[str], seeds: list[int], epochs: int, data_dir: str, merge: bool,
-                 published: dict[str, float], published_key: str) -> None:
+                 published: dict[str, float], published_key: str, sets: dict[str, str] | None = None) -> None:
     """Train each of `exps` with each of `seeds` on the sample (`train_on_sample`; `epochs` > 0 overrides
     train.epochs), print the table (mean ± sd over seeds) and write results/<name>.json with every run's metrics.
     `merge`: keep the runs of results/<name>.json (same epochs) not rerun. `published`: the source study's figure
@@ -282,7 +282,8 @@ def sample_study(name: str, exps: list[str], seeds: list[int], epochs: int, data
     runs = []
     for exp in exps:
         for seed in seeds:
-            run = train_on_sample(exp, seed, {"train.epochs": epochs} if epochs else None, data_dir=data_dir)
+            more = {**({"train.epochs": epochs} if epochs else {}), **(sets or {})}
+            run = train_on_sample(exp, seed, more or None, data_dir=data_dir)
             runs.append({**run, "machine": machine_facts()})
             print(f"{exp} seed {seed}: test {run['test_accuracy']:.4f}, val {run['val_accuracy']:.4f}, "
                   f"{run['cpu_s'] / 60:.1f} CPU min, {run['wall_s'] / 60:.1f} wall min", file=sys.stderr)
@@ -335,9 +336,12 @@ def sample_study_main(doc: str, name: str, exps: str, seeds: str, published: dic
                         help=f"keep the runs (exp, seed) of results/{name}.json not rerun (build the table in several goes)")
     parser.add_argument("--results", default=name,
                         help=f"results/NAME.json to write (another name keeps {name}.json as it is)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every run (e.g. train.precision=float32); each run records its sets")
     args = parser.parse_args()
+    sets = dict(pair.split("=", 1) for pair in args.set)
     sample_study(args.results, args.exps.split(","), [int(x) for x in args.seeds.split(",")], args.epochs,
-                 args.data_dir, args.merge, published, published_key)
+                 args.data_dir, args.merge, published, published_key, sets)
 
 
 def planted_catalogue(folder: Path, exp: str) -> Path:
