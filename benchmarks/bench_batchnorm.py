@@ -16,6 +16,12 @@ also times `batchnorm.recompute` itself: its share of the fit time is the cost o
 The cost alone, in one process (results/batchnorm_cost.json): an epoch of 2.4's MobileNetV2 (batch 256) on 3,336
 random images, then `recompute` of 512 and 1,024 images, eager and compiled (`batchnorm.compiled_forward`),
 interleaved for `--rounds` rounds; CPU seconds of the process (time.process_time).
+
+    .venv/bin/python benchmarks/bench_batchnorm.py --images 512,1024,2048,4096 [--exp 2.4] [--seeds 0,1]
+
+Does the number of images matter (results/batchnorm_images.json)? Per seed, one precise `train()` as above;
+then, on its final weights, `recompute` over each number of training images in turn and the sample's train and
+test images evaluated after each.
 """
 
 from __future__ import annotations
@@ -30,18 +36,20 @@ import common
 METHODS = ("precise", "momentum", "none")
 
 
-def child(method: str, exp: str, seed: int, data_dir: str) -> None:
+def child(method: str, exp: str, seed: int, data_dir: str, counts: list[int]) -> None:
     import keras
 
     from cifar_mlops import batchnorm, config, train
 
     spent = [0.0]
     recompute = batchnorm.recompute
+    seen = {}  # the model and the batches of the last recomputation (--images)
 
-    def timed_recompute(*args, **kwargs):
+    def timed_recompute(model, batches, *args, **kwargs):
         started = time.perf_counter()
+        seen.update(model=model, batches=batches)
         try:
-            return recompute(*args, **kwargs)
+            return recompute(model, batches, *args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - started
 
@@ -63,8 +71,30 @@ def child(method: str, exp: str, seed: int, data_dir: str) -> None:
                  **({} if method == "precise" else {"train.bn_recompute_images": 0})}
     resolved = config.resolve(exp, overrides)
     metrics = train.train(resolved, callbacks=[Watch()], register=False)
-    print(json.dumps({**metrics, **last, "recompute_s": round(spent[0], 2),
-                      "bn_recompute_images": resolved.train.bn_recompute_images}))
+    last["recompute_s"] = round(spent[0], 2)  # the training's own, not --images' below
+    if counts:
+        last["by_images"] = evaluate_by_images(resolved, seen["model"], seen["batches"], counts)
+    print(json.dumps({**metrics, **last, "bn_recompute_images": resolved.train.bn_recompute_images}))
+
+
+def evaluate_by_images(resolved, model, batches, counts: list[int]) -> list[dict]:
+    """`model`'s train and test accuracy after `recompute` over each of `counts` training images (from `batches`,
+    the training's own recomputation batches)."""
+    from cifar_mlops import batchnorm, data
+    from cifar_mlops.pipeline import Batches
+
+    splits = data.load_splits(resolved.data)
+    forward = batchnorm.compiled_forward(model)
+    rows = []
+    for count in counts:
+        used = batchnorm.recompute(model, batches, count, forward)
+        row = {"images": used}
+        for name, x, y in (("train", splits.x_train, splits.y_train), ("test", splits.x_test, splits.y_test)):
+            images = Batches(x, y, batch_size=256, num_classes=splits.num_classes, training=False)
+            row[f"{name}_accuracy"] = model.evaluate(images, verbose=0, return_dict=True)["accuracy"]
+        print(json.dumps(row), file=sys.stderr)
+        rows.append(row)
+    return rows
 
 
 def cost(rounds: int) -> None:
@@ -107,6 +137,30 @@ def cost(rounds: int) -> None:
                                            "rounds": rows, "load_before": common.load_snapshot()})
 
 
+def run_child(method: str, exp: str, seed: int, data_dir: str, images: str = "") -> dict:
+    """`child` in a subprocess with a throwaway store: its JSON line, with CPU and wall seconds."""
+    with common.tempdir(f"bn-{method}") as tmp:
+        cpu0 = common.cpu_seconds_of_children()
+        wall, proc = common.timed_run([common.PYTHON, __file__, "--child", method, "--exp", exp, "--seed", str(seed),
+                                       "--data-dir", data_dir, *(["--images", images] if images else [])],
+                                      env=common.temp_env(tmp), cwd=tmp)
+        cpu = common.cpu_seconds_of_children() - cpu0
+    return {"method": method, "exp": exp, "seed": seed, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            **common.last_json_line(proc.stdout)}
+
+
+def by_images(exp: str, seeds: list[int], data_dir: str, images: str) -> None:
+    before = common.load_snapshot()
+    results = [run_child("precise", exp, seed, data_dir, images) for seed in seeds]
+    rows = [[r["seed"], f"{row['images']:,}", f"{100 * row['train_accuracy']:.1f}", f"{100 * row['test_accuracy']:.1f}"]
+            for r in results for row in r["by_images"]]
+    common.print_table(["seed", "images recomputed over", "evaluated train acc %", "test acc %"], rows)
+    common.write_result("batchnorm_images", {"machine": common.machine_facts(), "exp": exp,
+                                             "data": f"CIFAR-10 sample {common.repo_relative(data_dir)}",
+                                             "split": common.SAMPLE_SPLIT, "runs": results, "load_before": before,
+                                             "load_after": common.load_snapshot()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp", default="2.4")
@@ -115,26 +169,25 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
     parser.add_argument("--cost", action="store_true", help="measure the cost of the recomputation alone")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", default="", help="e.g. 512,1024,2048,4096: does the number matter?")
+    parser.add_argument("--seeds", default="0", help="with --images")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    counts = [int(n) for n in args.images.split(",") if n]
     if args.cost:
         return cost(args.rounds)
     if args.child:
-        return child(args.child, args.exp, args.seed, args.data_dir)
+        return child(args.child, args.exp, args.seed, args.data_dir, counts)
+    if counts:
+        return by_images(args.exp, [int(s) for s in args.seeds.split(",")], args.data_dir, args.images)
 
     before, results = common.load_snapshot(), []
     for method in args.methods.split(","):
-        with common.tempdir(f"bn-{method}") as tmp:
-            cpu0 = common.cpu_seconds_of_children()
-            wall, proc = common.timed_run([common.PYTHON, __file__, "--child", method, "--exp", args.exp,
-                                           "--seed", str(args.seed), "--data-dir", args.data_dir],
-                                          env=common.temp_env(tmp), cwd=tmp)
-            cpu = common.cpu_seconds_of_children() - cpu0
-        run = common.last_json_line(proc.stdout)
-        results.append({"method": method, "exp": args.exp, "seed": args.seed, "wall_s": round(wall, 1),
-                        "cpu_s": round(cpu, 1), **run})
+        run = run_child(method, args.exp, args.seed, args.data_dir)
+        results.append(run)
         print(f"{method}: test {run['test_accuracy']:.4f}, evaluated train {run['train_accuracy']:.4f} against "
-              f"{run['last_epoch_train_accuracy']:.4f} in the last epoch, {cpu / 60:.1f} CPU min", file=sys.stderr)
+              f"{run['last_epoch_train_accuracy']:.4f} in the last epoch, {run['cpu_s'] / 60:.1f} CPU min",
+              file=sys.stderr)
     rows = [[r["method"], f"{100 * r['last_epoch_train_accuracy']:.1f}", f"{100 * r['train_accuracy']:.1f}",
              f"{100 * r['val_accuracy']:.1f}", f"{100 * r['test_accuracy']:.1f}",
              f"{100 * r['recompute_s'] / r['fit_seconds']:.1f}" if r["method"] == "precise" else "",
