@@ -13,7 +13,8 @@ paired difference, everything included (training and test-set sampling). The ver
 `--check` replays through `sequential_step` itself on a subsample).
 
 Grid: spread 0.35, 0.8, 1.5, 2.4 pp; 1,000 and 10,000 test images; true effect 0, +-min-effect (1 pp), 2 x spread;
-fixed 2, 3, 5, 8, 12 seeds and sequential up to 12. Targets (alpha = 0.05): a wrong-direction decision ("helps"
+fixed 2, 3, 5, 8, 12 seeds and sequential up to 12. `--designs`: the cost alone, at 1.5 pp, for caps 12, 16, 24,
+first looks at 2 and 3 seeds and spending exponents rho 1 (Pocock-like) to 3 (O'Brien-Fleming-like). Targets (alpha = 0.05): a wrong-direction decision ("helps"
 when the effect is <= 0, "hurts" when >= 0) at most alpha / 2 per side; "equivalent" at a true effect of
 +-min-effect at most alpha; at a true effect equal to the spread, the sequential design's expected seeds at most 70 %
 of what a fixed design with the same power needs (the fixed design's power curve simulated the same way, n = 2..80).
@@ -44,6 +45,7 @@ FIXED_SEEDS = (2, 3, 5, 8, 12)
 MAX_SEEDS = 12
 COST_CAPS = (12, 24)  # the sequential design's cap in the cost table (12: the default --max-seeds)
 FIXED_CURVE = range(2, 81)
+SWEEP_CAPS, SWEEP_FIRST, SWEEP_RHO = (12, 16, 24), (2, 3), (1.0, 1.5, 2.0, 3.0)  # --designs
 
 
 def differences(rng: np.random.Generator, effect: float, spread: float, images: int, sims: int, seeds: int
@@ -58,8 +60,10 @@ def fixed(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ab.verdicts(low, high, MIN_EFFECT), degenerate
 
 
-def sequential(diffs: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    verdict, used, *_ = ab.sequential_decisions(diffs, ab.SequentialDesign(max_seeds=cap, alpha=ALPHA), 1, MIN_EFFECT)
+def sequential(diffs: np.ndarray, cap: int, **design) -> tuple[np.ndarray, np.ndarray]:
+    """The sequential design up to `cap` seeds (`design`: SequentialDesign's first, step, rho; default the tool's)."""
+    verdict, used, *_ = ab.sequential_decisions(diffs, ab.SequentialDesign(max_seeds=cap, alpha=ALPHA, **design), 1,
+                                                MIN_EFFECT)
     return verdict, used
 
 
@@ -139,26 +143,44 @@ def seeds_for_power(curve: dict[int, float], power: float) -> float:
     return float("inf")
 
 
+def fixed_power_curve(rng: np.random.Generator, effect: float, spread: float, images: int, sims: int
+                      ) -> dict[int, float]:
+    """The fixed design's power (share of correct decisions) at each n of FIXED_CURVE."""
+    return {n: float(np.mean(correct(fixed(differences(rng, effect, spread, images, sims, n))[0], effect)))
+            for n in FIXED_CURVE}
+
+
+def sequential_cost(rng: np.random.Generator, effect: float, spread: float, images: int, sims: int,
+                    curve: dict[int, float], cap: int, **design) -> dict:
+    """The sequential design's power and mean seeds at `effect`, beside the fixed design's seeds for that power."""
+    verdict, used = sequential(differences(rng, effect, spread, images, sims, cap), cap, **design)
+    power, mean_seeds = float(np.mean(correct(verdict, effect))), float(np.mean(used))
+    same = seeds_for_power(curve, power)
+    return {"max_seeds": cap, "sims": sims, "power": power, "mean_seeds": mean_seeds, "fixed_seeds_same_power": same,
+            "ratio": mean_seeds / same, "met": mean_seeds / same <= 0.7, "fixed_seeds_80": seeds_for_power(curve, 0.8),
+            "fixed_power_at_cap": curve[cap]}
+
+
 def cost(rng: np.random.Generator, sims: int) -> list[dict]:
     rows = []
     for spread_pp in SPREADS_PP:
         spread = spread_pp / 100
         for images in IMAGES:
-            effect = spread
-            curve = {}
-            for n in FIXED_CURVE:
-                verdict, _ = fixed(differences(rng, effect, spread, images, sims, n))
-                curve[n] = float(np.mean(correct(verdict, effect)))
+            curve = fixed_power_curve(rng, spread, spread, images, sims)
             for cap in COST_CAPS:
-                verdict, used = sequential(differences(rng, effect, spread, images, sims, cap), cap)
-                power = float(np.mean(correct(verdict, effect)))
-                same = seeds_for_power(curve, power)
-                rows.append({"spread_pp": spread_pp, "images": images, "effect_pp": spread_pp, "max_seeds": cap,
-                             "sims": sims, "power": power, "mean_seeds": float(np.mean(used)),
-                             "fixed_seeds_same_power": same, "ratio": float(np.mean(used)) / same,
-                             "met": float(np.mean(used)) / same <= 0.7,
-                             "fixed_seeds_80": seeds_for_power(curve, 0.8), "fixed_power_at_cap": curve[cap]})
+                rows.append({"spread_pp": spread_pp, "images": images, "effect_pp": spread_pp,
+                             **sequential_cost(rng, spread, spread, images, sims, curve, cap)})
     return rows
+
+
+def design_sweep(rng: np.random.Generator, sims: int, spread_pp: float = 1.5, images: int = 1000) -> list[dict]:
+    """The cost target against the design's free choices, at one setting (true effect = spread = `spread_pp`):
+    every cap of SWEEP_CAPS, first look of SWEEP_FIRST and spending exponent of SWEEP_RHO."""
+    spread = spread_pp / 100
+    curve = fixed_power_curve(rng, spread, spread, images, sims)
+    return [{"spread_pp": spread_pp, "images": images, "effect_pp": spread_pp, "first": first, "rho": rho,
+             **sequential_cost(rng, spread, spread, images, sims, curve, cap, first=first, rho=rho)}
+            for cap in SWEEP_CAPS for first in SWEEP_FIRST for rho in SWEEP_RHO]
 
 
 def check_against_sequential_step(rng: np.random.Generator, sims: int) -> dict:
@@ -191,9 +213,22 @@ def main() -> None:
     parser.add_argument("--cost-sims", type=int, default=20_000, help="per cost setting and fixed-curve point")
     parser.add_argument("--check", type=int, default=200, help="ablations replayed through sequential_step")
     parser.add_argument("--seed", type=int, default=31)
+    parser.add_argument("--designs", action="store_true",
+                        help="only the cost of other designs (cap, first look, spending): results/verdicts_designs.json")
     args = parser.parse_args()
     before = common.load_snapshot()
     rng = np.random.default_rng(args.seed)
+    if args.designs:
+        started = time.perf_counter()
+        rows = design_sweep(rng, args.cost_sims)
+        common.print_table(["cap", "first look", "rho", "power", "mean seeds", "fixed seeds, same power", "ratio"],
+                           [[r["max_seeds"], r["first"], f"{r['rho']:g}", f"{r['power']:.3f}", f"{r['mean_seeds']:.2f}",
+                             f"{r['fixed_seeds_same_power']:.2f}", f"{r['ratio']:.2f}"] for r in rows])
+        common.write_result("verdicts_designs", {
+            "alpha": ALPHA, "min_effect_pp": 100 * MIN_EFFECT, "tool_design": {"first": 3, "rho": ab.SPENDING_RHO},
+            "designs": rows, "total_s": round(time.perf_counter() - started, 1), "load_before": before,
+            "load_after": common.load_snapshot()})
+        return
     started = time.perf_counter()
     boundaries = {cap: ab.t_boundaries(ab.SequentialDesign(max_seeds=cap).looks, cap, ALPHA).tolist()
                   for cap in COST_CAPS}
