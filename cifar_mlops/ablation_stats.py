@@ -771,7 +771,8 @@ def sequential_step(runs: pd.DataFrame, comparisons: list[Comparison], design: S
 def with_sequential_verdicts(table: pd.DataFrame, state: SequentialState, design: SequentialDesign) -> pd.DataFrame:
     """An `effects` table whose verdict rows say what the sequential procedure decided (`ablate --seeds auto`):
     seeds used, the look's level, its repeated interval and mean, verdict and vs_min_effect from `state`; t_p and
-    adj_p blank (the repeated interval, not a fixed-design p, decides); the note says at which look it ended, after
+    adj_p blank (the repeated interval, not a fixed-design p, decides); sequential_status is the state's status
+    (decided, open: stopped by the budget, at the cap); the note says at which look it ended, after
     the look's own note (equal differences at that look) in place of the fixed design's. Descriptive rows, the image-level tests and the pooled spread's columns stay those of all the seeds run."""
     table = table.copy()
     decided = state.table.set_index("effect")
@@ -782,6 +783,7 @@ def with_sequential_verdicts(table: pd.DataFrame, state: SequentialState, design
             row["n_seeds"], row["level"], row["mean_diff"], row["ci_low"], row["ci_high"], row["verdict"],
             row["vs_min_effect"]]
         table.loc[index, ["t_p", "adj_p"]] = np.nan
+        table.loc[index, "sequential_status"] = row["status"]  # what a caller reads (select), not the note's words
         ended = {DECIDED: "decided", OPEN: "stopped by the budget", AT_CAP: "at --max-seeds"}[row["status"]]
         note = f"sequential: {ended} at look {row['look']} of {looks} ({row['n_seeds']} seeds), repeated interval"
         table.loc[index, "note"] = "; ".join(n for n in (row.get("note", ""), note) if isinstance(n, str) and n)

@@ -138,7 +138,8 @@ def step_table(effects: pd.DataFrame, metric: str) -> pd.DataFrame:
                          "level": rows["level"].astype(float), "verdict": rows["verdict"].astype(str),
                          "vs_min_effect": rows["vs_min_effect"].fillna("").astype(str),
                          "seeds": rows["n_seeds"].astype(int),
-                         "open": rows["note"].fillna("").str.contains("stopped by the budget")}).reset_index(drop=True)
+                         "open": rows.get("sequential_status", pd.Series(dtype=str)).reindex(rows.index)
+                         == ablation_stats.OPEN}).reset_index(drop=True)
 
 
 def kept_candidate(table: pd.DataFrame) -> str | None:

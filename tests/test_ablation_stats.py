@@ -550,8 +550,11 @@ def test_the_effects_table_of_a_sequential_ablation_carries_its_sequential_verdi
     assert verdict_rows["t_p"].isna().all() and verdict_rows["adj_p"].isna().all()
     assert verdict_rows.loc["ruin", "note"] == "sequential: decided at look 1 of 4 (3 seeds), repeated interval"
     assert "stopped by the budget" in verdict_rows.loc["noisy", "note"]
+    assert verdict_rows["sequential_status"].tolist() == decided["status"].tolist()  # what select reads
+    assert verdict_rows.loc["noisy", "sequential_status"] == ab.OPEN
     descriptive = table["role"] == "descriptive"
-    pd.testing.assert_frame_equal(table[descriptive], plain[descriptive])
+    assert table.loc[descriptive, "sequential_status"].isna().all()
+    pd.testing.assert_frame_equal(table[descriptive].drop(columns="sequential_status"), plain[descriptive])
 
 
 def _sign_test_look(design: ab.SequentialDesign, m: int) -> int:
