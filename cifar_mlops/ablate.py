@@ -340,7 +340,7 @@ def ablate(exp_id: str, design: str, seeds: Sequence[int] | None, *, enhancement
         claim=lambda run_id: queue.elect(study, parent, run_id, valid=runs.is_active))
     ablation = Ablation(spec, plan)
 
-    bar, asked = progress.RunsBar("ablate", 0), set()  # one bar over every round: the runs asked for so far
+    bar, asked = progress.open_bar("ablate", 0), set()  # one bar over every round: the runs asked for so far
 
     def run(tasks: list[str]) -> int:
         pending = [task for task in tasks if not ablation.is_done(task)]

@@ -88,10 +88,6 @@ class RunsBar:
     """The runs of one command: how many are done of how many, which one runs, how long it took so far and how
     long the rest should take (the mean time of the runs finished here, so reused runs do not speed it up)."""
 
-    def __new__(cls, *args: object, **kwargs: object) -> RunsBar:
-        """A bar opened while another is open in this process is a `Nested` one: one bar per command."""
-        return super().__new__(Nested if cls is RunsBar and _active else cls)
-
     def __init__(self, command: str, total: int, *, done: int = 0, unit: str = "runs", verbose: bool | None = None,
                  stream: TextIO | None = None, interactive: bool | None = None) -> None:
         """Open the bar (`close()` ends it): the runs are quiet meanwhile, in this process and the worker processes
@@ -291,11 +287,17 @@ class Nested(RunsBar):
         return self.host.status()
 
 
+def open_bar(command: str, total: int, **options: object) -> RunsBar:
+    """The command's bar (`RunsBar`, `options` its keywords) or, while another is open in this process (each step's
+    `ablate` inside `select`), a `Nested` one that counts on it: one bar per command."""
+    return (Nested if _active else RunsBar)(command, total, **options)
+
+
 @contextlib.contextmanager
 def runs_bar(command: str, total: int, *, done: int = 0, unit: str = "runs", verbose: bool | None = None,
              stream: TextIO | None = None) -> Iterator[RunsBar]:
-    """The command's bar (`RunsBar`, see the module's docstring), closed at the end of the block."""
-    bar = RunsBar(command, total, done=done, unit=unit, verbose=verbose, stream=stream)
+    """`open_bar`, closed at the end of the block."""
+    bar = open_bar(command, total, done=done, unit=unit, verbose=verbose, stream=stream)
     try:
         yield bar
     finally:

@@ -342,7 +342,7 @@ def select(exp_id: str, *, candidates_named: Sequence[str] = (), overrides: dict
     trained, stopped, registered = 0, "", ""
     # one bar over the whole selection: each step's ablation counts on it (`progress.Nested`), so its total grows
     # as the steps plan their runs and each line names the step
-    bar = progress.RunsBar("select", 0)
+    bar = progress.open_bar("select", 0)
     try:
         remaining = list(pool)
         while True:

@@ -32,7 +32,7 @@ class Terminal(io.StringIO):
 
 def test_in_a_log_a_bar_is_one_line_per_finished_run_and_its_estimate_leaves_out_reused_runs() -> None:
     log = io.StringIO()
-    bar = progress.RunsBar("ablate", 0, stream=log)
+    bar = progress.open_bar("ablate", 0, stream=log)
     bar.add_total(4)
     bar.reused(2)  # found done: no line, and no part of the rate
     bar.start("b seed 0")
@@ -108,7 +108,7 @@ def test_a_bar_opened_inside_another_command_counts_on_its_bar_and_the_lines_nam
     log = io.StringIO()
     with progress.runs_bar("select", 0, stream=log) as outer:
         outer.set_section("step 1")
-        inner = progress.RunsBar("ablate", 0)  # as `ablate` opens its own
+        inner = progress.open_bar("ablate", 0)  # as `ablate` opens its own
         assert isinstance(inner, progress.Nested)
         inner.add_total(3)
         inner.reused(1)  # a killed selection's run
@@ -129,7 +129,7 @@ def test_a_bar_opened_inside_another_command_counts_on_its_bar_and_the_lines_nam
                                                    ("5", "5", "step 2: a +b seed 0")]
     assert lines[-1][4] == "00:00"
     assert progress.keras_verbosity() == 2  # both closed: the runs print as before
-    alone = progress.RunsBar("ablate", 1, stream=io.StringIO())  # with no bar open: a bar of its own again
+    alone = progress.open_bar("ablate", 1, stream=io.StringIO())  # with no bar open: a bar of its own again
     assert type(alone) is progress.RunsBar
     alone.close()
 
