@@ -1,12 +1,15 @@
 """Issue 32's benchmark: `cifar-mlops select --exp b5` on the real CIFAR-10 sample, with two planted enhancements.
 
     .venv/bin/python benchmarks/bench_select.py [--exp b5] [--epochs N] [--max-seeds 12] [--budget MINUTES]
-        [--seeds 0,1,2] [--compare b8] [--path b0,b1,b2,b3,b4,b5,b8] [--data-dir SAMPLE]
+        [--seeds 0,1,2] [--compare b8] [--path b0,b1,b2,b3,b4,b5,b8] [--data-dir SAMPLE] [--results select]
 
 NOT RUN YET: on two shared CPU cores it takes hours (a b5 training is about 4.6 CPU-minutes on the sample, and a
 selection from b5 trains 5 variants per step, at least 3 seeds each, up to --max-seeds where a comparison is open).
 Run it where there is time or a GPU, then render RESULTS.md (`benchmarks/report_results.py`, section
-"Forward selection on real images", reads results/select.json).
+"Forward selection on real images", reads results/select.json). The script itself was checked end to end with
+`--epochs 1 --max-seeds 2 --seeds 0 --path b0,b5 --results select_smoke` (5.4 CPU-minutes on 2 cores: b5's
+candidates under study B's rules are patch_whitening, stage_dropout and the two planted ones; at 1 epoch and 2
+seeds nothing is decided, as expected).
 
 What it does, as a user would, each command in a fresh subprocess with a throwaway MLflow store:
 
@@ -105,6 +108,8 @@ def main() -> None:
     parser.add_argument("--compare", default="b8", help="the hand-written iteration it is compared with")
     parser.add_argument("--path", default="b0,b1,b2,b3,b4,b5,b8", help="the hand-written path, one run each")
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
+    parser.add_argument("--results", default="select",
+                        help="results/NAME.json to write (another name, e.g. for a smoke run, keeps select.json)")
     args = parser.parse_args()
 
     sets = {**common.SAMPLE_SPLIT, **({"train.epochs": args.epochs} if args.epochs else {})}
@@ -155,7 +160,7 @@ def main() -> None:
         print(f"{'ok  ' if ok else 'FAIL'} {name}", file=sys.stderr)
     print(f"{generated}: test {100 * (gen_mean or 0):.1f}%; {args.compare}: {100 * (cmp_mean or 0):.1f} +- "
           f"{100 * (cmp_sd or 0):.1f}% over seeds {args.seeds}", file=sys.stderr)
-    common.write_result("select", {
+    common.write_result(args.results, {
         "data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}", "split": common.SAMPLE_SPLIT,
         "exp": args.exp, "epochs_override": args.epochs or None, "max_seeds": args.max_seeds,
         "budget": args.budget or None, "command_output": proc.stdout, "wall_min": round(wall / 60, 1),
