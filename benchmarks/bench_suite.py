@@ -1,6 +1,6 @@
 """Issue 30 item 8, the suite's time: the TensorFlow pass of the README's test command, timed as CI runs it.
 
-    .venv/bin/python benchmarks/bench_suite.py [--workers 2]
+    .venv/bin/python benchmarks/bench_suite.py [--workers 2] [--results suite]
 
 Runs `python -m pytest` (the first of the three passes `.ci/run` makes, with CI=true) once, with a JUnit XML
 report, and records its wall time, the CPU time of pytest and every process under it, and each test's own
@@ -26,6 +26,8 @@ GROUP = re.compile(r"@[\w-]+$")  # xdist's loadgroup suffix on a grouped test's 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=None, help="pytest-xdist workers (default: pyproject's -n)")
+    parser.add_argument("--results", default="suite",
+                        help="results/NAME.json (suite-<machine>: another machine's run, shown beside suite.json's)")
     args = parser.parse_args()
 
     with common.tempdir("suite") as tmp:
@@ -53,7 +55,7 @@ def main() -> None:
     common.print_table(["tests", "exit", "wall s", "CPU user s", "CPU system s", f"target <= {TARGET_S} s"],
                        [[len(tests), proc.returncode, result["wall_s"], result["cpu_user_s"], result["cpu_system_s"],
                          "met" if result["target_met"] else "MISSED"]])
-    common.write_result("suite", {**result, "load_before": before, "load_after": after})
+    common.write_result(args.results, {**result, "load_before": before, "load_after": after})
     return proc.returncode
 
 
