@@ -501,7 +501,7 @@ def section_study_a(r: dict | None, images: dict | None = None) -> list[str]:
         return "-" if not ms or ms[0] is None else f"{100 * ms[0]:.1f}" if seeds == 1 else \
             f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
 
-    for s in r["summary"]:
+    for s in sorted(r["summary"], key=lambda s: s["exp"]):  # the catalogue's order
         n = s["seeds"]
         published = f"{100 * s['published_test']:.2f}" if s.get("published_test") else ""
         out.append(f"| {s['exp']} | {n} | {pct(s.get('last_epoch_train_accuracy'), n)} | "
@@ -524,6 +524,12 @@ def section_study_a(r: dict | None, images: dict | None = None) -> list[str]:
 
         out += ["", f"Not run yet: {'; '.join(why(e) for e in missing)}. "
                 f"`.venv/bin/python benchmarks/bench_study_a.py --exps {','.join(missing)} --merge` adds them."]
+    underfit = [s["exp"] for s in sorted(r["summary"], key=lambda s: s["exp"])
+                if s.get("last_epoch_train_accuracy") and s["last_epoch_train_accuracy"][0] < 0.3]
+    if underfit:
+        out += ["", f"{' and '.join(underfit)} barely learn in their schedules on 3,336 images: Keras's own training "
+                "accuracy stays below 30% and their evaluated accuracy is above it: they underfit (the catalogue "
+                "trains them at a learning rate of 1e-4), the statistics do not hold them back."]
     out += ["", "Mean ± sd over seeds where there are several. " + load_line(r)
             + " Rows may come from several `--merge` runs; the command shown is the last."]
     return out + study_a_targets(r, images) + [""]
