@@ -1,7 +1,8 @@
 """Issue 29, BatchNorm statistics on real images: precise BN (the default) against a momentum derived from the
 number of steps and against Keras's own moving averages (what main did), one experiment and seed each.
 
-    .venv/bin/python benchmarks/bench_batchnorm.py [--exp 2.4] [--seed 0] [--methods precise,momentum,none]
+    .venv/bin/python benchmarks/bench_batchnorm.py [--exp 2.4] [--seeds 0] [--methods precise,momentum,none]
+        [--results batchnorm]
 
 - precise:  train.bn_recompute_images at its default: `batchnorm.recompute` before each epoch's validation;
 - momentum: train.bn_recompute_images=0 and, before the first step, every training BatchNorm's momentum set to
@@ -164,37 +165,39 @@ def by_images(exp: str, seeds: list[int], data_dir: str, images: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp", default="2.4")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="one training per seed (and method)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--data-dir", default=str(common.SAMPLE_DIR))
     parser.add_argument("--cost", action="store_true", help="measure the cost of the recomputation alone")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", default="", help="e.g. 512,1024,2048,4096: does the number matter?")
-    parser.add_argument("--seeds", default="0", help="with --images")
+    parser.add_argument("--results", default="batchnorm", help="results/NAME.json of the methods' runs")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the child's
     args = parser.parse_args()
     counts = [int(n) for n in args.images.split(",") if n]
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.cost:
         return cost(args.rounds)
     if args.child:
         return child(args.child, args.exp, args.seed, args.data_dir, counts)
     if counts:
-        return by_images(args.exp, [int(s) for s in args.seeds.split(",")], args.data_dir, args.images)
+        return by_images(args.exp, seeds, args.data_dir, args.images)
 
     before, results = common.load_snapshot(), []
-    for method in args.methods.split(","):
-        run = run_child(method, args.exp, args.seed, args.data_dir)
+    for seed, method in ((seed, method) for seed in seeds for method in args.methods.split(",")):
+        run = run_child(method, args.exp, seed, args.data_dir)
         results.append(run)
-        print(f"{method}: test {run['test_accuracy']:.4f}, evaluated train {run['train_accuracy']:.4f} against "
+        print(f"{method}, seed {seed}: test {run['test_accuracy']:.4f}, evaluated train {run['train_accuracy']:.4f} against "
               f"{run['last_epoch_train_accuracy']:.4f} in the last epoch, {run['cpu_s'] / 60:.1f} CPU min",
               file=sys.stderr)
-    rows = [[r["method"], f"{100 * r['last_epoch_train_accuracy']:.1f}", f"{100 * r['train_accuracy']:.1f}",
+    rows = [[r["method"], r["seed"], f"{100 * r['last_epoch_train_accuracy']:.1f}", f"{100 * r['train_accuracy']:.1f}",
              f"{100 * r['val_accuracy']:.1f}", f"{100 * r['test_accuracy']:.1f}",
              f"{100 * r['recompute_s'] / r['fit_seconds']:.1f}" if r["method"] == "precise" else "",
              f"{r['cpu_s'] / 60:.1f}"] for r in results]
-    common.print_table(["method", "last epoch train acc % (Keras)", "evaluated train acc %", "val acc %",
+    common.print_table(["method", "seed", "last epoch train acc % (Keras)", "evaluated train acc %", "val acc %",
                         "test acc %", "recompute % of fit", "CPU min"], rows)
-    common.write_result("batchnorm", {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
+    common.write_result(args.results, {"data": f"CIFAR-10 sample {common.repo_relative(args.data_dir)}",
                                       "split": common.SAMPLE_SPLIT, "runs": results, "load_before": before,
                                       "load_after": common.load_snapshot()})
 
