@@ -369,8 +369,37 @@ def section_throughput(r: dict | None) -> list[str]:
     return out + ["", load_line(r) + " Rows may come from several `--merge` runs; the command shown is the last.", ""]
 
 
+def batchnorm_paired(precise: dict | None, momentum: dict | None) -> list[str]:
+    """Precise against momentum on the same weights: the precise runs of `bench_batchnorm.py --images` (their
+    training's own evaluation, 512 images) beside `--methods momentum --results batchnorm_momentum`, seed by seed."""
+    if not precise or not momentum:
+        return []
+    by_seed = {r["seed"]: r for r in precise["runs"]}
+    pairs = [(by_seed[m["seed"]], m) for m in momentum["runs"] if m["seed"] in by_seed]
+    if not pairs:
+        return []
+    out = ["", "Precise against momentum again, with the code as it is now (the recomputation gives the dropout "
+           "generators back, so a seed trains the same steps either way: equal Keras accuracy in the last epoch says "
+           "the two runs end with the same weights, and only the statistics differ). 
+           "`--images` above (their own evaluation, the default 512 images); momentum: `bench_batchnorm.py "
+           "--methods momentum --seeds ... --results batchnorm_momentum`.", "",
+           "| seed | Keras last epoch train acc %, precise / momentum | same weights | test acc % precise | "
+           "test acc % momentum | momentum - precise, points |", "|---|---|---|---|---|---|"]
+    for p, m in pairs:
+        same = abs(p["last_epoch_train_accuracy"] - m["last_epoch_train_accuracy"]) < 1e-6
+        out.append(f"| {m['seed']} | {100 * p['last_epoch_train_accuracy']:.2f} / {100 * m['last_epoch_train_accuracy']:.2f} "
+                   f"| {'yes' if same else 'no'} | {100 * p['test_accuracy']:.1f} | {100 * m['test_accuracy']:.1f} | "
+                   f"{100 * (m['test_accuracy'] - p['test_accuracy']):+.1f} |")
+    diffs = [m["test_accuracy"] - p["test_accuracy"] for p, m in pairs]
+    out += ["", f"On the same weights the momentum's statistics score {100 * sum(diffs) / len(diffs):+.1f} points "
+            f"against precise on the test images (mean of {len(pairs)} seeds): the 31-32% of the first table came from "
+            "another training trajectory (another machine and the first precise version's extra dropout draws), not "
+            "from the statistics, and precise stays the choice. " + load_line(momentum)]
+    return out
+
+
 def section_batchnorm(bn: dict | None, cost: dict | None, study_b_bn: dict | None, study_b: dict | None,
-                      precision: dict | None) -> list[str]:
+                      precision: dict | None, by_images: dict | None = None, momentum: dict | None = None) -> list[str]:
     """Issue 29: precise BN against a step-derived momentum and Keras's own moving averages (study A, 2.4 on the
     sample), its cost, and study B's b5 and b8 with it against their seed spread before it."""
     out = ["## BatchNorm statistics that match the weights (issue 29)", ""]
@@ -421,7 +450,7 @@ def section_batchnorm(bn: dict | None, cost: dict | None, study_b_bn: dict | Non
             "recomputation now gives the generators back, and trains the same steps as a run without it "
             "(tests/test_batchnorm.py). \"Evaluated\" train accuracy above Keras's last-epoch figure is expected: "
             "Keras's is a running mean over the epoch's batches, with dropout on and the weights still moving.",
-            "", load_line(bn), ""]
+            "", load_line(bn)] + batchnorm_paired(by_images, momentum) + [""]
     if study_b_bn:
         before = {}
         for run in (study_b or {}).get("runs", []) + [x for x in (precision or {}).get("runs", [])
@@ -1199,7 +1228,7 @@ def section_gpu_check() -> list[str]:
 def main() -> None:
     results = {n: load(n) for n in ("startup", "memory", "tracking", "throughput", "study_b", "study_b_screening",
                                     "study_b_unconstrained_screening", "tuning", "pruning", "precision", "ablation", "serving", "backends",
-                                    "batchnorm", "batchnorm_cost", "batchnorm_images", "study_b_precise_bn", "study_a", "verdicts", "verdicts_designs", "verdicts_real", "select", "system_metrics", "ablation_b8_auto",
+                                    "batchnorm", "batchnorm_cost", "batchnorm_images", "batchnorm_momentum", "study_b_precise_bn", "study_a", "verdicts", "verdicts_designs", "verdicts_real", "select", "system_metrics", "ablation_b8_auto",
                                     "suite")}
     suites = [p.stem for p in sorted(common.RESULTS.glob("suite-*.json"))]  # the suite timed on other machines
     results.update({n: load(n) for n in suites})
@@ -1217,7 +1246,8 @@ def main() -> None:
     lines += section_tracking(results["tracking"]) + section_system_metrics(results["system_metrics"])
     lines += section_throughput(results["throughput"])
     lines += section_batchnorm(results["batchnorm"], results["batchnorm_cost"], results["study_b_precise_bn"],
-                               results["study_b"], results["precision"]) + section_study_a(results["study_a"], results["batchnorm_images"])
+                               results["study_b"], results["precision"], results["batchnorm_images"],
+                               results["batchnorm_momentum"]) + section_study_a(results["study_a"], results["batchnorm_images"])
     lines += section_study_b(results["study_b"]) + section_study_b_final(results["precision"], results["study_b_screening"])
     lines += section_beyond_the_rules(results["study_b"], results["study_b_unconstrained_screening"])
     lines += section_precision(results["precision"])
