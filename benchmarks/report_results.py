@@ -380,8 +380,9 @@ def batchnorm_paired(precise: dict | None, momentum: dict | None) -> list[str]:
         return []
     out = ["", "Precise against momentum again, with the code as it is now (the recomputation gives the dropout "
            "generators back, so a seed trains the same steps either way: equal Keras accuracy in the last epoch says "
-           "the two runs end with the same weights, and only the statistics differ). 
-           "`--images` above (their own evaluation, the default 512 images); momentum: `bench_batchnorm.py "
+           "the two runs end with the same weights, and only the statistics differ). Precise: the runs of "
+           "`bench_batchnorm.py --images` (in the study A section below; their training's own evaluation, the default "
+           "512 images); momentum: `bench_batchnorm.py "
            "--methods momentum --seeds ... --results batchnorm_momentum`.", "",
            "| seed | Keras last epoch train acc %, precise / momentum | same weights | test acc % precise | "
            "test acc % momentum | momentum - precise, points |", "|---|---|---|---|---|---|"]
