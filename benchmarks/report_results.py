@@ -1176,6 +1176,10 @@ def suite_elsewhere(r: dict, others: list[dict]) -> list[str]:
                 + load_line(other)]
         table = pd.DataFrame({"here": by_module(r), "there": by_module(other)}).fillna(0)
         table = table.sort_values("there", ascending=False)
+        ratios = (table["there"] / table["here"])[table["here"] >= 5]  # modules long enough to time
+        out += ["", f"The workers' busy time is {table['there'].sum() / table['here'].sum():.2f}x, and every module "
+                f"of at least 5 s takes {ratios.min():.2f}-{ratios.max():.2f}x its time on "
+                f"{machine_name(r.get('machine'))}: a slower machine, not one test."]
         out += ["", f"| module | seconds, {machine_name(r.get('machine'))} | seconds, "
                 f"{machine_name(other.get('machine'))} | ratio |", "|---|---|---|---|"]
         out += [f"| {m} | {row['here']:.0f} | {row['there']:.0f} | "
