@@ -156,7 +156,7 @@ def by_images(exp: str, seeds: list[int], data_dir: str, images: str) -> None:
     rows = [[r["seed"], f"{row['images']:,}", f"{100 * row['train_accuracy']:.1f}", f"{100 * row['test_accuracy']:.1f}"]
             for r in results for row in r["by_images"]]
     common.print_table(["seed", "images recomputed over", "evaluated train acc %", "test acc %"], rows)
-    common.write_result("batchnorm_images", {"machine": common.machine_facts(), "exp": exp,
+    common.write_result("batchnorm_images", {"exp": exp,
                                              "data": f"CIFAR-10 sample {common.repo_relative(data_dir)}",
                                              "split": common.SAMPLE_SPLIT, "runs": results, "load_before": before,
                                              "load_after": common.load_snapshot()})

@@ -225,7 +225,7 @@ def main() -> None:
                            [[r["max_seeds"], r["first"], f"{r['rho']:g}", f"{r['power']:.3f}", f"{r['mean_seeds']:.2f}",
                              f"{r['fixed_seeds_same_power']:.2f}", f"{r['ratio']:.2f}"] for r in rows])
         common.write_result("verdicts_designs", {
-            "alpha": ALPHA, "min_effect_pp": 100 * MIN_EFFECT, "tool_design": {"first": 3, "rho": ab.SPENDING_RHO},
+            "alpha": ALPHA, "min_effect_pp": 100 * MIN_EFFECT, "tool_design": {"first": ab.SequentialDesign().first, "rho": ab.SPENDING_RHO},
             "designs": rows, "total_s": round(time.perf_counter() - started, 1), "load_before": before,
             "load_after": common.load_snapshot()})
         return

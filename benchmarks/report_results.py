@@ -502,13 +502,15 @@ def study_a_targets(r: dict, images: dict | None) -> list[str]:
     if images:
         out += ["", f"Is {images['exp']}'s test accuracy held back by the statistics? "
                 "`benchmarks/bench_batchnorm.py --images`: one training per seed as above, then on its final weights "
-                "the statistics recomputed over each number of training images in turn (the default is 512):", "",
+                f"the statistics recomputed over each number of training images in turn (the default is "
+                f"{images['runs'][0]['bn_recompute_images']:,}):", "",
                 "| seed | images recomputed over | evaluated train acc % | test acc % |", "|---|---|---|---|"]
         out += [f"| {run['seed']} | {x['images']:,} | {100 * x['train_accuracy']:.1f} | {100 * x['test_accuracy']:.1f} |"
                 for run in images["runs"] for x in run["by_images"]]
         spread = max(max(x["test_accuracy"] for x in run["by_images"]) - min(x["test_accuracy"] for x in run["by_images"])
                      for run in images["runs"])
-        default = [next(x["test_accuracy"] for x in run["by_images"] if x["images"] == 512) for run in images["runs"]]
+        default = [next(x["test_accuracy"] for x in run["by_images"] if x["images"] == run["bn_recompute_images"])
+                   for run in images["runs"]]  # what the training itself recomputed over
         most = [max(run["by_images"], key=lambda x: x["images"])["test_accuracy"] for run in images["runs"]]
         out += ["", f"The test accuracy moves by at most {100 * spread:.1f} points with the number of images, in both "
                 f"directions, and the most images score {100 * (sum(most) - sum(default)) / len(most):+.1f} points "
